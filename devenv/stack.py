@@ -1,0 +1,86 @@
+"""The whole local stack: obtain every component, start them, record them, stop them.
+
+A stack lives in a state folder (`.devenv/<name>/` in the checkout by default): each
+component's data and logs, and `stack.json` naming the processes to stop and the
+environment clients need. Components are obtained in parallel (the first run builds
+kube-apiserver and resolves Kafka's jars; later runs find them in the cache).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+
+from devenv import common, kafka, kube, postgres
+from devenv.common import Running
+
+COMPONENTS: dict[str, ModuleType] = {"postgres": postgres, "kafka": kafka, "kube": kube}
+STATE_FILE = "stack.json"
+
+
+def default_state_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / ".devenv" / "default"
+
+
+def ensure_installed() -> None:
+    """Obtain every component into the cache, in parallel; fast when all are cached."""
+    installers: list[Callable[[], Path]] = [m.ensure_installed for m in COMPONENTS.values()]
+    with ThreadPoolExecutor(max_workers=len(installers)) as pool:
+        for future in [pool.submit(install) for install in installers]:
+            future.result()
+
+
+def load(state_dir: Path) -> dict[str, Running]:
+    """The running stack recorded in `state_dir`, or an empty dict."""
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    return {name: Running(**record) for name, record in raw.items()}
+
+
+def _save(state_dir: Path, stack: dict[str, Running]) -> None:
+    records = {name: vars(r) for name, r in stack.items()}
+    (state_dir / STATE_FILE).write_text(json.dumps(records, indent=2))
+
+
+def up(state_dir: Path) -> dict[str, Running]:
+    """Start every component not already running in `state_dir`; return them all."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stack = {name: r for name, r in load(state_dir).items() if COMPONENTS[name].healthy(r)}
+    if len(stack) == len(COMPONENTS):
+        return stack
+    ensure_installed()
+    try:
+        for name, module in COMPONENTS.items():
+            if name not in stack:
+                common.step(f"starting {name}")
+                stack[name] = module.start(state_dir)
+                _save(state_dir, stack)
+    except BaseException:
+        down(state_dir)
+        raise
+    return stack
+
+
+def down(state_dir: Path, *, keep_data: bool = False) -> None:
+    """Stop every recorded process (in reverse start order) and forget the stack."""
+    for running in reversed(list(load(state_dir).values())):
+        for pid in reversed(running.pids):
+            common.stop_pid(pid)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    if not keep_data:
+        for name in COMPONENTS:
+            shutil.rmtree(state_dir / name, ignore_errors=True)
+
+
+def environment(stack: dict[str, Running]) -> dict[str, str]:
+    """What a client of the stack needs: DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, KUBECONFIG."""
+    env: dict[str, str] = {}
+    for running in stack.values():
+        env.update(running.env)
+    return env

@@ -1,0 +1,37 @@
+"""Entry point: `somabrain-operator` (or `python -m somabrain_operator`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from kubernetes import config as kube_config
+
+from somabrain_operator import tenant  # noqa: F401 - registers the handlers
+
+log = logging.getLogger(__name__)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Watches that end on their own are re-established; a silent dead connection is not.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.posting.level = logging.WARNING
+    try:
+        kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kube_config.ConfigException:
+        kube_config.load_kube_config()  # type: ignore[no-untyped-call]
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(kopf.operator(clusterwide=True, standalone=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Every Prometheus metric of the publisher, defined once.
+
+Label values are bounded: `tenant` takes only the tenants this process serves.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+PUBLISHED = Counter(
+    "somabrain_events_published",
+    "Events Kafka confirmed and the outbox marked sent.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+DELIVERY_FAILURES = Counter(
+    "somabrain_delivery_failures",
+    "Delivery attempts Kafka did not confirm; the rows stay pending and are retried.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "somabrain_batch_size",
+    "Rows claimed per batch.",
+    ["tenant"],
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 5000),
+    registry=REGISTRY,
+)
+LOCK_HELD = Gauge(
+    "somabrain_publisher_active",
+    "1 while this process holds the tenant's publisher lock, 0 while it waits as standby.",
+    ["tenant"],
+    registry=REGISTRY,
+)

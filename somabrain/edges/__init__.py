@@ -1,0 +1,1 @@
+"""Layer 4 (top): what people and processes call: the `somabrain` command."""

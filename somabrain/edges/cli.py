@@ -1,0 +1,128 @@
+"""The `somabrain` command: run a publisher, migrate the database.
+
+Errors of this package end the command with one `FAILED:` line saying what happened
+and what to do, and a non-zero exit status; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from types import FrameType
+from typing import Annotated
+
+import typer
+from prometheus_client import start_http_server
+
+from somabrain.config.errors import SomabrainError
+from somabrain.config.settings import PublisherSettings, Settings
+from somabrain.config.types import parse_tenant_id
+from somabrain.delivery import metrics
+from somabrain.delivery.producer import KafkaDelivery, build_config
+from somabrain.delivery.publisher import TenantPublisher
+from somabrain.store import migrate
+from somabrain.store.engine import make_engine
+
+app = typer.Typer(
+    help="SomaBrain: drain a multi-tenant PostgreSQL outbox into Kafka.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+publisher_app = typer.Typer(help="Run the publisher that drains a tenant's outbox.")
+db_app = typer.Typer(help="Inspect and migrate the outbox schema.")
+app.add_typer(publisher_app, name="publisher")
+app.add_typer(db_app, name="db")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@publisher_app.command("run")
+def publisher_run(
+    tenant: Annotated[str, typer.Option(help="Tenant id to drain.", envvar="SOMABRAIN_TENANT")],
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Drain TENANT's pending events into Kafka until SIGTERM.
+
+    Connection settings come from SOMABRAIN_DATABASE_URL and
+    SOMABRAIN_KAFKA_BOOTSTRAP_SERVERS. A second publisher of the same tenant waits
+    as a standby.
+
+    Example: somabrain publisher run --tenant acme
+    """
+    _configure_logging(log_level)
+    settings = PublisherSettings(tenant=tenant)
+    tenant_id = parse_tenant_id(settings.tenant)
+    engine = make_engine(settings.database_url)
+    _refuse_old_schema(settings.database_url)
+
+    delivery = KafkaDelivery(
+        build_config(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            delivery_timeout_seconds=settings.delivery_timeout_seconds,
+            overrides={},
+        )
+    )
+    publisher = TenantPublisher(
+        tenant=tenant_id, settings=settings, engine=engine, delivery=delivery
+    )
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        publisher.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigterm)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.REGISTRY)  # noqa: S104 - pods are scraped on their IP
+    publisher.run()
+    engine.dispose()
+
+
+def _refuse_old_schema(database_url: str) -> None:
+    current = migrate.current_revision(database_url)
+    head = migrate.head_revision(database_url)
+    if current != head:
+        raise SomabrainError(
+            f"database schema is at revision {current or 'none'}, this version needs {head}; "
+            "run `somabrain db upgrade` first"
+        )
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Migrate the outbox schema up to REVISION (default: the newest).
+
+    Example: SOMABRAIN_DATABASE_URL=postgresql://... somabrain db upgrade
+    """
+    settings = Settings()
+    migrate.upgrade(settings.database_url, revision)
+    typer.echo(f"schema at {migrate.current_revision(settings.database_url)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the schema revision the database is at, and the newest one known.
+
+    Example: somabrain db current
+    """
+    settings = Settings()
+    current = migrate.current_revision(settings.database_url)
+    head = migrate.head_revision(settings.database_url)
+    typer.echo(f"current: {current or 'none'}  head: {head}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning our errors into one FAILED: line."""
+    try:
+        app()
+    except SomabrainError as exc:
+        typer.echo(f"FAILED: {exc}", err=True)
+        raise SystemExit(2) from exc

@@ -1,0 +1,110 @@
+"""The one canonical JSON encoder for payloads and headers.
+
+Every payload goes through `encode_payload` at enqueue, so what cannot be delivered is
+refused there, with the path of the offending value, and never discovered by the
+publisher. Encoding is stable: the same value always gives the same text.
+
+- `Decimal` becomes a JSON number with its exact digits (never through float);
+  NaN and infinities are refused.
+- timezone-aware `datetime` becomes ISO 8601 in UTC; a naive one is refused, since
+  its meaning depends on a clock we cannot see. `date` and `time` become ISO 8601.
+- `UUID` becomes its canonical string; `Enum` its value.
+- `bytes`, sets and any other type are refused: their JSON form is a choice the
+  caller must make explicitly (base64, a sorted list, ...).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from somabrain.config.errors import EventEncodingError
+
+
+class _Number(str):
+    """A Decimal's exact digits, written into the JSON text unquoted."""
+
+
+def _normalise(value: Any, path: str) -> Any:
+    if value is None or isinstance(value, bool | str | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise EventEncodingError(f"payload{path}: {value!r} is not a finite number")
+        return value
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise EventEncodingError(f"payload{path}: Decimal {value} is not a finite number")
+        return _Number(format(value, "f"))
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise EventEncodingError(
+                f"payload{path}: naive datetime {value.isoformat()} has no time zone; "
+                "pass an aware datetime (e.g. datetime.now(timezone.utc))"
+            )
+        return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return _normalise(value.value, path)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise EventEncodingError(f"payload{path}: key {k!r} is not a string")
+            out[k] = _normalise(v, f"{path}.{k}")
+        return out
+    if isinstance(value, list | tuple):
+        return [_normalise(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    raise EventEncodingError(
+        f"payload{path}: {type(value).__name__} has no canonical JSON form; "
+        "convert it first (bytes: base64 string; set: sorted list)"
+    )
+
+
+def _dump(value: Any) -> str:
+    if isinstance(value, _Number):
+        return str.__str__(value)
+    if isinstance(value, dict):
+        items = sorted(value.items())
+        return "{" + ",".join(f"{_dump(k)}:{_dump(v)}" for k, v in items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_dump(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
+def encode_payload(payload: Any) -> str:
+    """Encode a payload to canonical JSON text (sorted keys, no spaces), or refuse it."""
+    return _dump(_normalise(payload, ""))
+
+
+def validate_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
+    """Headers are string to string; anything else is refused with the header's name."""
+    if not headers:
+        return {}
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise EventEncodingError(f"header {name!r}: names and values must be strings")
+        out[name] = value
+    return out
+
+
+def reencode_stored(stored_text: str | None) -> bytes | None:
+    """The exact bytes enqueue encoded, rebuilt from the JSONB column's text.
+
+    JSONB keeps numbers as `numeric` (exact digits), so parsing its text with Decimal
+    and encoding again gives the canonical form byte for byte. None is a tombstone.
+    """
+    if stored_text is None:
+        return None
+    value = json.loads(stored_text, parse_float=decimal.Decimal)
+    return encode_payload(value).encode()

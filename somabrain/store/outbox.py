@@ -1,0 +1,250 @@
+"""Every SQL statement on the outbox table.
+
+Guarantees:
+- `enqueue_event` writes inside the caller's transaction: the event exists exactly when
+  the caller's business data does. A repeated `(tenant_id, dedupe_key)` is reported as
+  a duplicate and never raises, even when two transactions race, so it cannot abort the
+  caller's transaction.
+- Pending rows are claimed in id order; ids are assigned by the database.
+- A row becomes `sent` only through `mark_sent`, which requires Kafka's partition and
+  offset; nothing else in the package sets that status.
+
+Limits: one publisher per tenant is assumed to call `claim_pending` (the publisher holds
+the tenant's advisory lock); claiming takes no row locks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Text, cast, func, literal, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.orm import Session
+
+from somabrain.config.errors import EventTooLarge, InvalidEvent
+from somabrain.config.types import EventId, TenantId, parse_tenant_id
+from somabrain.store.codec import encode_payload, validate_headers
+from somabrain.store.models import EventStatus, OutboxEvent
+
+NOTIFY_CHANNEL = "somabrain_outbox"
+
+# Room Kafka adds around key, value and headers in a record batch holding one record.
+_RECORD_OVERHEAD_BYTES = 128
+
+
+class EnqueueStatus(enum.StrEnum):
+    ENQUEUED = "enqueued"
+    DUPLICATE = "duplicate"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """What `enqueue_event` did. `event_id` is None for a duplicate."""
+
+    status: EnqueueStatus
+    event_id: EventId | None
+    tenant_id: TenantId
+    dedupe_key: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """A claimed row, with its payload already in the bytes that go to Kafka."""
+
+    id: int
+    event_id: EventId
+    tenant_id: TenantId
+    topic: str
+    message_key: str | None
+    dedupe_key: str
+    event_type: str | None
+    payload_json: str | None
+    headers: dict[str, str]
+    attempts: int
+
+
+def enqueue_event(
+    session: Session,
+    *,
+    tenant_id: str,
+    topic: str,
+    payload: Any,
+    key: str | None = None,
+    dedupe_key: str | None = None,
+    event_type: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    max_message_bytes: int = 1_000_000,
+) -> EnqueueResult:
+    """Add one event to the outbox inside the caller's transaction.
+
+    `payload=None` enqueues a tombstone (key with a null value). Without `dedupe_key`
+    the event gets a fresh one, so it is never a duplicate. Raises InvalidEvent (nothing
+    written) for a bad tenant id, topic, payload or header, or an oversize message.
+    """
+    tenant = parse_tenant_id(tenant_id)
+    _check_topic(topic)
+    encoded = None if payload is None else encode_payload(payload)
+    clean_headers = validate_headers(headers)
+    dedupe = dedupe_key if dedupe_key is not None else uuid.uuid4().hex
+    if not dedupe or len(dedupe) > 200:
+        raise InvalidEvent(f"dedupe_key must be 1-200 characters, got {len(dedupe)}")
+    _check_size(encoded, key, clean_headers, max_message_bytes)
+
+    stmt = (
+        insert(OutboxEvent)
+        .values(
+            tenant_id=tenant,
+            topic=topic,
+            message_key=key,
+            dedupe_key=dedupe,
+            event_type=event_type,
+            payload=None if encoded is None else cast(literal(encoded, Text), JSONB),
+            headers=clean_headers,
+        )
+        .on_conflict_do_nothing(index_elements=["tenant_id", "dedupe_key"])
+        .returning(OutboxEvent.event_id)
+    )
+    event_id = session.execute(stmt).scalar_one_or_none()
+    if event_id is None:
+        return EnqueueResult(EnqueueStatus.DUPLICATE, None, tenant, dedupe)
+
+    # Delivered at commit only, so a publisher never wakes for a row it cannot see yet.
+    session.execute(
+        text("SELECT pg_notify(:channel, :tenant)"),
+        {
+            "channel": NOTIFY_CHANNEL,
+            "tenant": tenant,
+        },
+    )
+    return EnqueueResult(EnqueueStatus.ENQUEUED, EventId(event_id), tenant, dedupe)
+
+
+def _check_topic(topic: str) -> None:
+    if not topic or len(topic) > 249 or topic in {".", ".."}:
+        raise InvalidEvent(f"topic {topic!r}: must be 1-249 characters and not '.' or '..'")
+    if any(not (c.isascii() and (c.isalnum() or c in "._-")) for c in topic):
+        raise InvalidEvent(f"topic {topic!r}: use only ASCII letters, digits, '.', '_' or '-'")
+
+
+def _check_size(
+    encoded: str | None, key: str | None, headers: Mapping[str, str], limit: int
+) -> None:
+    # Headers the publisher adds (tenant, event id, dedupe key) are counted at their
+    # longest so an event accepted here can never be refused by the broker for size.
+    added = len("tenant-id") + 40 + len("event-id") + 36 + len("dedupe-key") + 200
+    size = (
+        len((encoded or "").encode())
+        + len((key or "").encode())
+        + sum(len(k.encode()) + len(v.encode()) for k, v in headers.items())
+        + added
+        + _RECORD_OVERHEAD_BYTES
+    )
+    if size > limit:
+        raise EventTooLarge(size=size, limit=limit)
+
+
+def claim_pending(session: Session, *, tenant_id: TenantId, limit: int) -> list[PendingEvent]:
+    """The tenant's next pending rows due now, in id order (an index range scan)."""
+    stmt = (
+        select(
+            OutboxEvent.id,
+            OutboxEvent.event_id,
+            OutboxEvent.tenant_id,
+            OutboxEvent.topic,
+            OutboxEvent.message_key,
+            OutboxEvent.dedupe_key,
+            OutboxEvent.event_type,
+            cast(OutboxEvent.payload, Text).label("payload_json"),
+            OutboxEvent.headers,
+            OutboxEvent.attempts,
+        )
+        .where(
+            OutboxEvent.tenant_id == tenant_id,
+            OutboxEvent.status == EventStatus.PENDING.value,
+            OutboxEvent.next_attempt_at <= func.now(),
+        )
+        .order_by(OutboxEvent.id)
+        .limit(limit)
+    )
+    return [
+        PendingEvent(
+            id=row.id,
+            event_id=EventId(row.event_id),
+            tenant_id=TenantId(row.tenant_id),
+            topic=row.topic,
+            message_key=row.message_key,
+            dedupe_key=row.dedupe_key,
+            event_type=row.event_type,
+            payload_json=row.payload_json,
+            headers=dict(row.headers),
+            attempts=row.attempts,
+        )
+        for row in session.execute(stmt)
+    ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delivered:
+    """Kafka's confirmation of one event."""
+
+    id: int
+    partition: int
+    offset: int
+
+
+def mark_sent(session: Session, delivered: Sequence[Delivered]) -> int:
+    """Mark confirmed rows sent with their partition and offset; return rows changed.
+
+    Only rows still pending change, so a confirmation can never resurrect or rewrite
+    a row some other path already settled.
+    """
+    if not delivered:
+        return 0
+    values = ", ".join(f"(:id{i}, :p{i}, :o{i})" for i in range(len(delivered)))
+    params: dict[str, int] = {}
+    for i, d in enumerate(delivered):
+        params |= {f"id{i}": d.id, f"p{i}": d.partition, f"o{i}": d.offset}
+    result = session.execute(
+        text(
+            "UPDATE outbox_events AS e SET status = 'sent', sent_at = now(),"
+            " kafka_partition = v.p, kafka_offset = v.o, last_error = NULL"
+            f" FROM (VALUES {values}) AS v(id, p, o)"
+            " WHERE e.id = v.id::bigint AND e.status = 'pending'"
+        ),
+        params,
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def record_failure(session: Session, *, row_id: int, error: str, backoff_seconds: float) -> None:
+    """Count a failed attempt and hold the row back for `backoff_seconds`."""
+    session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id == row_id, OutboxEvent.status == EventStatus.PENDING.value)
+        .values(
+            attempts=OutboxEvent.attempts + 1,
+            last_error=error[:2000],
+            next_attempt_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, backoff_seconds),
+        )
+    )
+
+
+def count_by_status(session: Session, *, tenant_id: TenantId | None = None) -> dict[str, int]:
+    """Rows per status, for one tenant or all."""
+    stmt = select(OutboxEvent.status, func.count()).group_by(OutboxEvent.status)
+    if tenant_id is not None:
+        stmt = stmt.where(OutboxEvent.tenant_id == tenant_id)
+    counts = {status.value: 0 for status in EventStatus}
+    counts.update({status: int(n) for status, n in session.execute(stmt).tuples()})
+    return counts
+
+
+def advisory_lock_key(tenant_id: TenantId) -> int:
+    """A stable signed 64-bit key for the tenant's publisher lock."""
+    digest = hashlib.blake2b(f"somabrain:publisher:{tenant_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
