@@ -14,7 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Connection and delivery settings shared by enqueue, the publisher and the CLI."""
 
-    model_config = SettingsConfigDict(env_prefix="SOMABRAIN_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SOMABRAIN_", extra="ignore", populate_by_name=True
+    )
 
     database_url: str = Field(
         default="postgresql://postgres@127.0.0.1:5432/somabrain",

@@ -9,6 +9,7 @@ publisher. Encoding is stable: the same value always gives the same text.
 - timezone-aware `datetime` becomes ISO 8601 in UTC; a naive one is refused, since
   its meaning depends on a clock we cannot see. `date` and `time` become ISO 8601.
 - `UUID` becomes its canonical string; `Enum` its value.
+- strings holding NUL are refused: PostgreSQL's JSONB cannot store them.
 - `bytes`, sets and any other type are refused: their JSON form is a choice the
   caller must make explicitly (base64, a sorted list, ...).
 """
@@ -32,7 +33,14 @@ class _Number(str):
 
 
 def _normalise(value: Any, path: str) -> Any:
-    if value is None or isinstance(value, bool | str | int):
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise EventEncodingError(
+                f"payload{path}: string holds a NUL character (\\u0000), "
+                "which PostgreSQL cannot store; remove or escape it"
+            )
+        return value
+    if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -60,6 +68,7 @@ def _normalise(value: Any, path: str) -> Any:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise EventEncodingError(f"payload{path}: key {k!r} is not a string")
+            _normalise(k, f"{path} key")
             out[k] = _normalise(v, f"{path}.{k}")
         return out
     if isinstance(value, list | tuple):
@@ -94,6 +103,7 @@ def validate_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise EventEncodingError(f"header {name!r}: names and values must be strings")
+        refuse_nul(f"header {name!r}", name + value)
         out[name] = value
     return out
 
@@ -108,3 +118,9 @@ def reencode_stored(stored_text: str | None) -> bytes | None:
         return None
     value = json.loads(stored_text, parse_float=decimal.Decimal)
     return encode_payload(value).encode()
+
+
+def refuse_nul(what: str, value: str | None) -> None:
+    """PostgreSQL text cannot hold NUL; refuse it here with the field's name."""
+    if value is not None and "\x00" in value:
+        raise EventEncodingError(f"{what} holds a NUL character (\\u0000); remove it")

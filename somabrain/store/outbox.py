@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from somabrain.config.errors import EventTooLarge, InvalidEvent
 from somabrain.config.types import EventId, TenantId, parse_tenant_id
-from somabrain.store.codec import encode_payload, validate_headers
+from somabrain.store.codec import encode_payload, refuse_nul, validate_headers
 from somabrain.store.models import EventStatus, OutboxEvent
 
 NOTIFY_CHANNEL = "somabrain_outbox"
@@ -91,6 +91,8 @@ def enqueue_event(
     encoded = None if payload is None else encode_payload(payload)
     clean_headers = validate_headers(headers)
     dedupe = dedupe_key if dedupe_key is not None else uuid.uuid4().hex
+    for name, value in (("key", key), ("dedupe_key", dedupe), ("event_type", event_type)):
+        refuse_nul(name, value)
     if not dedupe or len(dedupe) > 200:
         raise InvalidEvent(f"dedupe_key must be 1-200 characters, got {len(dedupe)}")
     _check_size(encoded, key, clean_headers, max_message_bytes)

@@ -1,0 +1,214 @@
+"""enqueue_event on the real database: transactions, dedupe, refusals, wake-ups."""
+
+from __future__ import annotations
+
+import decimal
+import select
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from somabrain import EnqueueStatus, enqueue_event
+from somabrain.config.errors import EventTooLarge, InvalidEvent, InvalidTenantId
+from somabrain.store.codec import encode_payload, reencode_stored
+from somabrain.store.outbox import NOTIFY_CHANNEL
+
+
+def _count(engine: Engine, tenant: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM outbox_events WHERE tenant_id = :t"), {"t": tenant}
+            ).scalar_one()
+        )
+
+
+def test_enqueue_rolled_back_with_the_callers_transaction_leaves_no_row(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    with sessions() as session:
+        enqueue_event(session, tenant_id=tenant, topic="t.orders", payload={"a": 1})
+        session.rollback()
+
+    assert _count(engine, tenant) == 0
+
+
+def test_enqueue_duplicate_dedupe_key_reports_duplicate_and_keeps_transaction_usable(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    with sessions.begin() as session:
+        first = enqueue_event(
+            session, tenant_id=tenant, topic="t.orders", payload={"a": 1}, dedupe_key="d1"
+        )
+        second = enqueue_event(
+            session, tenant_id=tenant, topic="t.orders", payload={"a": 2}, dedupe_key="d1"
+        )
+        third = enqueue_event(
+            session, tenant_id=tenant, topic="t.orders", payload={"a": 3}, dedupe_key="d2"
+        )
+
+    assert first.status is EnqueueStatus.ENQUEUED
+    assert second.status is EnqueueStatus.DUPLICATE
+    assert second.event_id is None
+    assert third.status is EnqueueStatus.ENQUEUED
+    assert _count(engine, tenant) == 2
+
+
+def test_enqueue_concurrent_same_dedupe_key_gives_one_row_and_no_abort(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    # O-17: B inserts while A holds the same key uncommitted; B waits, then sees a duplicate.
+    results = {}
+    session_a = sessions()
+    results["a"] = enqueue_event(
+        session_a, tenant_id=tenant, topic="t.orders", payload={"by": "a"}, dedupe_key="same"
+    )
+
+    def writer_b() -> None:
+        with sessions.begin() as session_b:
+            results["b"] = enqueue_event(
+                session_b,
+                tenant_id=tenant,
+                topic="t.orders",
+                payload={"by": "b"},
+                dedupe_key="same",
+            )
+            results["b-after"] = enqueue_event(
+                session_b, tenant_id=tenant, topic="t.orders", payload={"by": "b"}, dedupe_key="b2"
+            )
+
+    thread = threading.Thread(target=writer_b)
+    thread.start()
+    thread.join(1.0)
+    assert thread.is_alive(), "B should wait for A's uncommitted row"
+    session_a.commit()
+    session_a.close()
+    thread.join(10)
+
+    assert results["a"].status is EnqueueStatus.ENQUEUED
+    assert results["b"].status is EnqueueStatus.DUPLICATE
+    assert results["b-after"].status is EnqueueStatus.ENQUEUED
+    assert _count(engine, tenant) == 2
+
+
+def test_enqueue_without_payload_stores_a_tombstone(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    with sessions.begin() as session:
+        enqueue_event(session, tenant_id=tenant, topic="t.orders", payload=None, key="k")
+
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT payload IS NULL FROM outbox_events WHERE tenant_id = :t"), {"t": tenant}
+        ).scalar_one()
+    assert stored is True
+
+
+def test_enqueue_oversize_event_is_refused_and_writes_nothing(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    with sessions.begin() as session, pytest.raises(EventTooLarge, match="limit of 2000 bytes"):
+        enqueue_event(
+            session,
+            tenant_id=tenant,
+            topic="t.orders",
+            payload={"blob": "x" * 2000},
+            max_message_bytes=2000,
+        )
+
+    assert _count(engine, tenant) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"tenant_id": "Bad Tenant"}, InvalidTenantId),
+        ({"topic": "has space"}, InvalidEvent),
+        ({"topic": ""}, InvalidEvent),
+        ({"dedupe_key": "x" * 201}, InvalidEvent),
+    ],
+)
+def test_enqueue_invalid_input_is_refused_before_writing(
+    sessions: sessionmaker[Session], kwargs: dict[str, str], error: type[Exception]
+) -> None:
+    event = {"tenant_id": "acme", "topic": "t.orders", "payload": {}} | kwargs
+    with sessions() as session, pytest.raises(error):
+        enqueue_event(session, **event)  # type: ignore[arg-type]
+
+
+def test_database_refuses_a_malformed_tenant_id_written_around_enqueue(engine: Engine) -> None:
+    with pytest.raises(IntegrityError, match="tenant_id_format"), engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO outbox_events (tenant_id, topic, dedupe_key)"
+                " VALUES ('Not Valid', 't', 'd')"
+            )
+        )
+
+
+def test_enqueue_notifies_publishers_only_when_the_transaction_commits(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    raw = engine.raw_connection()
+    raw.set_isolation_level(0)
+    with raw.cursor() as cur:
+        cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
+    dbapi = raw.driver_connection
+
+    def notified(timeout: float) -> list[str]:
+        select.select([dbapi], [], [], timeout)
+        dbapi.poll()
+        payloads = [n.payload for n in dbapi.notifies]
+        dbapi.notifies.clear()
+        return payloads
+
+    try:
+        session = sessions()
+        enqueue_event(session, tenant_id=tenant, topic="t.orders", payload={})
+        assert tenant not in notified(0.5)
+        session.commit()
+        session.close()
+        assert tenant in notified(5)
+    finally:
+        raw.close()
+
+
+NO_NUL = st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"])
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63)
+    | st.text()
+    | st.decimals(allow_nan=False, allow_infinity=False, places=6),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(value=json_values)
+def test_payload_stored_as_jsonb_is_published_as_the_bytes_enqueue_encoded(
+    engine: Engine, value: object
+) -> None:
+    encoded = encode_payload(value)
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT CAST(:v AS jsonb)::text"), {"v": encoded}).scalar_one()
+
+    assert reencode_stored(stored) == encoded.encode()
+
+
+def test_decimal_digits_survive_the_database(engine: Engine) -> None:
+    encoded = encode_payload({"amount": decimal.Decimal("0.10"), "big": 2**70})
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT CAST(:v AS jsonb)::text"), {"v": encoded}).scalar_one()
+
+    assert reencode_stored(stored) == b'{"amount":0.10,"big":1180591620717411303424}'

@@ -1,0 +1,168 @@
+"""The publisher against the real database and broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka import Consumer
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from somabrain import enqueue_event
+from somabrain.config.settings import PublisherSettings
+from somabrain.config.types import TenantId
+from somabrain.delivery.producer import KafkaDelivery, build_config
+from somabrain.delivery.publisher import TenantPublisher
+from somabrain.store.outbox import advisory_lock_key
+
+
+def _publisher(engine: Engine, tenant: str, bootstrap: str, **overrides: float) -> TenantPublisher:
+    settings = PublisherSettings(
+        tenant=tenant, poll_interval_seconds=0.2, shutdown_grace_seconds=2, **overrides
+    )
+    delivery = KafkaDelivery(
+        build_config(
+            bootstrap_servers=bootstrap,
+            delivery_timeout_seconds=settings.delivery_timeout_seconds,
+            overrides={},
+        )
+    )
+    return TenantPublisher(
+        tenant=TenantId(tenant), settings=settings, engine=engine, delivery=delivery
+    )
+
+
+@pytest.fixture
+def running() -> Iterator[list[tuple[TenantPublisher, threading.Thread]]]:
+    started: list[tuple[TenantPublisher, threading.Thread]] = []
+    yield started
+    for publisher, thread in started:
+        publisher.stopping.set()
+        thread.join(15)
+
+
+def _start(
+    running: list[tuple[TenantPublisher, threading.Thread]], publisher: TenantPublisher
+) -> None:
+    thread = threading.Thread(target=publisher.run, daemon=True)
+    thread.start()
+    running.append((publisher, thread))
+
+
+def _rows(engine: Engine, tenant: str) -> list[tuple[str, str, int | None, int | None, int]]:
+    with engine.connect() as conn:
+        return [
+            (str(r[0]), r[1], r[2], r[3], r[4])
+            for r in conn.execute(
+                text(
+                    "SELECT event_id, status, kafka_partition, kafka_offset, attempts"
+                    " FROM outbox_events WHERE tenant_id = :t ORDER BY id"
+                ),
+                {"t": tenant},
+            )
+        ]
+
+
+def _wait_for(predicate: object, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _consume(bootstrap: str, topic: str, count: int, timeout: float = 30) -> list[object]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"t-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[object] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count and time.monotonic() < deadline:
+        out.extend(m for m in consumer.consume(100, timeout=0.5) if not m.error())
+    consumer.close()
+    return out
+
+
+def test_publisher_delivers_pending_events_and_records_their_offsets(
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    bootstrap: str,
+    tenant: str,
+    running: list[tuple[TenantPublisher, threading.Thread]],
+) -> None:
+    topic = f"{tenant}.orders"
+    with sessions.begin() as session:
+        for i in range(20):
+            enqueue_event(session, tenant_id=tenant, topic=topic, key=f"k{i % 3}", payload={"i": i})
+        enqueue_event(session, tenant_id=tenant, topic=topic, key="gone", payload=None)
+
+    _start(running, _publisher(engine, tenant, bootstrap))
+    assert _wait_for(lambda: all(r[1] == "sent" for r in _rows(engine, tenant)), 30)
+    messages = _consume(bootstrap, topic, 21)
+
+    rows = {r[0]: r for r in _rows(engine, tenant)}
+    assert len(messages) == 21
+    for msg in messages:
+        headers = dict(msg.headers())  # type: ignore[attr-defined]
+        event_id = headers["event-id"].decode()
+        assert headers["tenant-id"] == tenant.encode()
+        assert rows[event_id][2:4] == (msg.partition(), msg.offset())  # type: ignore[attr-defined]
+    tombstones = [m for m in messages if m.key() == b"gone"]  # type: ignore[attr-defined]
+    assert [m.value() for m in tombstones] == [None]  # type: ignore[attr-defined]
+
+
+def test_publisher_marks_nothing_sent_while_the_broker_is_unreachable(
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+    running: list[tuple[TenantPublisher, threading.Thread]],
+) -> None:
+    # O-6 / O-19: produce() returning is not delivery; without a report, rows stay pending.
+    with sessions.begin() as session:
+        for i in range(5):
+            enqueue_event(session, tenant_id=tenant, topic=f"{tenant}.orders", payload={"i": i})
+
+    publisher = _publisher(
+        engine, tenant, "127.0.0.1:1", delivery_timeout_seconds=1.5, retry_backoff_seconds=60
+    )
+    _start(running, publisher)
+    assert _wait_for(lambda: all(r[4] >= 1 for r in _rows(engine, tenant)), 30)
+
+    assert {r[1] for r in _rows(engine, tenant)} == {"pending"}
+    with engine.connect() as conn:
+        errors = conn.execute(
+            text("SELECT last_error FROM outbox_events WHERE tenant_id = :t"), {"t": tenant}
+        ).scalars()
+        assert all(errors)
+
+
+def test_second_publisher_of_a_tenant_waits_until_the_first_lets_go(
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    bootstrap: str,
+    tenant: str,
+    running: list[tuple[TenantPublisher, threading.Thread]],
+) -> None:
+    holder = engine.raw_connection()
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (advisory_lock_key(TenantId(tenant)),))
+    with sessions.begin() as session:
+        enqueue_event(session, tenant_id=tenant, topic=f"{tenant}.orders", payload={})
+
+    _start(running, _publisher(engine, tenant, bootstrap))
+    time.sleep(2)
+    assert [r[1] for r in _rows(engine, tenant)] == ["pending"]
+
+    holder.close()  # the lock holder's session ends, as when a publisher dies
+    assert _wait_for(lambda: [r[1] for r in _rows(engine, tenant)] == ["sent"], 30)

@@ -1,0 +1,68 @@
+import datetime as dt
+import decimal
+import json
+import uuid
+
+import pytest
+
+from somabrain.config.errors import EventEncodingError
+from somabrain.store.codec import encode_payload, reencode_stored, validate_headers
+
+
+def test_encode_payload_decimal_keeps_exact_digits() -> None:
+    text = encode_payload({"price": decimal.Decimal("12345678901234567890.10")})
+
+    assert text == '{"price":12345678901234567890.10}'
+
+
+def test_encode_payload_aware_datetime_becomes_utc_iso() -> None:
+    moment = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+
+    assert encode_payload({"at": moment}) == '{"at":"2026-01-02T01:04:05Z"}'
+
+
+def test_encode_payload_naive_datetime_is_refused_with_path() -> None:
+    with pytest.raises(EventEncodingError, match=r"payload\.order\.at: naive datetime"):
+        encode_payload({"order": {"at": dt.datetime(2026, 1, 2)}})
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (b"raw", "bytes has no canonical JSON form"),
+        ({1, 2}, "set has no canonical JSON form"),
+        (float("nan"), "not a finite number"),
+        (decimal.Decimal("Infinity"), "not a finite number"),
+    ],
+)
+def test_encode_payload_values_without_canonical_form_are_refused(
+    value: object, message: str
+) -> None:
+    with pytest.raises(EventEncodingError, match=message):
+        encode_payload({"v": [value]})
+
+
+def test_encode_payload_uuid_and_sorted_keys_are_stable() -> None:
+    ident = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+    assert encode_payload({"b": 1, "a": ident}) == encode_payload({"a": ident, "b": 1})
+    assert json.loads(encode_payload({"a": ident}))["a"] == str(ident)
+
+
+def test_encode_payload_non_string_key_is_refused() -> None:
+    with pytest.raises(EventEncodingError, match="key 1 is not a string"):
+        encode_payload({1: "x"})
+
+
+def test_validate_headers_refuses_non_string_values() -> None:
+    with pytest.raises(EventEncodingError, match="header 'n'"):
+        validate_headers({"n": 1})  # type: ignore[dict-item]
+
+
+def test_reencode_stored_none_is_a_tombstone() -> None:
+    assert reencode_stored(None) is None
+
+
+def test_encode_payload_nul_character_is_refused_before_the_database_sees_it() -> None:
+    with pytest.raises(EventEncodingError, match="NUL"):
+        encode_payload({"name": "a\x00b"})
