@@ -12,6 +12,7 @@ import sys
 from types import FrameType
 from typing import Annotated
 
+import pydantic
 import typer
 from prometheus_client import start_http_server
 
@@ -125,4 +126,11 @@ def main() -> None:
         app()
     except SomabrainError as exc:
         typer.echo(f"FAILED: {exc}", err=True)
+        raise SystemExit(2) from exc
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"SOMABRAIN_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        typer.echo(f"FAILED: invalid settings: {problems}", err=True)
         raise SystemExit(2) from exc

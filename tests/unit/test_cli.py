@@ -1,0 +1,40 @@
+"""The command's errors are one FAILED: line and a non-zero exit, before any connection."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SOMABRAIN, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_publisher_run_invalid_tenant_fails_with_the_rule() -> None:
+    result = _run("publisher", "run", "--tenant", "Not_Valid")
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("FAILED: invalid tenant id")
+
+
+def test_publisher_run_invalid_setting_names_the_variable() -> None:
+    result = _run("publisher", "run", "--tenant", "acme", SOMABRAIN_BATCH_SIZE="0")
+
+    assert result.returncode == 2
+    assert "SOMABRAIN_BATCH_SIZE" in result.stderr
+
+
+def test_help_explains_each_command_with_an_example() -> None:
+    result = _run("publisher", "run", "--help")
+
+    assert result.returncode == 0
+    assert "Example: somabrain publisher run --tenant acme" in result.stdout
