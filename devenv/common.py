@@ -138,11 +138,23 @@ def spawn(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    # Keep the handle: it reaps the process when it exits (no zombies) and is never
+    # garbage-collected while the server runs.
+    _CHILDREN[proc.pid] = proc
     return proc.pid
+
+
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def pid_alive(pid: int) -> bool:
     """Whether a process exists and is not a zombie."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

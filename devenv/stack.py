@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -26,9 +26,9 @@ def default_state_dir() -> Path:
     return Path(__file__).resolve().parents[1] / ".devenv" / "default"
 
 
-def ensure_installed() -> None:
-    """Obtain every component into the cache, in parallel; fast when all are cached."""
-    installers: list[Callable[[], Path]] = [m.ensure_installed for m in COMPONENTS.values()]
+def ensure_installed(names: Iterable[str] = COMPONENTS) -> None:
+    """Obtain the components into the cache, in parallel; fast when all are cached."""
+    installers: list[Callable[[], Path]] = [COMPONENTS[n].ensure_installed for n in names]
     with ThreadPoolExecutor(max_workers=len(installers)) as pool:
         for future in [pool.submit(install) for install in installers]:
             future.result()
@@ -48,19 +48,23 @@ def _save(state_dir: Path, stack: dict[str, Running]) -> None:
     (state_dir / STATE_FILE).write_text(json.dumps(records, indent=2))
 
 
-def up(state_dir: Path) -> dict[str, Running]:
-    """Start every component not already running in `state_dir`; return them all."""
+def up(state_dir: Path, *, only: Iterable[str] = COMPONENTS) -> dict[str, Running]:
+    """Start the components (all, or `only` those) not already running in `state_dir`.
+
+    Returns every running component of the stack, including ones started earlier.
+    """
+    wanted = [name for name in COMPONENTS if name in set(only)]
     state_dir.mkdir(parents=True, exist_ok=True)
     stack = {name: r for name, r in load(state_dir).items() if COMPONENTS[name].healthy(r)}
-    if len(stack) == len(COMPONENTS):
+    missing = [name for name in wanted if name not in stack]
+    if not missing:
         return stack
-    ensure_installed()
+    ensure_installed(missing)
     try:
-        for name, module in COMPONENTS.items():
-            if name not in stack:
-                common.step(f"starting {name}")
-                stack[name] = module.start(state_dir)
-                _save(state_dir, stack)
+        for name in missing:
+            common.step(f"starting {name}")
+            stack[name] = COMPONENTS[name].start(state_dir)
+            _save(state_dir, stack)
     except BaseException:
         down(state_dir)
         raise
@@ -68,14 +72,19 @@ def up(state_dir: Path) -> dict[str, Running]:
 
 
 def down(state_dir: Path, *, keep_data: bool = False) -> None:
-    """Stop every recorded process (in reverse start order) and forget the stack."""
-    for running in reversed(list(load(state_dir).values())):
-        for pid in reversed(running.pids):
-            common.stop_pid(pid)
+    """Stop every recorded component (in reverse start order) and forget the stack."""
+    for name, running in reversed(list(load(state_dir).items())):
+        stop = getattr(COMPONENTS[name], "stop", None)
+        if stop is not None:
+            stop(running)
+        else:
+            for pid in reversed(running.pids):
+                common.stop_pid(pid)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     if not keep_data:
-        for name in COMPONENTS:
-            shutil.rmtree(state_dir / name, ignore_errors=True)
+        for name, module in COMPONENTS.items():
+            folder = module.data_root(state_dir) if hasattr(module, "data_root") else None
+            shutil.rmtree(folder or state_dir / name, ignore_errors=True)
 
 
 def environment(stack: dict[str, Running]) -> dict[str, str]:

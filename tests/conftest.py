@@ -17,34 +17,49 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from devenv import stack
+from somabrain.store.engine import engine_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def stack_env() -> Iterator[dict[str, str]]:
+def stack_dir() -> Iterator[Path]:
+    """The session's stack folder; everything started in it is stopped at the end
+    (unless SOMABRAIN_TEST_KEEP_STACK=1, to iterate quickly on a running stack)."""
     state_dir = ROOT / os.environ.get("SOMABRAIN_TEST_STACK", ".devenv/test")
-    stack.down(state_dir)
-    running = stack.up(state_dir)
-    try:
-        yield stack.environment(running)
-    finally:
+    yield state_dir
+    if os.environ.get("SOMABRAIN_TEST_KEEP_STACK") != "1":
         stack.down(state_dir)
 
 
 @pytest.fixture(scope="session")
-def make_database(stack_env: dict[str, str]) -> Callable[[], str]:
+def data_env(stack_dir: Path) -> dict[str, str]:
+    """Postgres and Kafka only: what integration tests need."""
+    return stack.environment(stack.up(stack_dir, only=("postgres", "kafka")))
+
+
+@pytest.fixture(scope="session")
+def stack_env(stack_dir: Path) -> dict[str, str]:
+    """The whole stack, the Kubernetes API server included."""
+    return stack.environment(stack.up(stack_dir))
+
+
+@pytest.fixture(scope="session")
+def make_database(data_env: dict[str, str]) -> Callable[[], str]:
     """Create an empty database on the stack's server and return its URL."""
-    admin_url = make_url(stack_env["DATABASE_URL"]).set(database="postgres")
+    admin_url = make_url(data_env["DATABASE_URL"]).set(database="postgres")
 
     def create() -> str:
         name = f"t_{uuid.uuid4().hex[:12]}"
-        engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        engine = create_engine(
+            engine_url(admin_url.render_as_string(hide_password=False)),
+            isolation_level="AUTOCOMMIT",
+        )
         with engine.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         engine.dispose()
         return (
-            make_url(stack_env["DATABASE_URL"])
+            make_url(data_env["DATABASE_URL"])
             .set(database=name)
             .render_as_string(hide_password=False)
         )

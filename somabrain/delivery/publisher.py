@@ -63,6 +63,9 @@ class TenantPublisher:
     def run(self) -> None:
         """Hold the tenant's lock, then drain until `stopping` is set."""
         raw = self.engine.raw_connection()
+        # A connection of its own, outside the pool: the lock lives exactly as long as
+        # this session, and closing it releases the lock instead of parking it in the pool.
+        raw.detach()
         try:
             if not self._acquire_lock(raw):
                 return
@@ -148,7 +151,7 @@ class TenantPublisher:
     def _wait_for_notify(self, raw: Any) -> None:
         # Wake on a notification for this tenant, or after the poll interval (the
         # fallback that covers lost notifications and rows whose backoff expired).
-        dbapi = raw.driver_connection
+        dbapi = raw.dbapi_connection
         deadline = time.monotonic() + self.settings.poll_interval_seconds
         while not self.stopping.is_set():
             remaining = deadline - time.monotonic()

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import URL, Engine, create_engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+
+def engine_url(url: str) -> URL:
+    """The URL with the psycopg2 driver named, so `postgresql://...` means the same
+    driver whatever SQLAlchemy's default for the scheme is."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return parsed
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     """An engine with pre-ping, so a restarted Postgres costs one failed checkout, not a crash."""
-    return create_engine(url, pool_size=pool_size, pool_pre_ping=True, future=True)
+    return create_engine(engine_url(url), pool_size=pool_size, pool_pre_ping=True)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -9,7 +9,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine
+
+from somabrain.store.engine import engine_url, make_engine
 
 MIGRATIONS_ENV = "SOMABRAIN_MIGRATIONS_DIR"
 
@@ -24,7 +25,8 @@ def alembic_config(database_url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.set_main_option("file_template", "%%(year)d%%(month).2d%%(day).2d_%%(rev)s_%%(slug)s")
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    url = engine_url(database_url).render_as_string(hide_password=False)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 
@@ -37,7 +39,7 @@ def downgrade(database_url: str, revision: str) -> None:
 
 
 def current_revision(database_url: str) -> str | None:
-    engine = create_engine(database_url)
+    engine = make_engine(database_url, pool_size=1)
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()

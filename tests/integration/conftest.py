@@ -24,5 +24,5 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
 
 
 @pytest.fixture(scope="session")
-def bootstrap(stack_env: dict[str, str]) -> str:
-    return stack_env["KAFKA_BOOTSTRAP_SERVERS"]
+def bootstrap(data_env: dict[str, str]) -> str:
+    return data_env["KAFKA_BOOTSTRAP_SERVERS"]

@@ -183,10 +183,11 @@ json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**63)
-    | st.text()
+    | st.text(alphabet=NO_NUL)
     | st.decimals(allow_nan=False, allow_infinity=False, places=6),
     lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(alphabet=NO_NUL, max_size=8), children, max_size=4)
     ),
     max_leaves=20,
 )

@@ -4,14 +4,15 @@ from collections.abc import Callable
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect, text
 
 from somabrain.store import migrate
+from somabrain.store.engine import make_engine
 from somabrain.store.models import Base
 
 
 def _tables(url: str) -> set[str]:
-    engine = create_engine(url)
+    engine = make_engine(url)
     try:
         return set(inspect(engine).get_table_names())
     finally:
@@ -32,7 +33,7 @@ def test_migrations_upgrade_downgrade_upgrade_round_trip(make_database: Callable
 
 
 def test_model_matches_the_migrated_schema(database_url: str) -> None:
-    engine = create_engine(database_url)
+    engine = make_engine(database_url)
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
@@ -41,7 +42,7 @@ def test_model_matches_the_migrated_schema(database_url: str) -> None:
 
 
 def test_next_pending_rows_of_a_tenant_use_the_partial_index(database_url: str) -> None:
-    engine = create_engine(database_url)
+    engine = make_engine(database_url)
     with engine.connect() as conn:
         conn.execute(text("SET enable_seqscan = off"))
         plan = "\n".join(

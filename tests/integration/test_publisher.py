@@ -155,6 +155,7 @@ def test_second_publisher_of_a_tenant_waits_until_the_first_lets_go(
     running: list[tuple[TenantPublisher, threading.Thread]],
 ) -> None:
     holder = engine.raw_connection()
+    holder.detach()
     with holder.cursor() as cur:
         cur.execute("SELECT pg_advisory_lock(%s)", (advisory_lock_key(TenantId(tenant)),))
     with sessions.begin() as session:
