@@ -30,8 +30,8 @@ un-rotated file, `state_dir/postgres/postgres.log`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -349,7 +349,7 @@ def _accepting(port: int, database: str) -> bool:
 # --------------------------------------------------------------------------- state folder
 
 
-FALLBACK_ROOT = Path("/var/tmp/somabrain-devenv")
+FALLBACK_ROOT = Path("/var/tmp/somabrain-devenv")  # noqa: S108 - per-stack subfolders, owned by us
 
 
 def _pg_dir(state_dir: Path) -> Path:
