@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import shutil
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -121,11 +121,11 @@ class MainJob:
         create_topics(self.env["KAFKA_BOOTSTRAP_SERVERS"], topics)
 
     def start_operator(self) -> None:
-        exe = shutil.which("somabrain-operator")
-        if exe is None:
-            raise common.StartFailed("somabrain-operator is not installed; run `make install`")
+        exe = Path(sys.executable).parent / "somabrain-operator"
+        if not exe.exists():
+            raise common.StartFailed(f"{exe} is missing; run `make install`")
         self.operator_pid = common.spawn(
-            [exe],
+            [str(exe)],
             log_path=self.work_dir / "operator.log",
             env={"KUBECONFIG": self.env["KUBECONFIG"]},
         )
