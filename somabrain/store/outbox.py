@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Text, cast, func, literal, select, text, update
+from sqlalchemy import Table, Text, cast, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,8 @@ from somabrain.store.codec import encode_payload, refuse_nul, validate_headers
 from somabrain.store.models import EventStatus, OutboxEvent
 
 NOTIFY_CHANNEL = "somabrain_outbox"
+OUTBOX: Table = OutboxEvent.__table__  # type: ignore[assignment]
+_NOTIFIED = "somabrain.notified"
 
 # Room Kafka adds around key, value and headers in a record batch holding one record.
 _RECORD_OVERHEAD_BYTES = 128
@@ -98,7 +100,7 @@ def enqueue_event(
     _check_size(encoded, key, clean_headers, max_message_bytes)
 
     stmt = (
-        insert(OutboxEvent)
+        insert(OUTBOX)
         .values(
             tenant_id=tenant,
             topic=topic,
@@ -109,21 +111,32 @@ def enqueue_event(
             headers=clean_headers,
         )
         .on_conflict_do_nothing(index_elements=["tenant_id", "dedupe_key"])
-        .returning(OutboxEvent.event_id)
+        .returning(OUTBOX.c.event_id)
     )
     event_id = session.execute(stmt).scalar_one_or_none()
     if event_id is None:
         return EnqueueResult(EnqueueStatus.DUPLICATE, None, tenant, dedupe)
-
-    # Delivered at commit only, so a publisher never wakes for a row it cannot see yet.
-    session.execute(
-        text("SELECT pg_notify(:channel, :tenant)"),
-        {
-            "channel": NOTIFY_CHANNEL,
-            "tenant": tenant,
-        },
-    )
+    _notify_once(session, tenant)
     return EnqueueResult(EnqueueStatus.ENQUEUED, EventId(event_id), tenant, dedupe)
+
+
+def _notify_once(session: Session, tenant: TenantId) -> None:
+    # NOTIFY is delivered at commit only, so a publisher never wakes for a row it cannot
+    # see yet; one per tenant and transaction is enough (Postgres folds repeats anyway).
+    transaction = session.get_transaction()
+    marker = session.info.get(_NOTIFIED)
+    if marker is None or marker[0] is not transaction:
+        marker = (transaction, set[str]())
+        session.info[_NOTIFIED] = marker
+    if tenant not in marker[1]:
+        session.execute(
+            text("SELECT pg_notify(:channel, :tenant)"),
+            {
+                "channel": NOTIFY_CHANNEL,
+                "tenant": tenant,
+            },
+        )
+        marker[1].add(tenant)
 
 
 def _check_topic(topic: str) -> None:
