@@ -27,9 +27,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # Kopf's formatter prefixes each line about an object with its namespace/name.
+    kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
     asyncio.run(kopf.operator(clusterwide=True, standalone=True))
 
 

@@ -59,6 +59,7 @@ def reconcile_tenant(
     namespace: str | None,
     uid: str,
     patch: kopf.Patch,
+    logger: kopf.Logger,
     **_: Any,
 ) -> None:
     assert namespace is not None, "Tenant is a namespaced resource"
@@ -96,6 +97,13 @@ def reconcile_tenant(
             delay=10,
         ) from exc
 
+    logger.info(
+        "tenant %s: publisher Deployment %s and ConfigMap %s applied (generation %d)",
+        tenant.tenant_id,
+        deployment["metadata"]["name"],
+        config["metadata"]["name"],
+        generation,
+    )
     patch.status["observedGeneration"] = generation
     patch.status["publisherDeployment"] = deployment["metadata"]["name"]
     patch.status["configMap"] = config["metadata"]["name"]

@@ -1,0 +1,73 @@
+"""The operator against the real API server: children, owners, status, spec changes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from somabrain_operator.children import ANNOTATION_CONFIG_HASH
+
+from devenv.mainjob import MainJob
+
+pytestmark = pytest.mark.e2e
+NAMESPACE = "e2e-operator"
+
+
+@pytest.fixture
+def job(stack_env: dict[str, str], tmp_path: Path) -> Iterator[MainJob]:
+    job = MainJob(stack_env, work_dir=tmp_path, namespace=NAMESPACE)
+    job.prepare([])
+    job.start_operator()
+    yield job
+    job.stop()
+
+
+def _tenant(batch_size: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "somabrain.io/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": "hooli", "namespace": NAMESPACE},
+        "spec": {"tenantId": "hooli", "publisher": {"batchSize": batch_size}},
+    }
+
+
+def _until(predicate: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def test_operator_creates_owned_children_and_rolls_them_on_spec_change(job: MainJob) -> None:
+    apps = client.AppsV1Api(job.api)
+    core = client.CoreV1Api(job.api)
+    custom = client.CustomObjectsApi(job.api)
+    name = "somabrain-publisher-hooli"
+
+    job.apply_tenants([_tenant(100)])
+    job.wait_ready(["hooli"], timeout=60)
+    tenant = custom.get_namespaced_custom_object(
+        "somabrain.io", "v1alpha1", NAMESPACE, "tenants", "hooli"
+    )
+    deployment = apps.read_namespaced_deployment(name, NAMESPACE)
+    config = core.read_namespaced_config_map(name, NAMESPACE)
+
+    owners = [(o.kind, o.name, o.uid, o.controller) for o in deployment.metadata.owner_references]
+    assert owners == [("Tenant", "hooli", tenant["metadata"]["uid"], True)]  # type: ignore[index]
+    assert config.data == {"SOMABRAIN_TENANT": "hooli", "SOMABRAIN_BATCH_SIZE": "100"}
+    before = deployment.spec.template.metadata.annotations[ANNOTATION_CONFIG_HASH]
+
+    job.apply_tenants([_tenant(250)])
+    job.wait_ready(["hooli"], timeout=60)
+
+    config = core.read_namespaced_config_map(name, NAMESPACE)
+    assert config.data["SOMABRAIN_BATCH_SIZE"] == "250"
+    after = apps.read_namespaced_deployment(name, NAMESPACE)
+    assert after.spec.template.metadata.annotations[ANNOTATION_CONFIG_HASH] != before
