@@ -380,6 +380,8 @@ def _wait_established(ext: client.ApiextensionsV1Api, name: str) -> None:
 
 
 def create_topics(bootstrap: str, topics: list[str], *, partitions: int = 3) -> None:
+    if not topics:
+        return
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics(
         [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics]
