@@ -7,6 +7,8 @@ to anything; invalid values fail at load with pydantic's message naming the vari
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -54,8 +56,30 @@ class PublisherSettings(Settings):
         gt=0,
         description="How long Kafka may take to confirm a message before it counts as failed.",
     )
+    delivery_mode: Literal["exactly-once", "at-least-once"] = Field(
+        default="exactly-once",
+        description="exactly-once: Kafka transactions, no duplicates for read_committed "
+        "consumers (needs a broker with transactions); at-least-once: idempotent producer, "
+        "a crash may republish a batch with the same event-id headers.",
+    )
+    checkpoint_topic: str = Field(
+        default="somabrain.publisher-checkpoints",
+        description="Compacted topic holding each publisher's last committed batch "
+        "(exactly-once mode).",
+    )
+    max_attempts: int = Field(
+        default=10, ge=1, le=1000, description="Failed attempts before an event goes dead."
+    )
+    poison_policy: Literal["block", "skip"] = Field(
+        default="block",
+        description="block: a dead event keeps later events of its key waiting until it is "
+        "replayed; skip: later events of its key go ahead once it is dead.",
+    )
     retry_backoff_seconds: float = Field(
         default=1.0, gt=0, description="First wait before retrying a failed event."
+    )
+    retry_backoff_max_seconds: float = Field(
+        default=300.0, gt=0, description="Longest wait between two attempts of one event."
     )
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Port serving /metrics; 0 turns it off."

@@ -1,22 +1,35 @@
-"""The Kafka side of delivery: an idempotent producer and per-batch confirmation.
+"""The Kafka side of delivery: one batch in, Kafka's verdict on each event out.
 
-Guarantees: `deliver` returns, for each event, either Kafka's partition and offset or
-the error Kafka reported; an event counts as delivered only from its delivery report,
-never because `produce()` returned. Idempotence (`enable.idempotence`, `acks=all`,
-at most 5 requests in flight) is enforced at start-up: a configuration that would allow
-duplicates or reordering by retries is refused.
+Two modes, one interface (`deliver` a batch, get a `BatchResult`):
+
+- **exactly-once** (`TransactionalDelivery`): each batch is one Kafka transaction
+  holding the events and a checkpoint record naming them (row id, partition, offset).
+  Read_committed consumers see a batch whole or not at all; after a crash, the
+  checkpoint tells the next publisher which claimed rows Kafka already committed. The
+  `transactional.id` is derived from the owner (the tenant), so a new incarnation
+  fences the old one (e.g. the old pod of a rolling update).
+- **at-least-once** (`IdempotentDelivery`): an idempotent producer with the gapless
+  guarantee: if a message fails, every later message of its partition fails too, so a
+  failed event is never overtaken by a later event of its key.
+
+Guarantees in both: an event counts as delivered only from Kafka's confirmation (its
+delivery report, and in exactly-once mode the committed transaction), never because
+`produce()` returned. `enable.idempotence`, `acks=all` and at most 5 requests in flight
+are enforced: a configuration that would allow duplicates or reordering is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from somabrain.config.errors import UnsafeProducerConfig
+from somabrain.config.errors import FatalError, RetriableError, UnsafeProducerConfig
+from somabrain.delivery.classify import Verdict, classify
 from somabrain.store.codec import reencode_stored
 from somabrain.store.outbox import Delivered, PendingEvent
 
@@ -35,11 +48,50 @@ class Failed:
 
     id: int
     error: str
-    retriable: bool
+    verdict: Verdict
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointPosition:
+    partition: int
+    offset: int
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """Kafka's verdict on a batch: confirmed events, failed ones, and in exactly-once
+    mode where the batch's checkpoint record landed."""
+
+    delivered: list[Delivered] = dataclasses.field(default_factory=list)
+    failed: list[Failed] = dataclasses.field(default_factory=list)
+    checkpoint: CheckpointPosition | None = None
+
+
+class Delivery(Protocol):
+    def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult: ...
+
+    def close(self, timeout: float) -> int: ...
+
+
+class ProducerFenced(FatalError):
+    """Another publisher with the same transactional id took over; this one must stop."""
+
+
+class KafkaUnavailable(RetriableError):
+    """Kafka did not answer in time; the publisher reconnects after a pause."""
+
+
+class CommitOutcomeUnknown(RetriableError):
+    """A batch's commit failed; whether Kafka holds it is settled by recovery, which reads
+    the checkpoint topic before anything is claimed again."""
 
 
 def build_config(
-    *, bootstrap_servers: str, delivery_timeout_seconds: float, overrides: Mapping[str, Any]
+    *,
+    bootstrap_servers: str,
+    delivery_timeout_seconds: float,
+    overrides: Mapping[str, Any],
+    transactional_id: str | None = None,
 ) -> dict[str, Any]:
     """Producer configuration with the delivery-safety settings locked in."""
     for name, safe in SAFE_SETTINGS.items():
@@ -48,13 +100,26 @@ def build_config(
                 f"producer setting {name}={overrides[name]!r} would allow lost, duplicated or "
                 f"reordered events; remove it (the publisher always uses {name}={safe!r})"
             )
-    return {
+    delivery_ms = int(delivery_timeout_seconds * 1000)
+    config: dict[str, Any] = {
         "bootstrap.servers": bootstrap_servers,
         "linger.ms": 5,
-        "delivery.timeout.ms": int(delivery_timeout_seconds * 1000),
+        "delivery.timeout.ms": delivery_ms,
         **overrides,
         **SAFE_SETTINGS,
     }
+    if transactional_id is None:
+        # A failed message fails every later one of its partition: no gaps, no overtaking.
+        config["enable.gapless.guarantee"] = True
+    else:
+        config["transactional.id"] = transactional_id
+        config["transaction.timeout.ms"] = max(60_000, 2 * delivery_ms)
+    return config
+
+
+def transactional_id(owner: str) -> str:
+    """Stable per owner, so every incarnation of a tenant's publisher fences the last."""
+    return f"somabrain-publisher-{owner}"
 
 
 def message_headers(event: PendingEvent) -> list[tuple[str, str | bytes | None]]:
@@ -71,63 +136,160 @@ def message_headers(event: PendingEvent) -> list[tuple[str, str | bytes | None]]
     return headers
 
 
-class KafkaDelivery:
-    """Produces a batch of events and waits for every delivery report."""
+class _Reports:
+    """Collects the delivery reports of one batch."""
+
+    def __init__(self) -> None:
+        self.result = BatchResult()
+
+    def callback(self, row_id: int) -> Callable[[KafkaError | None, Message | None], None]:
+        def on_delivery(err: KafkaError | None, msg: Message | None) -> None:
+            if err is not None:
+                self.result.failed.append(Failed(row_id, str(err), classify(err)))
+                return
+            partition = None if msg is None else msg.partition()
+            offset = None if msg is None else msg.offset()
+            if partition is None or offset is None:
+                self.result.failed.append(
+                    Failed(row_id, "delivery report without an offset", Verdict.RETRIABLE)
+                )
+            else:
+                self.result.delivered.append(Delivered(row_id, partition, offset))
+
+        return on_delivery
+
+    def settle_missing(self, events: Sequence[PendingEvent], why: str) -> None:
+        settled = {d.id for d in self.result.delivered} | {f.id for f in self.result.failed}
+        self.result.failed.extend(
+            Failed(e.id, why, Verdict.RETRIABLE) for e in events if e.id not in settled
+        )
+
+
+def _produce(producer: Producer, event: PendingEvent, callback: Any) -> None:
+    while True:
+        try:
+            producer.produce(
+                event.topic,
+                key=None if event.message_key is None else event.message_key.encode(),
+                value=reencode_stored(event.payload_json),
+                headers=message_headers(event),
+                on_delivery=callback,
+            )
+            return
+        except BufferError:
+            # The local queue is full: serve delivery reports to make room.
+            producer.poll(0.1)
+        except KafkaException as exc:
+            callback(exc.args[0], None)
+            return
+
+
+class IdempotentDelivery:
+    """At-least-once: an idempotent producer; rows are confirmed by delivery reports."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        self._producer = Producer(dict(config))
+        self._config = dict(config)
+        self._producer = Producer(self._config)
 
-    def deliver(
-        self, events: Sequence[PendingEvent], *, timeout: float
-    ) -> tuple[list[Delivered], list[Failed]]:
-        delivered: list[Delivered] = []
-        failed: list[Failed] = []
-
-        def report(row_id: int) -> Any:
-            def on_delivery(err: KafkaError | None, msg: Message | None) -> None:
-                if err is not None:
-                    failed.append(Failed(row_id, str(err), err.retriable()))
-                    return
-                partition = None if msg is None else msg.partition()
-                offset = None if msg is None else msg.offset()
-                if partition is None or offset is None:
-                    failed.append(Failed(row_id, "delivery report without an offset", True))
-                else:
-                    delivered.append(Delivered(row_id, partition, offset))
-
-            return on_delivery
-
+    def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult:
+        reports = _Reports()
         for event in events:
-            self._produce(event, report(event.id))
-        remaining = self._producer.flush(timeout)
-        if remaining:
-            # Reports still owed after the timeout: those events are not confirmed.
-            settled = {d.id for d in delivered} | {f.id for f in failed}
-            failed.extend(
-                Failed(e.id, f"no delivery report within {timeout:.0f}s", True)
-                for e in events
-                if e.id not in settled
-            )
-        return delivered, failed
-
-    def _produce(self, event: PendingEvent, callback: Any) -> None:
-        while True:
-            try:
-                self._producer.produce(
-                    event.topic,
-                    key=None if event.message_key is None else event.message_key.encode(),
-                    value=reencode_stored(event.payload_json),
-                    headers=message_headers(event),
-                    on_delivery=callback,
-                )
-                return
-            except BufferError:
-                # The local queue is full: serve delivery reports to make room.
-                self._producer.poll(0.1)
-            except KafkaException as exc:
-                callback(exc.args[0], None)
-                return
+            _produce(self._producer, event, reports.callback(event.id))
+        if self._producer.flush(timeout):
+            reports.settle_missing(events, f"no delivery report within {timeout:.0f}s")
+        if any(_is_fatal(f) for f in reports.result.failed):
+            # The gapless guarantee stopped the producer; a new one starts a new sequence.
+            self._producer = Producer(self._config)
+        return reports.result
 
     def close(self, timeout: float) -> int:
-        """Wait for outstanding reports; return how many messages were still unconfirmed."""
         return int(self._producer.flush(timeout))
+
+
+def _is_fatal(failed: Failed) -> bool:
+    return "fatal" in failed.error.lower() or "GAPLESS" in failed.error
+
+
+class TransactionalDelivery:
+    """Exactly-once: each batch and its checkpoint record commit as one transaction."""
+
+    def __init__(
+        self, config: Mapping[str, Any], *, owner: str, checkpoint_topic: str, timeout: float
+    ) -> None:
+        self.owner = owner
+        self.checkpoint_topic = checkpoint_topic
+        self._producer = Producer(dict(config))
+        try:
+            # Aborts whatever an earlier incarnation left open, and fences it out.
+            self._producer.init_transactions(timeout)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.fatal():
+                raise ProducerFenced(f"publisher of {owner} cannot start: {error}") from exc
+            raise KafkaUnavailable(f"cannot start a transactional producer: {error}") from exc
+
+    def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult:
+        reports = _Reports()
+        self._producer.begin_transaction()
+        for event in events:
+            _produce(self._producer, event, reports.callback(event.id))
+        if self._producer.flush(timeout):
+            reports.settle_missing(events, f"no delivery report within {timeout:.0f}s")
+        if reports.result.failed:
+            self._abort(timeout)
+            return BatchResult(failed=reports.result.failed)
+
+        checkpoint = _Reports()
+        self._producer.produce(
+            self.checkpoint_topic,
+            key=self.owner.encode(),
+            value=encode_checkpoint(self.owner, reports.result.delivered),
+            on_delivery=checkpoint.callback(0),
+        )
+        self._commit(timeout)
+        if not checkpoint.result.delivered:
+            raise FatalError("transaction committed without a report for its checkpoint")
+        mark = checkpoint.result.delivered[0]
+        reports.result.checkpoint = CheckpointPosition(mark.partition, mark.offset)
+        return reports.result
+
+    def _commit(self, timeout: float) -> None:
+        for _ in range(3):
+            try:
+                self._producer.commit_transaction(timeout)
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.fatal() or error.code() == KafkaError._FENCED:
+                    raise ProducerFenced(
+                        f"publisher of {self.owner} was fenced by a newer one ({error}); stopping"
+                    ) from exc
+                if error.txn_requires_abort():
+                    self._abort(timeout)
+                    raise CommitOutcomeUnknown(f"transaction aborted at commit: {error}") from exc
+                if not error.retriable():
+                    raise CommitOutcomeUnknown(f"commit failed: {error}") from exc
+        raise CommitOutcomeUnknown("commit still failing after 3 tries")
+
+    def _abort(self, timeout: float) -> None:
+        try:
+            self._producer.abort_transaction(timeout)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.fatal():
+                raise ProducerFenced(f"publisher of {self.owner} cannot abort: {error}") from exc
+            raise
+
+    def close(self, timeout: float) -> int:
+        return int(self._producer.flush(timeout))
+
+
+def encode_checkpoint(owner: str, delivered: Sequence[Delivered]) -> bytes:
+    """The checkpoint record of a batch: which rows it published, and where."""
+    rows = [[d.id, d.partition, d.offset] for d in delivered]
+    return json.dumps({"owner": owner, "rows": rows}, separators=(",", ":")).encode()
+
+
+def decode_checkpoint(value: bytes) -> tuple[str, list[Delivered]]:
+    record = json.loads(value)
+    return str(record["owner"]), [Delivered(int(i), int(p), int(o)) for i, p, o in record["rows"]]

@@ -1,50 +1,77 @@
-"""The drain loop of one tenant: claim pending rows, deliver them, mark them sent.
+"""The drain loop of one tenant: claim pending rows, deliver them, settle them.
 
 Guarantees:
-- No loss: a row is marked sent only from Kafka's delivery report, with its partition
-  and offset. A crash at any point leaves unconfirmed rows pending, and they are
-  delivered again by the next publisher (at-least-once: every copy carries the same
-  `event-id` header and key).
+- No loss: a row is marked sent only from Kafka's confirmation, with its partition and
+  offset. A crash at any point leaves unconfirmed rows pending for the next publisher.
+- No duplicates for read_committed consumers in exactly-once mode: each batch is one
+  Kafka transaction with a checkpoint record; on start, recovery marks the rows of
+  checkpoints Kafka committed before a crash, so they are never published twice. In
+  at-least-once mode a crash may republish a batch; every copy has the same `event-id`.
 - One active publisher per tenant: the loop runs only while this process holds the
-  tenant's Postgres advisory lock; a second process waits as a standby and takes over
-  when the first one's session ends.
-- Order per key among confirmed rows: rows are claimed and produced in id order through
-  one idempotent producer, so Kafka keeps their order within a partition.
+  tenant's Postgres advisory lock (and, in exactly-once mode, the producer's
+  transactional id fences an older incarnation); a second process waits as standby.
+- Order per key: rows are claimed in id order; a key with a retrying event (or, under
+  poison policy `block`, a dead one) is skipped until that event is delivered, so a
+  later event never overtakes an earlier one of its key.
 
-Limits (tracked in issue #3): no Kafka transactions yet, so a crash between Kafka's
-confirmation and the database commit republishes the batch; a failed event does not
-yet block later events of its key inside the same batch; no circuit breaker or quotas.
+What happens on failure: an event Kafka can never take (too large, invalid topic,
+denied) goes dead at once with the reason; other failures back off exponentially with
+jitter, and after `max_attempts` the event goes dead. Events failed only because another
+event of their transaction did are retried without counting an attempt.
+
+Limits (tracked in issue #3): no circuit breaker, quotas or shared mode yet.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2.extensions
+from confluent_kafka import KafkaException
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from somabrain.config.errors import RetriableError
 from somabrain.config.settings import PublisherSettings
-from somabrain.config.types import TenantId
+from somabrain.config.types import TenantId, parse_tenant_id
 from somabrain.delivery import metrics
-from somabrain.delivery.producer import KafkaDelivery
+from somabrain.delivery.classify import Verdict
+from somabrain.delivery.producer import (
+    BatchResult,
+    Delivery,
+    IdempotentDelivery,
+    TransactionalDelivery,
+    build_config,
+    transactional_id,
+)
+from somabrain.delivery.recovery import ensure_checkpoint_topic, recover
 from somabrain.store.outbox import (
     NOTIFY_CHANNEL,
+    PendingEvent,
     advisory_lock_key,
     claim_pending,
+    mark_dead,
     mark_sent,
     record_failure,
+    save_checkpoint_position,
 )
 
 log = logging.getLogger(__name__)
 
 
 class TenantPublisher:
-    """Drains one tenant's pending events into Kafka until told to stop."""
+    """Drains one tenant's pending events into Kafka until told to stop.
+
+    `connect` makes a fresh Delivery (a new producer; in exactly-once mode this fences
+    the previous one) and `recover` settles what an earlier incarnation left behind;
+    both run whenever the publisher (re)starts its session with Kafka.
+    """
 
     def __init__(
         self,
@@ -52,13 +79,16 @@ class TenantPublisher:
         tenant: TenantId,
         settings: PublisherSettings,
         engine: Engine,
-        delivery: KafkaDelivery,
+        connect: Callable[[], Delivery],
+        recover: Callable[[], int] | None = None,
     ) -> None:
         self.tenant = tenant
         self.settings = settings
         self.engine = engine
-        self.delivery = delivery
+        self.connect = connect
+        self.recover = recover
         self.stopping = threading.Event()
+        self.delivery: Delivery | None = None
 
     def run(self) -> None:
         """Hold the tenant's lock, then drain until `stopping` is set."""
@@ -73,55 +103,115 @@ class TenantPublisher:
             log.info("publisher active for tenant %s", self.tenant, extra={"tenant": self.tenant})
             self._listen(raw)
             while not self.stopping.is_set():
-                if self.drain_once() == 0:
+                if self._drain_or_back_off() == 0:
                     self._wait_for_notify(raw)
         finally:
             metrics.LOCK_HELD.labels(self.tenant).set(0)
-            unconfirmed = self.delivery.close(self.settings.shutdown_grace_seconds)
-            if unconfirmed:
-                log.warning(
-                    "stopping with %d messages unconfirmed by Kafka; their rows stay pending "
-                    "and the next publisher of tenant %s sends them again",
-                    unconfirmed,
-                    self.tenant,
-                    extra={"tenant": self.tenant},
-                )
+            self._close()
             raw.close()
 
-    def drain_once(self) -> int:
+    def _drain_or_back_off(self) -> int:
+        try:
+            if self.delivery is None:
+                self.delivery = self.connect()
+                if self.recover is not None:
+                    self.recover()
+            return self.drain_once(self.delivery)
+        except (RetriableError, KafkaException) as exc:
+            # A broken session with Kafka (broker gone, transaction state lost): start a
+            # new one. Fatal errors (fenced by a newer publisher) stop the process.
+            if isinstance(exc, KafkaException) and exc.args[0].fatal():
+                raise
+            log.warning(
+                "tenant %s: %s; reconnecting to Kafka in %.0f s (recovery runs first)",
+                self.tenant,
+                exc,
+                self.settings.retry_backoff_seconds,
+                extra={"tenant": self.tenant},
+            )
+            self._close()
+            self.stopping.wait(self.settings.retry_backoff_seconds)
+            return 0
+
+    def drain_once(self, delivery: Delivery) -> int:
         """Deliver one batch; return how many rows it claimed."""
-        with self.engine.connect() as conn, Session(bind=conn) as session:
-            events = claim_pending(session, tenant_id=self.tenant, limit=self.settings.batch_size)
-            session.rollback()
+        with Session(self.engine) as session:
+            events = claim_pending(
+                session,
+                tenant_id=self.tenant,
+                limit=self.settings.batch_size,
+                dead_blocks_key=self.settings.poison_policy == "block",
+            )
         if not events:
             return 0
         metrics.BATCH_SIZE.labels(self.tenant).observe(len(events))
 
-        delivered, failed = self.delivery.deliver(
-            events, timeout=self.settings.delivery_timeout_seconds
-        )
+        result = delivery.deliver(events, timeout=self.settings.delivery_timeout_seconds)
+        self._settle(events, result)
+        return len(events)
+
+    def _settle(self, events: list[PendingEvent], result: BatchResult) -> None:
         attempts = {e.id: e.attempts for e in events}
-        with self.engine.begin() as conn, Session(bind=conn) as session:
-            mark_sent(session, delivered)
-            for failure in failed:
-                backoff = self.settings.retry_backoff_seconds * 2 ** min(attempts[failure.id], 10)
-                record_failure(
-                    session, row_id=failure.id, error=failure.error, backoff_seconds=backoff
+        dead = 0
+        with Session(self.engine) as session, session.begin():
+            mark_sent(session, result.delivered)
+            if result.checkpoint is not None:
+                save_checkpoint_position(
+                    session,
+                    owner=self.tenant,
+                    partition=result.checkpoint.partition,
+                    offset=result.checkpoint.offset,
                 )
-            session.flush()
-        metrics.PUBLISHED.labels(self.tenant).inc(len(delivered))
-        if failed:
-            metrics.DELIVERY_FAILURES.labels(self.tenant).inc(len(failed))
+            for failure in result.failed:
+                if failure.verdict is Verdict.PERMANENT:
+                    mark_dead(session, row_id=failure.id, error=failure.error)
+                    dead += 1
+                elif failure.verdict is Verdict.RETRIABLE:
+                    dead += record_failure(
+                        session,
+                        row_id=failure.id,
+                        error=failure.error,
+                        backoff_seconds=self._backoff(attempts[failure.id]),
+                        max_attempts=self.settings.max_attempts,
+                    )
+        metrics.PUBLISHED.labels(self.tenant).inc(len(result.delivered))
+        if result.failed:
+            metrics.DELIVERY_FAILURES.labels(self.tenant).inc(len(result.failed))
+            first = next(
+                (f for f in result.failed if f.verdict is not Verdict.COLLATERAL), result.failed[0]
+            )
             log.warning(
-                "tenant %s: Kafka did not confirm %d of %d events (first error: %s); "
-                "they stay pending and will be retried with backoff",
+                "tenant %s: Kafka did not confirm %d of %d events (%d now dead; first error: "
+                "%s); the others stay pending and are retried with backoff",
                 self.tenant,
-                len(failed),
+                len(result.failed),
                 len(events),
-                failed[0].error,
+                dead,
+                first.error,
                 extra={"tenant": self.tenant},
             )
-        return len(events)
+
+    def _backoff(self, attempts: int) -> float:
+        # Exponential, capped, with full jitter in its upper half so retries spread out.
+        growth: float = 2.0 ** min(attempts, 30)
+        ceiling = min(
+            self.settings.retry_backoff_max_seconds, self.settings.retry_backoff_seconds * growth
+        )
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def _close(self) -> None:
+        if self.delivery is None:
+            return
+        unconfirmed = self.delivery.close(self.settings.shutdown_grace_seconds)
+        self.delivery = None
+        if unconfirmed:
+            log.warning(
+                "tenant %s: closing with %d messages unconfirmed by Kafka; their rows stay "
+                "pending and the next publisher sends them",
+                self.tenant,
+                unconfirmed,
+                extra={"tenant": self.tenant},
+            )
 
     def _acquire_lock(self, raw: Any) -> bool:
         key = advisory_lock_key(self.tenant)
@@ -165,3 +255,53 @@ class TenantPublisher:
             dbapi.notifies.clear()
             if ours:
                 return
+
+
+def build_publisher(
+    settings: PublisherSettings,
+    engine: Engine,
+    *,
+    producer_overrides: dict[str, Any] | None = None,
+) -> TenantPublisher:
+    """A publisher for `settings.tenant` in the configured delivery mode."""
+    tenant = parse_tenant_id(settings.tenant)
+    overrides = producer_overrides or {}
+    timeout = settings.delivery_timeout_seconds
+    servers = settings.kafka_bootstrap_servers
+
+    if settings.delivery_mode == "at-least-once":
+        config = build_config(
+            bootstrap_servers=servers, delivery_timeout_seconds=timeout, overrides=overrides
+        )
+        return TenantPublisher(
+            tenant=tenant,
+            settings=settings,
+            engine=engine,
+            connect=lambda: IdempotentDelivery(config),
+        )
+
+    config = build_config(
+        bootstrap_servers=servers,
+        delivery_timeout_seconds=timeout,
+        overrides=overrides,
+        transactional_id=transactional_id(tenant),
+    )
+
+    def connect() -> Delivery:
+        ensure_checkpoint_topic(servers, settings.checkpoint_topic, timeout=timeout)
+        return TransactionalDelivery(
+            config, owner=tenant, checkpoint_topic=settings.checkpoint_topic, timeout=timeout
+        )
+
+    def recover_rows() -> int:
+        return recover(
+            engine=engine,
+            bootstrap_servers=servers,
+            owner=tenant,
+            topic=settings.checkpoint_topic,
+            timeout=timeout,
+        )
+
+    return TenantPublisher(
+        tenant=tenant, settings=settings, engine=engine, connect=connect, recover=recover_rows
+    )

@@ -20,8 +20,7 @@ from somabrain.config.errors import SomabrainError
 from somabrain.config.settings import PublisherSettings, Settings
 from somabrain.config.types import parse_tenant_id
 from somabrain.delivery import metrics
-from somabrain.delivery.producer import KafkaDelivery, build_config
-from somabrain.delivery.publisher import TenantPublisher
+from somabrain.delivery.publisher import build_publisher
 from somabrain.store import migrate
 from somabrain.store.engine import make_engine
 
@@ -59,20 +58,10 @@ def publisher_run(
     """
     _configure_logging(log_level)
     settings = PublisherSettings(tenant=tenant)
-    tenant_id = parse_tenant_id(settings.tenant)
+    parse_tenant_id(settings.tenant)
     engine = make_engine(settings.database_url)
     _refuse_old_schema(settings.database_url)
-
-    delivery = KafkaDelivery(
-        build_config(
-            bootstrap_servers=settings.kafka_bootstrap_servers,
-            delivery_timeout_seconds=settings.delivery_timeout_seconds,
-            overrides={},
-        )
-    )
-    publisher = TenantPublisher(
-        tenant=tenant_id, settings=settings, engine=engine, delivery=delivery
-    )
+    publisher = build_publisher(settings, engine)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         publisher.stopping.set()

@@ -101,4 +101,23 @@ class OutboxEvent(Base):
             "id",
             postgresql_where=text("status = 'pending'"),
         ),
+        Index(
+            "ix_outbox_events_retrying_tenant_key",
+            "tenant_id",
+            "message_key",
+            postgresql_where=text("status = 'dead' OR (status = 'pending' AND attempts > 0)"),
+        ),
+    )
+
+
+class PublisherCheckpoint(Base):
+    """Position, in the checkpoint topic, of the last batch a publisher marked sent."""
+
+    __tablename__ = "publisher_checkpoints"
+
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kafka_partition: Mapped[int] = mapped_column(Integer, nullable=False)
+    kafka_offset: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=text("now()")
     )

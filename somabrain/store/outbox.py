@@ -22,14 +22,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Table, Text, cast, func, literal, select, text, update
+from sqlalchemy import Table, Text, and_, case, cast, func, literal, or_, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from somabrain.config.errors import EventTooLarge, InvalidEvent
 from somabrain.config.types import EventId, TenantId, parse_tenant_id
 from somabrain.store.codec import encode_payload, refuse_nul, validate_headers
-from somabrain.store.models import EventStatus, OutboxEvent
+from somabrain.store.models import EventStatus, OutboxEvent, PublisherCheckpoint
 
 NOTIFY_CHANNEL = "somabrain_outbox"
 OUTBOX: Table = OutboxEvent.__table__  # type: ignore[assignment]
@@ -163,8 +163,40 @@ def _check_size(
         raise EventTooLarge(size=size, limit=limit)
 
 
-def claim_pending(session: Session, *, tenant_id: TenantId, limit: int) -> list[PendingEvent]:
-    """The tenant's next pending rows due now, in id order (an index range scan)."""
+def claim_pending(
+    session: Session, *, tenant_id: TenantId, limit: int, dead_blocks_key: bool = True
+) -> list[PendingEvent]:
+    """The tenant's next pending rows due now, in id order, skipping blocked keys.
+
+    A row is blocked when an earlier row of its key is retrying (pending, failed at
+    least once, backing off) or, with `dead_blocks_key` (poison policy `block`), dead:
+    later events of a key never overtake an earlier one that has not been delivered.
+    Rows without a key are never blocked. Rows are read through the partial index on
+    pending rows, so sent rows cost nothing however many there are.
+    """
+    earlier = aliased(OutboxEvent)
+    blocking = and_(
+        earlier.status == EventStatus.PENDING.value,
+        earlier.attempts > 0,
+        earlier.next_attempt_at > func.now(),
+    )
+    if dead_blocks_key:
+        blocking = or_(blocking, earlier.status == EventStatus.DEAD.value)
+    blocked = (
+        select(literal(1))
+        .where(
+            earlier.tenant_id == OutboxEvent.tenant_id,
+            earlier.message_key == OutboxEvent.message_key,
+            earlier.id < OutboxEvent.id,
+            # The partial index's own predicate, so the planner uses it.
+            or_(
+                earlier.status == EventStatus.DEAD.value,
+                and_(earlier.status == EventStatus.PENDING.value, earlier.attempts > 0),
+            ),
+            blocking,
+        )
+        .exists()
+    )
     stmt = (
         select(
             OutboxEvent.id,
@@ -182,6 +214,7 @@ def claim_pending(session: Session, *, tenant_id: TenantId, limit: int) -> list[
             OutboxEvent.tenant_id == tenant_id,
             OutboxEvent.status == EventStatus.PENDING.value,
             OutboxEvent.next_attempt_at <= func.now(),
+            ~blocked,
         )
         .order_by(OutboxEvent.id)
         .limit(limit)
@@ -236,15 +269,68 @@ def mark_sent(session: Session, delivered: Sequence[Delivered]) -> int:
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def record_failure(session: Session, *, row_id: int, error: str, backoff_seconds: float) -> None:
-    """Count a failed attempt and hold the row back for `backoff_seconds`."""
-    session.execute(
+def record_failure(
+    session: Session, *, row_id: int, error: str, backoff_seconds: float, max_attempts: int
+) -> bool:
+    """Count a failed attempt: back off, or go dead once `max_attempts` is reached.
+
+    Returns True when the row went dead.
+    """
+    went_dead = session.execute(
         update(OutboxEvent)
         .where(OutboxEvent.id == row_id, OutboxEvent.status == EventStatus.PENDING.value)
         .values(
             attempts=OutboxEvent.attempts + 1,
             last_error=error[:2000],
             next_attempt_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, backoff_seconds),
+            status=case(
+                (OutboxEvent.attempts + 1 >= max_attempts, EventStatus.DEAD.value),
+                else_=EventStatus.PENDING.value,
+            ),
+        )
+        .returning(OutboxEvent.status)
+    ).scalar_one_or_none()
+    return went_dead == EventStatus.DEAD.value
+
+
+def mark_dead(session: Session, *, row_id: int, error: str) -> None:
+    """Give up on an event Kafka can never accept (too large, invalid topic, denied)."""
+    session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id == row_id, OutboxEvent.status == EventStatus.PENDING.value)
+        .values(
+            attempts=OutboxEvent.attempts + 1,
+            last_error=error[:2000],
+            status=EventStatus.DEAD.value,
+        )
+    )
+
+
+def checkpoint_position(session: Session, *, owner: str) -> tuple[int, int] | None:
+    """Partition and offset of the owner's last checkpoint marked in the database."""
+    row = session.execute(
+        select(PublisherCheckpoint.kafka_partition, PublisherCheckpoint.kafka_offset).where(
+            PublisherCheckpoint.owner == owner
+        )
+    ).one_or_none()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def save_checkpoint_position(session: Session, *, owner: str, partition: int, offset: int) -> None:
+    """Record, in the transaction that marks a batch sent, where its checkpoint is."""
+    stmt = insert(PublisherCheckpoint).values(
+        owner=owner, kafka_partition=partition, kafka_offset=offset
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["owner"],
+            set_={
+                "kafka_partition": stmt.excluded.kafka_partition,
+                "kafka_offset": func.greatest(
+                    PublisherCheckpoint.kafka_offset, stmt.excluded.kafka_offset
+                ),
+                "updated_at": func.now(),
+            },
         )
     )
 

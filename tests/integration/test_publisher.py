@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer
@@ -15,25 +16,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
-from somabrain.delivery.producer import KafkaDelivery, build_config
-from somabrain.delivery.publisher import TenantPublisher
+from somabrain.delivery.publisher import TenantPublisher, build_publisher
 from somabrain.store.outbox import advisory_lock_key
 
 
-def _publisher(engine: Engine, tenant: str, bootstrap: str, **overrides: float) -> TenantPublisher:
+def _publisher(engine: Engine, tenant: str, bootstrap: str, **overrides: Any) -> TenantPublisher:
     settings = PublisherSettings(
-        tenant=tenant, poll_interval_seconds=0.2, shutdown_grace_seconds=2, **overrides
+        tenant=tenant,
+        kafka_bootstrap_servers=bootstrap,
+        poll_interval_seconds=0.2,
+        shutdown_grace_seconds=2,
+        **overrides,
     )
-    delivery = KafkaDelivery(
-        build_config(
-            bootstrap_servers=bootstrap,
-            delivery_timeout_seconds=settings.delivery_timeout_seconds,
-            overrides={},
-        )
-    )
-    return TenantPublisher(
-        tenant=TenantId(tenant), settings=settings, engine=engine, delivery=delivery
-    )
+    return build_publisher(settings, engine)
 
 
 @pytest.fixture
@@ -94,7 +89,9 @@ def _consume(bootstrap: str, topic: str, count: int, timeout: float = 30) -> lis
     return out
 
 
+@pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])
 def test_publisher_delivers_pending_events_and_records_their_offsets(
+    mode: str,
     engine: Engine,
     sessions: sessionmaker[Session],
     bootstrap: str,
@@ -107,7 +104,7 @@ def test_publisher_delivers_pending_events_and_records_their_offsets(
             enqueue_event(session, tenant_id=tenant, topic=topic, key=f"k{i % 3}", payload={"i": i})
         enqueue_event(session, tenant_id=tenant, topic=topic, key="gone", payload=None)
 
-    _start(running, _publisher(engine, tenant, bootstrap))
+    _start(running, _publisher(engine, tenant, bootstrap, delivery_mode=mode))
     assert _wait_for(lambda: all(r[1] == "sent" for r in _rows(engine, tenant)), 30)
     messages = _consume(bootstrap, topic, 21)
 
@@ -134,7 +131,12 @@ def test_publisher_marks_nothing_sent_while_the_broker_is_unreachable(
             enqueue_event(session, tenant_id=tenant, topic=f"{tenant}.orders", payload={"i": i})
 
     publisher = _publisher(
-        engine, tenant, "127.0.0.1:1", delivery_timeout_seconds=1.5, retry_backoff_seconds=60
+        engine,
+        tenant,
+        "127.0.0.1:1",
+        delivery_mode="at-least-once",
+        delivery_timeout_seconds=1.5,
+        retry_backoff_seconds=60,
     )
     _start(running, publisher)
     assert _wait_for(lambda: all(r[4] >= 1 for r in _rows(engine, tenant)), 30)
