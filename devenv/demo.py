@@ -71,10 +71,10 @@ def _run(console: Console, env: dict[str, str], state_dir: Path, events: int) ->
             def report(phase: str, done: int, total: int) -> None:
                 progress.update(tasks[phase], completed=done, total=total)
 
+            start = job.topic_ends([t["spec"]["topics"][0] for t in tenants])
             t0 = time.monotonic()
             enqueued = job.enqueue(tenants, total=events, progress=report)
-            topics = [t["spec"]["topics"][0] for t in tenants]
-            consumed = job.consume(topics, expected=events, timeout=300, progress=report)
+            consumed = job.consume(start, expected=events, timeout=300, progress=report)
 
         tenant_ids = sorted({e.tenant for e in enqueued})
         verdict = verify(enqueued, consumed, database_rows(job.engine, tenant_ids), started_at=t0)

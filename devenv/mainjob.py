@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from kubernetes import client
 from kubernetes import config as kube_config
@@ -214,20 +214,34 @@ class MainJob:
         ids = _row_ids(self.engine, [e.event_id for e in out])
         return [dataclasses.replace(e, row_id=ids[e.event_id]) for e in out]
 
+    def topic_ends(self, topics: list[str]) -> list[TopicPartition]:
+        """Where each partition of the topics ends now: reading starts there, so events
+        of earlier runs on the same stack are not mistaken for this run's."""
+        consumer = self._consumer()
+        try:
+            ends = []
+            for topic in topics:
+                metadata = consumer.list_topics(topic, timeout=30).topics[topic]
+                for partition in metadata.partitions:
+                    _, high = consumer.get_watermark_offsets(
+                        TopicPartition(topic, partition), timeout=30
+                    )
+                    ends.append(TopicPartition(topic, partition, high))
+            return ends
+        finally:
+            consumer.close()
+
     def consume(
-        self, topics: list[str], *, expected: int, timeout: float, progress: Progress | None = None
+        self,
+        start: list[TopicPartition],
+        *,
+        expected: int,
+        timeout: float,
+        progress: Progress | None = None,
     ) -> list[Consumed]:
-        """Read the topics from the start with read_committed until `expected` or timeout."""
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.env["KAFKA_BOOTSTRAP_SERVERS"],
-                "group.id": f"somabrain-verify-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-            }
-        )
-        consumer.subscribe(topics)
+        """Read from `start` with read_committed until `expected` records or timeout."""
+        consumer = self._consumer()
+        consumer.assign(start)
         out: list[Consumed] = []
         deadline = time.monotonic() + timeout
         # Keep reading a little after reaching the count, so duplicates are seen too.
@@ -247,6 +261,16 @@ class MainJob:
         finally:
             consumer.close()
         return out
+
+    def _consumer(self) -> Consumer:
+        return Consumer(
+            {
+                "bootstrap.servers": self.env["KAFKA_BOOTSTRAP_SERVERS"],
+                "group.id": f"somabrain-verify-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
 
     def stop(self) -> None:
         self.runner.stop_all()

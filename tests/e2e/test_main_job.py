@@ -37,10 +37,10 @@ def test_main_job_delivers_every_event_once_in_key_order(job: MainJob) -> None:
 
     assert job.start_publishers() == len(tenants)
 
+    start = job.topic_ends([t["spec"]["topics"][0] for t in tenants])
     started = time.monotonic()
     enqueued = job.enqueue(tenants, total=EVENTS)
-    topics = [t["spec"]["topics"][0] for t in tenants]
-    consumed = job.consume(topics, expected=EVENTS, timeout=300)
+    consumed = job.consume(start, expected=EVENTS, timeout=300)
     tenant_ids = [t["spec"]["tenantId"] for t in tenants]
     rows = database_rows(job.engine, tenant_ids)
     verdict = verify(enqueued, consumed, rows, started_at=started)
