@@ -34,3 +34,9 @@ LOCK_HELD = Gauge(
     ["tenant"],
     registry=REGISTRY,
 )
+KEY_ORDER_BREAKS = Counter(
+    "somabrain_key_order_breaks",
+    "At-least-once mode only: a later event of a key confirmed after an earlier one failed.",
+    ["tenant"],
+    registry=REGISTRY,
+)

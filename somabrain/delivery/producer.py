@@ -8,9 +8,12 @@ Two modes, one interface (`deliver` a batch, get a `BatchResult`):
   checkpoint tells the next publisher which claimed rows Kafka already committed. The
   `transactional.id` is derived from the owner (the tenant), so a new incarnation
   fences the old one (e.g. the old pod of a rolling update).
-- **at-least-once** (`IdempotentDelivery`): an idempotent producer with the gapless
-  guarantee: if a message fails, every later message of its partition fails too, so a
-  failed event is never overtaken by a later event of its key.
+- **at-least-once** (`IdempotentDelivery`): an idempotent producer (retries keep
+  order within a partition); rows are confirmed by their delivery reports. Limit: if
+  Kafka refuses one request of a batch while a later request of the same partition
+  succeeds, a later event of that key has overtaken the failed one and cannot be
+  taken back; this is counted (`somabrain_key_order_breaks_total`) and logged. The
+  exactly-once mode aborts the whole batch instead, so it never happens there.
 
 Guarantees in both: an event counts as delivered only from Kafka's confirmation (its
 delivery report, and in exactly-once mode the committed transaction), never because
@@ -108,10 +111,7 @@ def build_config(
         **overrides,
         **SAFE_SETTINGS,
     }
-    if transactional_id is None:
-        # A failed message fails every later one of its partition: no gaps, no overtaking.
-        config["enable.gapless.guarantee"] = True
-    else:
+    if transactional_id is not None:
         config["transactional.id"] = transactional_id
         config["transaction.timeout.ms"] = max(60_000, 2 * delivery_ms)
     return config
@@ -197,17 +197,30 @@ class IdempotentDelivery:
             _produce(self._producer, event, reports.callback(event.id))
         if self._producer.flush(timeout):
             reports.settle_missing(events, f"no delivery report within {timeout:.0f}s")
-        if any(_is_fatal(f) for f in reports.result.failed):
-            # The gapless guarantee stopped the producer; a new one starts a new sequence.
-            self._producer = Producer(self._config)
         return reports.result
 
     def close(self, timeout: float) -> int:
         return int(self._producer.flush(timeout))
 
 
-def _is_fatal(failed: Failed) -> bool:
-    return "fatal" in failed.error.lower() or "GAPLESS" in failed.error
+def order_breaks(events: Sequence[PendingEvent], result: BatchResult) -> list[str]:
+    """Keys of which a later event was confirmed after an earlier one failed."""
+    failed = {f.id for f in result.failed}
+    delivered = {d.id for d in result.delivered}
+    first_failure: dict[str, int] = {}
+    broken: list[str] = []
+    for event in events:
+        if event.message_key is None:
+            continue
+        if event.id in failed:
+            first_failure.setdefault(event.message_key, event.id)
+        elif (
+            event.id in delivered
+            and event.message_key in first_failure
+            and event.message_key not in broken
+        ):
+            broken.append(event.message_key)
+    return broken
 
 
 class TransactionalDelivery:

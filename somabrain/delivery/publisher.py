@@ -24,6 +24,7 @@ Limits (tracked in issue #3): no circuit breaker, quotas or shared mode yet.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import select
@@ -48,6 +49,7 @@ from somabrain.delivery.producer import (
     IdempotentDelivery,
     TransactionalDelivery,
     build_config,
+    order_breaks,
     transactional_id,
 )
 from somabrain.delivery.recovery import ensure_checkpoint_topic, recover
@@ -89,6 +91,9 @@ class TenantPublisher:
         self.recover = recover
         self.stopping = threading.Event()
         self.delivery: Delivery | None = None
+        # Set when Kafka refused a multi-event batch as a whole: claim one event at a
+        # time until the one at fault is found, then go back to full batches.
+        self.isolating = False
 
     def run(self) -> None:
         """Hold the tenant's lock, then drain until `stopping` is set."""
@@ -139,7 +144,7 @@ class TenantPublisher:
             events = claim_pending(
                 session,
                 tenant_id=self.tenant,
-                limit=self.settings.batch_size,
+                limit=1 if self.isolating else self.settings.batch_size,
                 dead_blocks_key=self.settings.poison_policy == "block",
             )
         if not events:
@@ -147,10 +152,20 @@ class TenantPublisher:
         metrics.BATCH_SIZE.labels(self.tenant).observe(len(events))
 
         result = delivery.deliver(events, timeout=self.settings.delivery_timeout_seconds)
+        for key in order_breaks(events, result):
+            metrics.KEY_ORDER_BREAKS.labels(self.tenant).inc()
+            log.error(
+                "tenant %s: a later event of key %r was confirmed after an earlier one failed "
+                "(at-least-once mode cannot take it back; exactly-once mode aborts instead)",
+                self.tenant,
+                key,
+                extra={"tenant": self.tenant},
+            )
         self._settle(events, result)
         return len(events)
 
     def _settle(self, events: list[PendingEvent], result: BatchResult) -> None:
+        result = self._attribute(events, result)
         attempts = {e.id: e.attempts for e in events}
         dead = 0
         with Session(self.engine) as session, session.begin():
@@ -190,6 +205,34 @@ class TenantPublisher:
                 first.error,
                 extra={"tenant": self.tenant},
             )
+
+    def _attribute(self, events: list[PendingEvent], result: BatchResult) -> BatchResult:
+        # Kafka reports a refused request against every message it carried, so a
+        # "permanent" verdict is trusted only for a batch of one event.
+        permanent = any(f.verdict is Verdict.PERMANENT for f in result.failed)
+        if len(events) > 1 and permanent:
+            log.warning(
+                "tenant %s: Kafka refused a batch of %d events (%s); sending one at a time "
+                "to find the event at fault",
+                self.tenant,
+                len(events),
+                next(f.error for f in result.failed if f.verdict is Verdict.PERMANENT),
+                extra={"tenant": self.tenant},
+            )
+            self.isolating = True
+            return BatchResult(
+                delivered=result.delivered,
+                failed=[
+                    dataclasses.replace(f, verdict=Verdict.COLLATERAL)
+                    if f.verdict is Verdict.PERMANENT
+                    else f
+                    for f in result.failed
+                ],
+                checkpoint=result.checkpoint,
+            )
+        if len(events) == 1 and not result.failed:
+            self.isolating = False
+        return result
 
     def _backoff(self, attempts: int) -> float:
         # Exponential, capped, with full jitter in its upper half so retries spread out.

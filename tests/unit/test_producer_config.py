@@ -4,8 +4,15 @@ import pytest
 
 from somabrain.config.errors import UnsafeProducerConfig
 from somabrain.config.types import EventId, TenantId
-from somabrain.delivery.producer import build_config, message_headers
-from somabrain.store.outbox import PendingEvent
+from somabrain.delivery.classify import Verdict
+from somabrain.delivery.producer import (
+    BatchResult,
+    Failed,
+    build_config,
+    message_headers,
+    order_breaks,
+)
+from somabrain.store.outbox import Delivered, PendingEvent
 
 
 @pytest.mark.parametrize(
@@ -54,3 +61,35 @@ def test_message_headers_identify_every_copy_of_an_event() -> None:
     assert headers["dedupe-key"] == b"d-1"
     assert headers["event-type"] == b"order.created"
     assert headers["traceparent"] == b"00-abc"
+
+
+def _pending(row_id: int, key: str | None) -> PendingEvent:
+    return PendingEvent(
+        id=row_id,
+        event_id=EventId(uuid.uuid4()),
+        tenant_id=TenantId("acme"),
+        topic="t",
+        message_key=key,
+        dedupe_key=str(row_id),
+        event_type=None,
+        payload_json=None,
+        headers={},
+        attempts=0,
+    )
+
+
+def test_order_breaks_names_keys_whose_later_event_overtook_a_failed_one() -> None:
+    events = [_pending(1, "a"), _pending(2, "b"), _pending(3, "a"), _pending(4, None)]
+    result = BatchResult(
+        delivered=[Delivered(2, 0, 1), Delivered(3, 0, 2), Delivered(4, 0, 3)],
+        failed=[Failed(1, "boom", Verdict.RETRIABLE)],
+    )
+
+    assert order_breaks(events, result) == ["a"]
+
+
+def test_order_breaks_is_empty_when_failures_come_last() -> None:
+    events = [_pending(1, "a"), _pending(2, "a")]
+    result = BatchResult(delivered=[Delivered(1, 0, 1)], failed=[Failed(2, "x", Verdict.RETRIABLE)])
+
+    assert order_breaks(events, result) == []

@@ -1,0 +1,237 @@
+"""Delivery guarantees on the real broker and database: crash recovery, per-key order
+under failure, poison events (cases O-3, O-11, O-12, O-13)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from somabrain import enqueue_event
+from somabrain.config.settings import PublisherSettings
+from somabrain.config.types import TenantId
+from somabrain.delivery.producer import TransactionalDelivery, build_config, transactional_id
+from somabrain.delivery.publisher import TenantPublisher, build_publisher
+from somabrain.delivery.recovery import ensure_checkpoint_topic
+from somabrain.store.outbox import claim_pending, record_failure
+
+
+def _settings(tenant: str, bootstrap: str, **overrides: Any) -> PublisherSettings:
+    return PublisherSettings(
+        tenant=tenant,
+        kafka_bootstrap_servers=bootstrap,
+        poll_interval_seconds=0.2,
+        shutdown_grace_seconds=2,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def run_publisher() -> Iterator[Any]:
+    started: list[tuple[TenantPublisher, threading.Thread]] = []
+
+    def start(publisher: TenantPublisher) -> TenantPublisher:
+        thread = threading.Thread(target=publisher.run, daemon=True)
+        thread.start()
+        started.append((publisher, thread))
+        return publisher
+
+    yield start
+    for publisher, thread in started:
+        publisher.stopping.set()
+        thread.join(15)
+
+
+def _statuses(engine: Engine, tenant: str) -> list[tuple[str | None, str, int]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT message_key, status, attempts FROM outbox_events"
+                " WHERE tenant_id = :t ORDER BY id"
+            ),
+            {"t": tenant},
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _wait_for(predicate: Any, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _read_committed(bootstrap: str, topic: str, *, idle: float = 3.0) -> list[Any]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"t-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[Any] = []
+    last = time.monotonic()
+    deadline = last + 60
+    while time.monotonic() - last < idle and time.monotonic() < deadline:
+        batch = [m for m in consumer.consume(100, timeout=0.5) if not m.error()]
+        if batch:
+            out.extend(batch)
+            last = time.monotonic()
+    consumer.close()
+    return out
+
+
+def test_crash_after_kafka_commit_before_marking_sent_publishes_each_event_once(
+    engine: Engine, sessions: sessionmaker[Session], bootstrap: str, tenant: str, run_publisher: Any
+) -> None:
+    # O-3: the batch commits in Kafka, then the process dies before the database commit.
+    topic = f"{tenant}.orders"
+    with sessions.begin() as session:
+        for i in range(10):
+            enqueue_event(session, tenant_id=tenant, topic=topic, key=f"k{i % 2}", payload={"i": i})
+    settings = _settings(tenant, bootstrap)
+    ensure_checkpoint_topic(bootstrap, settings.checkpoint_topic, timeout=30)
+    crashed = TransactionalDelivery(
+        build_config(
+            bootstrap_servers=bootstrap,
+            delivery_timeout_seconds=10,
+            overrides={},
+            transactional_id=transactional_id(tenant),
+        ),
+        owner=tenant,
+        checkpoint_topic=settings.checkpoint_topic,
+        timeout=30,
+    )
+    with Session(engine) as session:
+        batch = claim_pending(session, tenant_id=TenantId(tenant), limit=100)
+    committed = crashed.deliver(batch, timeout=30)
+    assert len(committed.delivered) == 10
+    assert {s for _, s, _ in _statuses(engine, tenant)} == {"pending"}
+
+    run_publisher(build_publisher(settings, engine))
+    assert _wait_for(lambda: {s for _, s, _ in _statuses(engine, tenant)} == {"sent"})
+
+    messages = _read_committed(bootstrap, topic)
+    event_ids = [dict(m.headers())["event-id"] for m in messages]
+    assert len(event_ids) == 10
+    assert len(set(event_ids)) == 10
+
+
+def test_crash_before_kafka_commit_leaves_nothing_visible_and_delivers_once(
+    engine: Engine, sessions: sessionmaker[Session], bootstrap: str, tenant: str, run_publisher: Any
+) -> None:
+    # A zombie's open transaction is aborted by the next incarnation's init_transactions.
+    topic = f"{tenant}.orders"
+    with sessions.begin() as session:
+        for i in range(5):
+            enqueue_event(session, tenant_id=tenant, topic=topic, key="k", payload={"i": i})
+    settings = _settings(tenant, bootstrap)
+    ensure_checkpoint_topic(bootstrap, settings.checkpoint_topic, timeout=30)
+    zombie = TransactionalDelivery(
+        build_config(
+            bootstrap_servers=bootstrap,
+            delivery_timeout_seconds=10,
+            overrides={},
+            transactional_id=transactional_id(tenant),
+        ),
+        owner=tenant,
+        checkpoint_topic=settings.checkpoint_topic,
+        timeout=30,
+    )
+    zombie._producer.begin_transaction()
+    for i in range(5):
+        zombie._producer.produce(topic, key=b"k", value=b'{"zombie":%d}' % i)
+    zombie._producer.flush(10)
+
+    run_publisher(build_publisher(settings, engine))
+    assert _wait_for(lambda: {s for _, s, _ in _statuses(engine, tenant)} == {"sent"})
+
+    values = [m.value() for m in _read_committed(bootstrap, topic)]
+    assert values == [b'{"i":%d}' % i for i in range(5)]
+
+
+def test_retrying_event_blocks_later_events_of_its_key_only(
+    engine: Engine, sessions: sessionmaker[Session], tenant: str
+) -> None:
+    with sessions.begin() as session:
+        for key in ["a", "b", "a", "b", None]:
+            enqueue_event(session, tenant_id=tenant, topic="t.orders", key=key, payload={})
+    with Session(engine) as session, session.begin():
+        first = claim_pending(session, tenant_id=TenantId(tenant), limit=10)[0]
+        record_failure(session, row_id=first.id, error="boom", backoff_seconds=60, max_attempts=5)
+
+    with Session(engine) as session:
+        claimed = claim_pending(session, tenant_id=TenantId(tenant), limit=10)
+
+    assert [e.message_key for e in claimed] == ["b", "b", None]
+
+
+@pytest.mark.parametrize(("policy", "later_a"), [("block", False), ("skip", True)])
+def test_dead_event_blocks_its_key_under_block_and_not_under_skip(
+    engine: Engine, sessions: sessionmaker[Session], tenant: str, policy: str, later_a: bool
+) -> None:
+    with sessions.begin() as session:
+        for key in ["a", "a", "b"]:
+            enqueue_event(session, tenant_id=tenant, topic="t.orders", key=key, payload={})
+    with Session(engine) as session, session.begin():
+        first = claim_pending(session, tenant_id=TenantId(tenant), limit=10)[0]
+        went_dead = record_failure(
+            session, row_id=first.id, error="boom", backoff_seconds=0, max_attempts=1
+        )
+    assert went_dead
+
+    with Session(engine) as session:
+        claimed = claim_pending(
+            session, tenant_id=TenantId(tenant), limit=10, dead_blocks_key=policy == "block"
+        )
+
+    assert ("a" in [e.message_key for e in claimed]) is later_a
+    assert "b" in [e.message_key for e in claimed]
+
+
+@pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])
+def test_event_the_broker_refuses_goes_dead_and_other_keys_flow(
+    mode: str,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    bootstrap: str,
+    tenant: str,
+    run_publisher: Any,
+) -> None:
+    # O-11 / O-13: the topic takes at most 2 KB; one event is over that, at the head.
+    topic = f"{tenant}.small"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    new = NewTopic(
+        topic, num_partitions=1, replication_factor=1, config={"max.message.bytes": "2048"}
+    )
+    admin.create_topics([new])[topic].result(30)
+    with sessions.begin() as session:
+        enqueue_event(session, tenant_id=tenant, topic=topic, key="a", payload={"x": "y" * 5000})
+        enqueue_event(session, tenant_id=tenant, topic=topic, key="a", payload={"after": 1})
+        enqueue_event(session, tenant_id=tenant, topic=topic, key="b", payload={"other": 1})
+
+    run_publisher(build_publisher(_settings(tenant, bootstrap, delivery_mode=mode), engine))
+
+    assert _wait_for(lambda: _statuses(engine, tenant)[0][1] == "dead")
+    assert _wait_for(lambda: _statuses(engine, tenant)[2][1] == "sent")
+    time.sleep(1)
+    statuses = _statuses(engine, tenant)
+    assert statuses[1][1] == "pending", "later event of the dead key must wait (policy block)"
+    with engine.connect() as conn:
+        reason = conn.execute(
+            text("SELECT last_error FROM outbox_events WHERE tenant_id = :t AND status = 'dead'"),
+            {"t": tenant},
+        ).scalar_one()
+    assert "too large" in reason.lower() or "MSG_SIZE_TOO_LARGE" in reason
