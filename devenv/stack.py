@@ -71,6 +71,25 @@ def up(state_dir: Path, *, only: Iterable[str] = COMPONENTS) -> dict[str, Runnin
     return stack
 
 
+def stop_component(state_dir: Path, name: str) -> None:
+    """Stop one component of a running stack, keeping its data (for fault injection)."""
+    running = load(state_dir)[name]
+    stop = getattr(COMPONENTS[name], "stop", None)
+    if stop is not None:
+        stop(running)
+    else:
+        for pid in reversed(running.pids):
+            common.stop_pid(pid)
+
+
+def relaunch_component(state_dir: Path, name: str) -> Running:
+    """Start a stopped component again on its recorded ports and data."""
+    stack = load(state_dir)
+    stack[name] = COMPONENTS[name].launch(state_dir)
+    _save(state_dir, stack)
+    return stack[name]
+
+
 def down(state_dir: Path, *, keep_data: bool = False) -> None:
     """Stop every recorded component (in reverse start order) and forget the stack."""
     for name, running in reversed(list(load(state_dir).items())):

@@ -27,7 +27,10 @@ def upgrade() -> None:
         sa.Column("kafka_partition", sa.Integer(), nullable=False),
         sa.Column("kafka_offset", sa.BigInteger(), nullable=False),
         sa.Column(
-            "updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "updated_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
         ),
         sa.PrimaryKeyConstraint("owner", name="pk_publisher_checkpoints"),
     )

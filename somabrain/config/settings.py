@@ -78,6 +78,12 @@ class PublisherSettings(Settings):
     retry_backoff_seconds: float = Field(
         default=1.0, gt=0, description="First wait before retrying a failed event."
     )
+    circuit_failure_threshold: int = Field(
+        default=5, ge=1, description="Consecutive failed batches that open the circuit."
+    )
+    circuit_open_seconds: float = Field(
+        default=30.0, gt=0, description="Pause of an open circuit before one probe batch."
+    )
     retry_backoff_max_seconds: float = Field(
         default=300.0, gt=0, description="Longest wait between two attempts of one event."
     )

@@ -40,3 +40,9 @@ KEY_ORDER_BREAKS = Counter(
     ["tenant"],
     registry=REGISTRY,
 )
+CIRCUIT_STATE = Gauge(
+    "somabrain_circuit_state",
+    "Circuit breaker of the tenant: 0 closed, 1 half-open (probing), 2 open (paused).",
+    ["tenant"],
+    registry=REGISTRY,
+)

@@ -19,7 +19,10 @@ denied) goes dead at once with the reason; other failures back off exponentially
 jitter, and after `max_attempts` the event goes dead. Events failed only because another
 event of their transaction did are retried without counting an attempt.
 
-Limits (tracked in issue #3): no circuit breaker, quotas or shared mode yet.
+A tenant whose batches keep failing trips its circuit breaker: its publishing pauses,
+then one probe event tests Kafka again (see `circuit`).
+
+Limits (tracked in issue #3): no quotas or shared mode yet.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from somabrain.config.errors import RetriableError
 from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId, parse_tenant_id
 from somabrain.delivery import metrics
+from somabrain.delivery.circuit import CircuitBreaker, CircuitState
 from somabrain.delivery.classify import Verdict
 from somabrain.delivery.producer import (
     BatchResult,
@@ -94,6 +98,10 @@ class TenantPublisher:
         # Set when Kafka refused a multi-event batch as a whole: claim one event at a
         # time until the one at fault is found, then go back to full batches.
         self.isolating = False
+        self.circuit = CircuitBreaker(
+            failure_threshold=settings.circuit_failure_threshold,
+            open_seconds=settings.circuit_open_seconds,
+        )
 
     def run(self) -> None:
         """Hold the tenant's lock, then drain until `stopping` is set."""
@@ -116,6 +124,9 @@ class TenantPublisher:
             raw.close()
 
     def _drain_or_back_off(self) -> int:
+        if not self.circuit.allow():
+            self.stopping.wait(min(self.circuit.seconds_until_probe(), 1.0))
+            return 1  # not idle: look again as soon as the pause ends
         try:
             if self.delivery is None:
                 self.delivery = self.connect()
@@ -127,6 +138,7 @@ class TenantPublisher:
             # new one. Fatal errors (fenced by a newer publisher) stop the process.
             if isinstance(exc, KafkaException) and exc.args[0].fatal():
                 raise
+            self._record_batch(ok=False)
             log.warning(
                 "tenant %s: %s; reconnecting to Kafka in %.0f s (recovery runs first)",
                 self.tenant,
@@ -138,13 +150,34 @@ class TenantPublisher:
             self.stopping.wait(self.settings.retry_backoff_seconds)
             return 0
 
+    def _record_batch(self, *, ok: bool) -> None:
+        before = self.circuit.state
+        if ok:
+            self.circuit.record_success()
+        else:
+            self.circuit.record_failure()
+        metrics.CIRCUIT_STATE.labels(self.tenant).set(self.circuit.state)
+        if self.circuit.state is not before:
+            log.warning(
+                "tenant %s: circuit %s -> %s%s",
+                self.tenant,
+                before.name.lower(),
+                self.circuit.state.name.lower(),
+                f"; next probe in {self.circuit.open_seconds:.0f} s"
+                if self.circuit.state is CircuitState.OPEN
+                else "",
+                extra={"tenant": self.tenant},
+            )
+
     def drain_once(self, delivery: Delivery) -> int:
         """Deliver one batch; return how many rows it claimed."""
         with Session(self.engine) as session:
             events = claim_pending(
                 session,
                 tenant_id=self.tenant,
-                limit=1 if self.isolating else self.settings.batch_size,
+                limit=1
+                if self.isolating or self.circuit.state is CircuitState.HALF_OPEN
+                else self.settings.batch_size,
                 dead_blocks_key=self.settings.poison_policy == "block",
             )
         if not events:
@@ -162,6 +195,8 @@ class TenantPublisher:
                 extra={"tenant": self.tenant},
             )
         self._settle(events, result)
+        blamed = [f for f in result.failed if f.verdict is not Verdict.COLLATERAL]
+        self._record_batch(ok=bool(result.delivered) or not blamed)
         return len(events)
 
     def _settle(self, events: list[PendingEvent], result: BatchResult) -> None:
