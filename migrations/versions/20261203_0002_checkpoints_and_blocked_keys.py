@@ -1,4 +1,4 @@
-"""Publisher checkpoints and the index behind per-key blocking.
+"""Publisher checkpoints, and the indexes behind per-key blocking and retention.
 
 Revision ID: 0002
 Revises: 0001
@@ -42,7 +42,16 @@ def upgrade() -> None:
         postgresql_where=sa.text("status = 'dead' OR (status = 'pending' AND attempts > 0)"),
     )
 
+    # Retention finds a tenant's oldest sent rows without touching pending ones.
+    op.create_index(
+        "ix_outbox_events_sent_tenant_sent_at",
+        "outbox_events",
+        ["tenant_id", "sent_at"],
+        postgresql_where=sa.text("status = 'sent'"),
+    )
+
 
 def downgrade() -> None:
+    op.drop_index("ix_outbox_events_sent_tenant_sent_at", table_name="outbox_events")
     op.drop_index("ix_outbox_events_retrying_tenant_key", table_name="outbox_events")
     op.drop_table("publisher_checkpoints")

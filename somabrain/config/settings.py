@@ -87,6 +87,18 @@ class PublisherSettings(Settings):
     retry_backoff_max_seconds: float = Field(
         default=300.0, gt=0, description="Longest wait between two attempts of one event."
     )
+    retention_seconds: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="Age after which sent rows are purged."
+    )
+    retention_interval_seconds: float = Field(
+        default=60.0, gt=0, description="How often the publisher purges expired sent rows."
+    )
+    retention_chunk: int = Field(
+        default=1000, ge=1, le=100_000, description="Rows deleted per purge transaction."
+    )
+    retention_budget_seconds: float = Field(
+        default=1.0, gt=0, description="Longest time one purge round may take."
+    )
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Port serving /metrics; 0 turns it off."
     )

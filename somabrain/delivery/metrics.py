@@ -46,3 +46,9 @@ CIRCUIT_STATE = Gauge(
     ["tenant"],
     registry=REGISTRY,
 )
+PURGED = Counter(
+    "somabrain_events_purged",
+    "Sent rows deleted by retention.",
+    ["tenant"],
+    registry=REGISTRY,
+)

@@ -57,6 +57,7 @@ from somabrain.delivery.producer import (
     transactional_id,
 )
 from somabrain.delivery.recovery import ensure_checkpoint_topic, recover
+from somabrain.delivery.retention import purge_expired
 from somabrain.store.outbox import (
     NOTIFY_CHANNEL,
     PendingEvent,
@@ -98,6 +99,7 @@ class TenantPublisher:
         # Set when Kafka refused a multi-event batch as a whole: claim one event at a
         # time until the one at fault is found, then go back to full batches.
         self.isolating = False
+        self.next_purge_at = 0.0
         self.circuit = CircuitBreaker(
             failure_threshold=settings.circuit_failure_threshold,
             open_seconds=settings.circuit_open_seconds,
@@ -116,6 +118,7 @@ class TenantPublisher:
             log.info("publisher active for tenant %s", self.tenant, extra={"tenant": self.tenant})
             self._listen(raw)
             while not self.stopping.is_set():
+                self._maybe_purge()
                 if self._drain_or_back_off() == 0:
                     self._wait_for_notify(raw)
         finally:
@@ -149,6 +152,27 @@ class TenantPublisher:
             self._close()
             self.stopping.wait(self.settings.retry_backoff_seconds)
             return 0
+
+    def _maybe_purge(self) -> None:
+        if time.monotonic() < self.next_purge_at:
+            return
+        self.next_purge_at = time.monotonic() + self.settings.retention_interval_seconds
+        purged = purge_expired(
+            self.engine,
+            tenant=self.tenant,
+            retention_seconds=self.settings.retention_seconds,
+            chunk=self.settings.retention_chunk,
+            budget_seconds=self.settings.retention_budget_seconds,
+        )
+        if purged:
+            metrics.PURGED.labels(self.tenant).inc(purged)
+            log.info(
+                "tenant %s: purged %d sent events older than %.0f s",
+                self.tenant,
+                purged,
+                self.settings.retention_seconds,
+                extra={"tenant": self.tenant},
+            )
 
     def _record_batch(self, *, ok: bool) -> None:
         before = self.circuit.state

@@ -107,6 +107,12 @@ class OutboxEvent(Base):
             "message_key",
             postgresql_where=text("status = 'dead' OR (status = 'pending' AND attempts > 0)"),
         ),
+        Index(
+            "ix_outbox_events_sent_tenant_sent_at",
+            "tenant_id",
+            "sent_at",
+            postgresql_where=text("status = 'sent'"),
+        ),
     )
 
 

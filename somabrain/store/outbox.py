@@ -22,7 +22,20 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Table, Text, and_, case, cast, func, literal, or_, select, text, update
+from sqlalchemy import (
+    Table,
+    Text,
+    and_,
+    case,
+    cast,
+    delete,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session, aliased
 
@@ -333,6 +346,43 @@ def save_checkpoint_position(session: Session, *, owner: str, partition: int, of
             },
         )
     )
+
+
+def purge_sent(
+    session: Session,
+    *,
+    tenant_id: TenantId,
+    older_than_seconds: float,
+    chunk: int,
+) -> int:
+    """Delete up to `chunk` of the tenant's sent rows older than the retention.
+
+    Only `sent` rows are ever deleted: pending and dead rows are never touched, and no
+    path here changes a row's status. Callers loop in short transactions, so a purge
+    never holds locks long enough to slow claims.
+    """
+    # A CTE runs once: a plain `id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` may be
+    # rescanned by the planner and delete more than `chunk` rows.
+    expired = (
+        select(OutboxEvent.id)
+        .where(
+            OutboxEvent.tenant_id == tenant_id,
+            OutboxEvent.status == EventStatus.SENT.value,
+            OutboxEvent.sent_at
+            < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds),
+        )
+        .order_by(OutboxEvent.sent_at)
+        .limit(chunk)
+        .with_for_update(skip_locked=True)
+        .cte("expired")
+        .prefix_with("MATERIALIZED")
+    )
+    result = session.execute(
+        delete(OutboxEvent).where(
+            OutboxEvent.id == expired.c.id, OutboxEvent.status == EventStatus.SENT.value
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def count_by_status(session: Session, *, tenant_id: TenantId | None = None) -> dict[str, int]:
