@@ -52,3 +52,27 @@ PURGED = Counter(
     ["tenant"],
     registry=REGISTRY,
 )
+PENDING = Gauge(
+    "somabrain_pending_events",
+    "Events of the tenant waiting in the outbox (pending, including retrying).",
+    ["tenant"],
+    registry=REGISTRY,
+)
+OLDEST_PENDING_AGE = Gauge(
+    "somabrain_oldest_pending_age_seconds",
+    "Age of the tenant's oldest pending event; 0 when drained.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+LAST_PUBLISH = Gauge(
+    "somabrain_last_publish_timestamp_seconds",
+    "Unix time of the tenant's last batch Kafka confirmed.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "somabrain_in_flight_events",
+    "Rows claimed and sent to Kafka but not yet settled in the database.",
+    ["tenant"],
+    registry=REGISTRY,
+)

@@ -62,6 +62,7 @@ from somabrain.store.outbox import (
     NOTIFY_CHANNEL,
     PendingEvent,
     advisory_lock_key,
+    backlog,
     claim_pending,
     mark_dead,
     mark_sent,
@@ -100,6 +101,9 @@ class TenantPublisher:
         # time until the one at fault is found, then go back to full batches.
         self.isolating = False
         self.next_purge_at = 0.0
+        self.next_backlog_at = 0.0
+        self.holds_lock = False
+        self.heartbeat = time.monotonic()
         self.circuit = CircuitBreaker(
             failure_threshold=settings.circuit_failure_threshold,
             open_seconds=settings.circuit_open_seconds,
@@ -111,17 +115,22 @@ class TenantPublisher:
         # A connection of its own, outside the pool: the lock lives exactly as long as
         # this session, and closing it releases the lock instead of parking it in the pool.
         raw.detach()
+        metrics.LOCK_HELD.labels(self.tenant).set(0)
         try:
             if not self._acquire_lock(raw):
                 return
+            self.holds_lock = True
             metrics.LOCK_HELD.labels(self.tenant).set(1)
             log.info("publisher active for tenant %s", self.tenant, extra={"tenant": self.tenant})
             self._listen(raw)
             while not self.stopping.is_set():
+                self.heartbeat = time.monotonic()
                 self._maybe_purge()
+                self._maybe_report_backlog()
                 if self._drain_or_back_off() == 0:
                     self._wait_for_notify(raw)
         finally:
+            self.holds_lock = False
             metrics.LOCK_HELD.labels(self.tenant).set(0)
             self._close()
             raw.close()
@@ -152,6 +161,35 @@ class TenantPublisher:
             self._close()
             self.stopping.wait(self.settings.retry_backoff_seconds)
             return 0
+
+    @property
+    def live(self) -> bool:
+        """The loop went round recently: no iteration takes longer than a delivery
+        timeout, a purge budget and a poll interval, with a wide margin."""
+        limit = (
+            2
+            * (
+                self.settings.delivery_timeout_seconds
+                + self.settings.retention_budget_seconds
+                + self.settings.poll_interval_seconds
+            )
+            + 30
+        )
+        return time.monotonic() - self.heartbeat < limit
+
+    @property
+    def ready(self) -> bool:
+        """Active publisher of its tenant: holds the lock and has a session with Kafka."""
+        return self.holds_lock and self.delivery is not None
+
+    def _maybe_report_backlog(self) -> None:
+        if time.monotonic() < self.next_backlog_at:
+            return
+        self.next_backlog_at = time.monotonic() + 5.0
+        with Session(self.engine) as session:
+            pending, oldest_age = backlog(session, tenant_id=self.tenant)
+        metrics.PENDING.labels(self.tenant).set(pending)
+        metrics.OLDEST_PENDING_AGE.labels(self.tenant).set(oldest_age)
 
     def _maybe_purge(self) -> None:
         if time.monotonic() < self.next_purge_at:
@@ -208,7 +246,11 @@ class TenantPublisher:
             return 0
         metrics.BATCH_SIZE.labels(self.tenant).observe(len(events))
 
-        result = delivery.deliver(events, timeout=self.settings.delivery_timeout_seconds)
+        metrics.IN_FLIGHT.labels(self.tenant).set(len(events))
+        try:
+            result = delivery.deliver(events, timeout=self.settings.delivery_timeout_seconds)
+        finally:
+            metrics.IN_FLIGHT.labels(self.tenant).set(0)
         for key in order_breaks(events, result):
             metrics.KEY_ORDER_BREAKS.labels(self.tenant).inc()
             log.error(
@@ -249,6 +291,8 @@ class TenantPublisher:
                         max_attempts=self.settings.max_attempts,
                     )
         metrics.PUBLISHED.labels(self.tenant).inc(len(result.delivered))
+        if result.delivered:
+            metrics.LAST_PUBLISH.labels(self.tenant).set_to_current_time()
         if result.failed:
             metrics.DELIVERY_FAILURES.labels(self.tenant).inc(len(result.failed))
             first = next(
@@ -323,6 +367,7 @@ class TenantPublisher:
                 cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
                 (locked,) = cur.fetchone()
             raw.commit()
+            self.heartbeat = time.monotonic()
             if locked:
                 return True
             if not waiting_logged:

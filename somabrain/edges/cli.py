@@ -14,12 +14,11 @@ from typing import Annotated
 
 import pydantic
 import typer
-from prometheus_client import start_http_server
 
 from somabrain.config.errors import SomabrainError
 from somabrain.config.settings import PublisherSettings, Settings
 from somabrain.config.types import parse_tenant_id
-from somabrain.delivery import metrics
+from somabrain.delivery.health import serve
 from somabrain.delivery.publisher import build_publisher
 from somabrain.store import migrate
 from somabrain.store.engine import make_engine
@@ -69,7 +68,11 @@ def publisher_run(
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigterm)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0", registry=metrics.REGISTRY)  # noqa: S104 - pods are scraped on their IP
+        serve(
+            port=settings.metrics_port,
+            live=lambda: publisher.live,
+            ready=lambda: publisher.ready,
+        )
     publisher.run()
     engine.dispose()
 

@@ -385,6 +385,20 @@ def purge_sent(
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def backlog(session: Session, *, tenant_id: TenantId) -> tuple[int, float]:
+    """Pending events of the tenant and the age in seconds of the oldest (0 when none)."""
+    count, age = session.execute(
+        select(
+            func.count(),
+            func.coalesce(func.extract("epoch", func.now() - func.min(OutboxEvent.created_at)), 0),
+        ).where(
+            OutboxEvent.tenant_id == tenant_id,
+            OutboxEvent.status == EventStatus.PENDING.value,
+        )
+    ).one()
+    return int(count), float(age)
+
+
 def count_by_status(session: Session, *, tenant_id: TenantId | None = None) -> dict[str, int]:
     """Rows per status, for one tenant or all."""
     stmt = select(OutboxEvent.status, func.count()).group_by(OutboxEvent.status)
