@@ -5,7 +5,8 @@ refused there, with the path of the offending value, and never discovered by the
 publisher. Encoding is stable: the same value always gives the same text.
 
 - `Decimal` becomes a JSON number with its exact digits (never through float);
-  NaN and infinities are refused.
+  a float is written with the digits of its shortest repr, in positional form, as
+  PostgreSQL's JSONB keeps it; NaN and infinities are refused.
 - timezone-aware `datetime` becomes ISO 8601 in UTC; a naive one is refused, since
   its meaning depends on a clock we cannot see. `date` and `time` become ISO 8601.
 - `UUID` becomes its canonical string; `Enum` its value.
@@ -32,8 +33,27 @@ class _Number(str):
     """A Decimal's exact digits, written into the JSON text unquoted."""
 
 
+# PostgreSQL's numeric holds at most this many digits before and after the point.
+_MAX_INTEGER_DIGITS = 131_072
+_MAX_FRACTION_DIGITS = 16_383
+
+
+def _number(value: decimal.Decimal, path: str) -> _Number:
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite: checked by the callers
+    integer_digits = len(digits) + exponent
+    if integer_digits > _MAX_INTEGER_DIGITS or -exponent > _MAX_FRACTION_DIGITS:
+        raise EventEncodingError(
+            f"payload{path}: {value} has more digits than PostgreSQL's numeric holds "
+            f"({_MAX_INTEGER_DIGITS} before the point, {_MAX_FRACTION_DIGITS} after)"
+        )
+    # PostgreSQL's numeric has no negative zero.
+    return _Number(format(value.copy_abs() if value.is_zero() else value, "f"))
+
+
 def _normalise(value: Any, path: str) -> Any:
     if isinstance(value, str):
+        check_encodable(f"payload{path}", value)
         if "\x00" in value:
             raise EventEncodingError(
                 f"payload{path}: string holds a NUL character (\\u0000), "
@@ -45,11 +65,13 @@ def _normalise(value: Any, path: str) -> Any:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise EventEncodingError(f"payload{path}: {value!r} is not a finite number")
-        return value
+        # Written as PostgreSQL's numeric writes it (1e300 in full, 1e-07 as 0.0000001):
+        # the bytes checked against the size limit here are the bytes published.
+        return _number(decimal.Decimal(repr(value)), path)
     if isinstance(value, decimal.Decimal):
         if not value.is_finite():
             raise EventEncodingError(f"payload{path}: Decimal {value} is not a finite number")
-        return _Number(format(value, "f"))
+        return _number(value, path)
     if isinstance(value, dt.datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise EventEncodingError(
@@ -104,6 +126,7 @@ def validate_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
         if not isinstance(name, str) or not isinstance(value, str):
             raise EventEncodingError(f"header {name!r}: names and values must be strings")
         refuse_nul(f"header {name!r}", name + value)
+        check_encodable(f"header {name!r}", name + value)
         out[name] = value
     return out
 
@@ -118,6 +141,16 @@ def reencode_stored(stored_text: str | None) -> bytes | None:
         return None
     value = json.loads(stored_text, parse_float=decimal.Decimal)
     return encode_payload(value).encode()
+
+
+def check_encodable(what: str, value: str) -> None:
+    """Refuse strings that are not valid Unicode (lone surrogates cannot be UTF-8)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise EventEncodingError(
+            f"{what} holds a character that is not valid Unicode at position {exc.start}"
+        ) from None
 
 
 def refuse_nul(what: str, value: str | None) -> None:

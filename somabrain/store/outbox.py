@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
@@ -40,11 +41,14 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session, aliased
 
 from somabrain.config.errors import EventTooLarge, InvalidEvent
+from somabrain.config.settings import Settings
 from somabrain.config.types import EventId, TenantId, parse_tenant_id
-from somabrain.store.codec import encode_payload, refuse_nul, validate_headers
+from somabrain.store.codec import check_encodable, encode_payload, refuse_nul, validate_headers
 from somabrain.store.models import EventStatus, OutboxEvent, PublisherCheckpoint
 
 NOTIFY_CHANNEL = "somabrain_outbox"
+# Set by the publisher on every message; callers may not set them (no spoofed ids).
+RESERVED_HEADERS = frozenset({"tenant-id", "event-id", "dedupe-key", "content-type", "event-type"})
 OUTBOX: Table = OutboxEvent.__table__  # type: ignore[assignment]
 _NOTIFIED = "somabrain.notified"
 
@@ -93,24 +97,38 @@ def enqueue_event(
     dedupe_key: str | None = None,
     event_type: str | None = None,
     headers: Mapping[str, str] | None = None,
-    max_message_bytes: int = 1_000_000,
+    max_message_bytes: int | None = None,
 ) -> EnqueueResult:
     """Add one event to the outbox inside the caller's transaction.
 
     `payload=None` enqueues a tombstone (key with a null value). Without `dedupe_key`
-    the event gets a fresh one, so it is never a duplicate. Raises InvalidEvent (nothing
-    written) for a bad tenant id, topic, payload or header, or an oversize message.
+    the event gets a fresh one, so it is never a duplicate. Every argument is checked
+    before anything is written: a bad tenant id, topic, key, payload or header, or a
+    message over `max_message_bytes` (default: SOMABRAIN_MAX_MESSAGE_BYTES) raises
+    InvalidEvent and leaves the caller's transaction untouched.
+
+    A repeated dedupe key returns DUPLICATE without error under READ COMMITTED (the
+    default isolation). Under REPEATABLE READ or SERIALIZABLE, PostgreSQL reports a
+    dedupe key inserted by a concurrent transaction as a serialization failure, which
+    the caller retries like any other in those levels.
     """
-    tenant = parse_tenant_id(tenant_id)
+    tenant = parse_tenant_id(tenant_id) if isinstance(tenant_id, str) else None
+    if tenant is None:
+        raise InvalidEvent(f"tenant_id must be a string, got {type(tenant_id).__name__}")
     _check_topic(topic)
+    dedupe = dedupe_key if dedupe_key is not None else uuid.uuid4().hex
+    _check_text("key", key, max_length=None)
+    _check_text("dedupe_key", dedupe, max_length=200, required=True)
+    _check_text("event_type", event_type, max_length=200)
     encoded = None if payload is None else encode_payload(payload)
     clean_headers = validate_headers(headers)
-    dedupe = dedupe_key if dedupe_key is not None else uuid.uuid4().hex
-    for name, value in (("key", key), ("dedupe_key", dedupe), ("event_type", event_type)):
-        refuse_nul(name, value)
-    if not dedupe or len(dedupe) > 200:
-        raise InvalidEvent(f"dedupe_key must be 1-200 characters, got {len(dedupe)}")
-    _check_size(encoded, key, clean_headers, max_message_bytes)
+    reserved = sorted(RESERVED_HEADERS.intersection(clean_headers))
+    if reserved:
+        raise InvalidEvent(
+            f"headers {reserved} are set by the publisher on every message; use other names"
+        )
+    limit = max_message_bytes if max_message_bytes is not None else _default_max_bytes()
+    _check_size(encoded, key, event_type, clean_headers, limit)
 
     stmt = (
         insert(OUTBOX)
@@ -133,10 +151,32 @@ def enqueue_event(
     return EnqueueResult(EnqueueStatus.ENQUEUED, EventId(event_id), tenant, dedupe)
 
 
+@functools.cache
+def _default_max_bytes() -> int:
+    # Read once per process: settings do not change under a running application.
+    return Settings().max_message_bytes
+
+
+def _check_text(
+    name: str, value: object, *, max_length: int | None, required: bool = False
+) -> None:
+    if value is None and not required:
+        return
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{name} must be a string, got {type(value).__name__}")
+    if required and not value:
+        raise InvalidEvent(f"{name} must not be empty")
+    if max_length is not None and len(value) > max_length:
+        raise InvalidEvent(f"{name} is {len(value)} characters; the limit is {max_length}")
+    refuse_nul(name, value)
+    check_encodable(name, value)
+
+
 def _notify_once(session: Session, tenant: TenantId) -> None:
     # NOTIFY is delivered at commit only, so a publisher never wakes for a row it cannot
     # see yet; one per tenant and transaction is enough (Postgres folds repeats anyway).
-    transaction = session.get_transaction()
+    # Keyed on the innermost transaction: a rolled-back savepoint takes its NOTIFY with it.
+    transaction = session.get_nested_transaction() or session.get_transaction()
     marker = session.info.get(_NOTIFIED)
     if marker is None or marker[0] is not transaction:
         marker = (transaction, set[str]())
@@ -160,14 +200,19 @@ def _check_topic(topic: str) -> None:
 
 
 def _check_size(
-    encoded: str | None, key: str | None, headers: Mapping[str, str], limit: int
+    encoded: str | None,
+    key: str | None,
+    event_type: str | None,
+    headers: Mapping[str, str],
+    limit: int,
 ) -> None:
-    # Headers the publisher adds (tenant, event id, dedupe key) are counted at their
-    # longest so an event accepted here can never be refused by the broker for size.
-    added = len("tenant-id") + 40 + len("event-id") + 36 + len("dedupe-key") + 200
+    # What the publisher adds to every message is counted at its longest, so an event
+    # accepted here can never be refused by the broker for its size.
+    added = sum(len(name) for name in RESERVED_HEADERS) + 40 + 36 + 200 + 16
     size = (
         len((encoded or "").encode())
         + len((key or "").encode())
+        + len((event_type or "").encode())
         + sum(len(k.encode()) + len(v.encode()) for k, v in headers.items())
         + added
         + _RECORD_OVERHEAD_BYTES

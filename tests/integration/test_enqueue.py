@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import decimal
 import select
 import threading
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import EnqueueStatus, enqueue_event
 from somabrain.config.errors import EventTooLarge, InvalidEvent, InvalidTenantId
+from somabrain.store import outbox
 from somabrain.store.codec import encode_payload, reencode_stored
 from somabrain.store.outbox import NOTIFY_CHANNEL
 
@@ -125,20 +127,48 @@ def test_enqueue_oversize_event_is_refused_and_writes_nothing(
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error"),
+    ("kwargs", "error", "message"),
     [
-        ({"tenant_id": "Bad Tenant"}, InvalidTenantId),
-        ({"topic": "has space"}, InvalidEvent),
-        ({"topic": ""}, InvalidEvent),
-        ({"dedupe_key": "x" * 201}, InvalidEvent),
+        ({"tenant_id": "Bad Tenant"}, InvalidTenantId, "invalid tenant id"),
+        ({"tenant_id": None}, InvalidEvent, "tenant_id must be a string"),
+        ({"topic": "has space"}, InvalidEvent, "topic"),
+        ({"topic": ""}, InvalidEvent, "topic"),
+        ({"dedupe_key": "x" * 201}, InvalidEvent, "dedupe_key is 201 characters"),
+        ({"dedupe_key": 5}, InvalidEvent, "dedupe_key must be a string"),
+        ({"dedupe_key": ""}, InvalidEvent, "dedupe_key must not be empty"),
+        ({"event_type": "e" * 201}, InvalidEvent, "event_type is 201 characters"),
+        ({"key": "a\udc80"}, InvalidEvent, "key holds a character that is not valid"),
+        ({"headers": {"event-id": "spoofed"}}, InvalidEvent, "set by the publisher"),
+        ({"payload": {"at": dt.datetime(2026, 1, 1)}}, InvalidEvent, "naive datetime"),
     ],
 )
-def test_enqueue_invalid_input_is_refused_before_writing(
-    sessions: sessionmaker[Session], kwargs: dict[str, str], error: type[Exception]
+def test_enqueue_invalid_input_is_refused_and_the_callers_transaction_goes_on(
+    sessions: sessionmaker[Session],
+    engine: Engine,
+    tenant: str,
+    kwargs: dict[str, object],
+    error: type[Exception],
+    message: str,
 ) -> None:
-    event = {"tenant_id": "acme", "topic": "t.orders", "payload": {}} | kwargs
-    with sessions() as session, pytest.raises(error):
-        enqueue_event(session, **event)  # type: ignore[arg-type]
+    event = {"tenant_id": tenant, "topic": "t.orders", "payload": {}} | kwargs
+    with sessions.begin() as session:
+        with pytest.raises(error, match=message):
+            enqueue_event(session, **event)  # type: ignore[arg-type]
+        enqueue_event(session, tenant_id=tenant, topic="t.orders", payload={"ok": 1})
+
+    assert _count(engine, tenant) == 1
+
+
+def test_enqueue_size_limit_defaults_to_the_setting(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch, tenant: str
+) -> None:
+    monkeypatch.setenv("SOMABRAIN_MAX_MESSAGE_BYTES", "1000")
+    outbox._default_max_bytes.cache_clear()
+    try:
+        with sessions() as session, pytest.raises(EventTooLarge, match="limit of 1000 bytes"):
+            enqueue_event(session, tenant_id=tenant, topic="t.orders", payload={"x": "y" * 999})
+    finally:
+        outbox._default_max_bytes.cache_clear()
 
 
 def test_database_refuses_a_malformed_tenant_id_written_around_enqueue(engine: Engine) -> None:
@@ -184,7 +214,8 @@ json_values = st.recursive(
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**63)
     | st.text(alphabet=NO_NUL)
-    | st.decimals(allow_nan=False, allow_infinity=False, places=6),
+    | st.decimals(allow_nan=False, allow_infinity=False)
+    | st.floats(allow_nan=False, allow_infinity=False),
     lambda children: (
         st.lists(children, max_size=4)
         | st.dictionaries(st.text(alphabet=NO_NUL, max_size=8), children, max_size=4)
@@ -213,3 +244,25 @@ def test_decimal_digits_survive_the_database(engine: Engine) -> None:
         stored = conn.execute(text("SELECT CAST(:v AS jsonb)::text"), {"v": encoded}).scalar_one()
 
     assert reencode_stored(stored) == b'{"amount":0.10,"big":1180591620717411303424}'
+
+
+def test_enqueue_after_a_rolled_back_savepoint_still_wakes_the_publisher(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    raw = engine.raw_connection()
+    raw.detach()
+    raw.set_isolation_level(0)
+    with raw.cursor() as cur:
+        cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
+    dbapi = raw.dbapi_connection
+    try:
+        with sessions.begin() as session:
+            savepoint = session.begin_nested()
+            enqueue_event(session, tenant_id=tenant, topic="t.orders", payload={"n": 1})
+            savepoint.rollback()
+            enqueue_event(session, tenant_id=tenant, topic="t.orders", payload={"n": 2})
+        select.select([dbapi], [], [], 5)
+        dbapi.poll()
+        assert tenant in [n.payload for n in dbapi.notifies]
+    finally:
+        raw.close()

@@ -66,3 +66,21 @@ def test_reencode_stored_none_is_a_tombstone() -> None:
 def test_encode_payload_nul_character_is_refused_before_the_database_sees_it() -> None:
     with pytest.raises(EventEncodingError, match="NUL"):
         encode_payload({"name": "a\x00b"})
+
+
+def test_encode_payload_float_is_written_as_postgres_numeric_writes_it() -> None:
+    assert encode_payload([1e-07, 1e16, -0.0, 0.5]) == "[0.0000001,10000000000000000,0.0,0.5]"
+
+
+def test_encode_payload_float_size_is_its_published_size() -> None:
+    assert len(encode_payload([1e300])) == 303
+
+
+def test_encode_payload_decimal_beyond_postgres_numeric_is_refused() -> None:
+    with pytest.raises(EventEncodingError, match="more digits than PostgreSQL"):
+        encode_payload({"tiny": decimal.Decimal("1E-20000")})
+
+
+def test_encode_payload_lone_surrogate_is_refused_with_its_path() -> None:
+    with pytest.raises(EventEncodingError, match=r"payload\.name holds a character"):
+        encode_payload({"name": "a\udc80"})
