@@ -27,6 +27,7 @@ Limits (tracked in issue #3): no quotas or shared mode yet.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -39,6 +40,7 @@ from typing import Any
 import psycopg2.extensions
 from confluent_kafka import KafkaException
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from somabrain.config.errors import RetriableError
@@ -110,12 +112,35 @@ class TenantPublisher:
         )
 
     def run(self) -> None:
-        """Hold the tenant's lock, then drain until `stopping` is set."""
-        raw = self.engine.raw_connection()
+        """Drain until `stopping` is set, riding out database restarts.
+
+        Losing the database connection means losing the tenant's lock: the session
+        ends, the lock is re-acquired from scratch (another publisher may have taken
+        over meanwhile, and then this one waits as standby).
+        """
+        metrics.LOCK_HELD.labels(self.tenant).set(0)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self._session()
+                except (DBAPIError, psycopg2.Error) as exc:
+                    log.warning(
+                        "tenant %s: database connection lost (%s); reconnecting in %.1f s",
+                        self.tenant,
+                        str(exc).strip().splitlines()[0],
+                        self.settings.retry_backoff_seconds,
+                        extra={"tenant": self.tenant},
+                    )
+                    self.stopping.wait(self.settings.retry_backoff_seconds)
+        finally:
+            self._close()
+
+    def _session(self) -> None:
+        """One database session: hold the tenant's lock on it, drain while it lasts."""
+        raw: Any = self.engine.raw_connection()
         # A connection of its own, outside the pool: the lock lives exactly as long as
         # this session, and closing it releases the lock instead of parking it in the pool.
         raw.detach()
-        metrics.LOCK_HELD.labels(self.tenant).set(0)
         try:
             if not self._acquire_lock(raw):
                 return
@@ -125,6 +150,9 @@ class TenantPublisher:
             self._listen(raw)
             while not self.stopping.is_set():
                 self.heartbeat = time.monotonic()
+                # The lock is only ours while its session lives; check before each batch.
+                with raw.cursor() as cur:
+                    cur.execute("SELECT 1")
                 self._maybe_purge()
                 self._maybe_report_backlog()
                 if self._drain_or_back_off() == 0:
@@ -132,8 +160,11 @@ class TenantPublisher:
         finally:
             self.holds_lock = False
             metrics.LOCK_HELD.labels(self.tenant).set(0)
+            # A batch Kafka committed may not have been marked sent when the session
+            # broke: the next session starts a new producer and runs recovery first.
             self._close()
-            raw.close()
+            with contextlib.suppress(Exception):
+                raw.close()
 
     def _drain_or_back_off(self) -> int:
         if not self.circuit.allow():
@@ -152,7 +183,7 @@ class TenantPublisher:
                 raise
             self._record_batch(ok=False)
             log.warning(
-                "tenant %s: %s; reconnecting to Kafka in %.0f s (recovery runs first)",
+                "tenant %s: %s; reconnecting to Kafka in %.1f s (recovery runs first)",
                 self.tenant,
                 exc,
                 self.settings.retry_backoff_seconds,
