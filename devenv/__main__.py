@@ -42,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
             stack.ensure_installed()
         elif args.command == "up":
             started = time.monotonic()
+            before = stack.load(state_dir)
             running = stack.up(state_dir)
-            print(f"devenv: stack up in {time.monotonic() - started:.1f}s", file=sys.stderr)
+            if before.keys() == running.keys() and all(
+                before[n].pids == running[n].pids for n in running
+            ):
+                print(f"devenv: already running in {state_dir}", file=sys.stderr)
+            else:
+                print(f"devenv: stack up in {time.monotonic() - started:.1f}s", file=sys.stderr)
             _print_env(stack.environment(running))
         elif args.command == "down":
             stack.down(state_dir)
@@ -78,7 +84,8 @@ def _status(state_dir: Path) -> int:
         ok = stack.COMPONENTS[name].healthy(component)
         all_ok &= ok
         pids = ",".join(str(p) for p in component.pids)
-        print(f"{name:10} {'up' if ok else 'DOWN':5} pids {pids}  {component.info}")
+        details = "  ".join(f"{k}={v}" for k, v in sorted(component.info.items()))
+        print(f"{name:10} {'up' if ok else 'DOWN':5} pids {pids:14} {details}")
     return 0 if all_ok else 1
 
 

@@ -8,9 +8,11 @@ kube-apiserver and resolves Kafka's jars; later runs find them in the cache).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -51,35 +53,56 @@ def _save(state_dir: Path, stack: dict[str, Running]) -> None:
 def up(state_dir: Path, *, only: Iterable[str] = COMPONENTS) -> dict[str, Running]:
     """Start the components (all, or `only` those) not already running in `state_dir`.
 
-    Returns every running component of the stack, including ones started earlier.
+    Returns every running component of the stack, including ones started earlier. If a
+    start fails, only what this call started is stopped; running components and every
+    component's data are left as they were.
     """
     wanted = [name for name in COMPONENTS if name in set(only)]
     state_dir.mkdir(parents=True, exist_ok=True)
-    stack = {name: r for name, r in load(state_dir).items() if COMPONENTS[name].healthy(r)}
-    missing = [name for name in wanted if name not in stack]
-    if not missing:
-        return stack
-    ensure_installed(missing)
-    try:
-        for name in missing:
-            common.step(f"starting {name}")
-            stack[name] = COMPONENTS[name].start(state_dir)
+    with _locked(state_dir / ".lock"):
+        stack = {name: r for name, r in load(state_dir).items() if COMPONENTS[name].healthy(r)}
+        missing = [name for name in wanted if name not in stack]
+        if not missing:
+            return stack
+        ensure_installed(missing)
+        started: list[str] = []
+        try:
+            for name in missing:
+                common.step(f"starting {name}")
+                stack[name] = COMPONENTS[name].start(state_dir)
+                started.append(name)
+                _save(state_dir, stack)
+        except BaseException:
+            for name in reversed(started):
+                _stop(name, stack.pop(name))
             _save(state_dir, stack)
-    except BaseException:
-        down(state_dir)
-        raise
-    return stack
+            raise
+        return stack
 
 
-def stop_component(state_dir: Path, name: str) -> None:
-    """Stop one component of a running stack, keeping its data (for fault injection)."""
-    running = load(state_dir)[name]
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # Two `up`s on one state folder would initialise the same data twice.
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _stop(name: str, running: Running) -> None:
     stop = getattr(COMPONENTS[name], "stop", None)
     if stop is not None:
         stop(running)
     else:
         for pid in reversed(running.pids):
             common.stop_pid(pid)
+
+
+def stop_component(state_dir: Path, name: str) -> None:
+    """Stop one component of a running stack, keeping its data (for fault injection)."""
+    _stop(name, load(state_dir)[name])
 
 
 def relaunch_component(state_dir: Path, name: str) -> Running:
@@ -90,20 +113,14 @@ def relaunch_component(state_dir: Path, name: str) -> Running:
     return stack[name]
 
 
-def down(state_dir: Path, *, keep_data: bool = False) -> None:
-    """Stop every recorded component (in reverse start order) and forget the stack."""
+def down(state_dir: Path) -> None:
+    """Stop every recorded component (in reverse start order) and delete its data."""
     for name, running in reversed(list(load(state_dir).items())):
-        stop = getattr(COMPONENTS[name], "stop", None)
-        if stop is not None:
-            stop(running)
-        else:
-            for pid in reversed(running.pids):
-                common.stop_pid(pid)
+        _stop(name, running)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
-    if not keep_data:
-        for name, module in COMPONENTS.items():
-            folder = module.data_root(state_dir) if hasattr(module, "data_root") else None
-            shutil.rmtree(folder or state_dir / name, ignore_errors=True)
+    for name, module in COMPONENTS.items():
+        folder = module.data_root(state_dir) if hasattr(module, "data_root") else None
+        shutil.rmtree(folder or state_dir / name, ignore_errors=True)
 
 
 def environment(stack: dict[str, Running]) -> dict[str, str]:

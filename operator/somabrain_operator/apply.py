@@ -27,3 +27,19 @@ def apply(api: client.ApiClient, obj: dict[str, Any]) -> None:
         client.AppsV1Api(api).patch_namespaced_deployment(name, namespace, obj, **options)
     else:
         raise ValueError(f"the operator does not apply objects of kind {kind}")
+
+
+def controller_of(api: client.ApiClient, obj: dict[str, Any]) -> str | None:
+    """The uid of the controller owning the live copy of `obj`, if it exists."""
+    if obj["kind"] != "Deployment":
+        raise ValueError(f"cannot look up the controller of a {obj['kind']}")
+    try:
+        live = client.AppsV1Api(api).read_namespaced_deployment(
+            obj["metadata"]["name"], obj["metadata"]["namespace"]
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    owners = (live.metadata.owner_references if live.metadata else None) or []
+    return next((str(o.uid) for o in owners if o.controller), None)

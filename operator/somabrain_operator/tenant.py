@@ -17,7 +17,7 @@ import pydantic
 from kubernetes import client
 
 from somabrain_operator import children
-from somabrain_operator.apply import apply
+from somabrain_operator.apply import apply, controller_of
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION, OperatorSettings
 from somabrain_operator.model import TenantSpec
 
@@ -88,6 +88,24 @@ def reconcile_tenant(
     )
     try:
         with client.ApiClient() as api:
+            holder = controller_of(api, deployment)
+            if holder is not None and holder != uid:
+                message = (
+                    f"tenant id {tenant.tenant_id} is already served by another Tenant in "
+                    f"{namespace} (its Deployment {deployment['metadata']['name']}); "
+                    "give this Tenant another tenantId or delete one of the two"
+                )
+                patch.status["conditions"] = [
+                    condition(
+                        "Ready",
+                        ok=False,
+                        reason="TenantIdConflict",
+                        message=message,
+                        generation=generation,
+                        previous=previous,
+                    )
+                ]
+                raise kopf.TemporaryError(message, delay=60)
             apply(api, config)
             apply(api, deployment)
     except client.ApiException as exc:

@@ -71,3 +71,32 @@ def test_operator_creates_owned_children_and_rolls_them_on_spec_change(job: Main
     assert config.data["SOMABRAIN_BATCH_SIZE"] == "250"
     after = apps.read_namespaced_deployment(name, NAMESPACE)
     assert after.spec.template.metadata.annotations[ANNOTATION_CONFIG_HASH] != before
+
+
+def test_second_tenant_with_the_same_tenant_id_is_refused_with_a_condition(job: MainJob) -> None:
+    custom = client.CustomObjectsApi(job.api)
+    first = _tenant(100)
+    first["metadata"]["name"] = "pied"
+    first["spec"]["tenantId"] = "piper"
+    second = _tenant(200)
+    second["metadata"]["name"] = "piper-copy"
+    second["spec"]["tenantId"] = "piper"
+    job.apply_tenants([first])
+    job.wait_ready(["pied"], timeout=60)
+
+    job.apply_tenants([second])
+
+    def refused() -> Any:
+        obj = custom.get_namespaced_custom_object(
+            "somabrain.io", "v1alpha1", NAMESPACE, "tenants", "piper-copy"
+        )
+        conditions = (obj.get("status") or {}).get("conditions", [])  # type: ignore[union-attr]
+        return next((c for c in conditions if c.get("reason") == "TenantIdConflict"), None)
+
+    ready = _until(refused, timeout=60)
+    assert ready["status"] == "False"
+    assert "already served by another Tenant" in ready["message"]
+    config = client.CoreV1Api(job.api).read_namespaced_config_map(
+        "somabrain-publisher-piper", NAMESPACE
+    )
+    assert config.data["SOMABRAIN_BATCH_SIZE"] == "100"
