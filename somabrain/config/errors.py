@@ -68,7 +68,3 @@ class EventTooLarge(InvalidEvent):
 
 class UnsafeProducerConfig(FatalError):
     """A producer setting would break the delivery guarantees."""
-
-
-class DeliveryFailed(RetriableError):
-    """Kafka did not confirm a message; the row stays pending."""

@@ -1,4 +1,4 @@
-"""Semantic id types, so a tenant id is never mistaken for a topic or a key.
+"""Semantic id types, so a tenant id or event id is never passed as a bare string.
 
 A tenant id is also a Kubernetes label value, part of a Kafka transactional id and of
 object names, so its format is the intersection of those: lowercase letters, digits and
@@ -15,7 +15,6 @@ from somabrain.config.errors import InvalidTenantId
 
 TenantId = NewType("TenantId", str)
 EventId = NewType("EventId", uuid.UUID)
-Topic = NewType("Topic", str)
 
 TENANT_ID_PATTERN = r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$"
 TENANT_ID_MAX_LENGTH = 40

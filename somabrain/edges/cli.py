@@ -6,13 +6,16 @@ and what to do, and a non-zero exit status; tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import enum
 import logging
 import signal
 import sys
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, NoReturn
 
+import alembic.util
 import pydantic
+import sqlalchemy.exc
 import typer
 
 from somabrain.config.errors import SomabrainError
@@ -34,6 +37,13 @@ app.add_typer(publisher_app, name="publisher")
 app.add_typer(db_app, name="db")
 
 
+class LogLevel(enum.StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -42,10 +52,18 @@ def _configure_logging(level: str) -> None:
     )
 
 
-@publisher_app.command("run")
+def _settings_help() -> str:
+    lines = ["Settings (environment variables):\n\n"]
+    for name, field in PublisherSettings.model_fields.items():
+        default = "" if field.default in ("", None) else f" (default: {field.default})"
+        lines.append(f"SOMABRAIN_{name.upper()}: {field.description}{default}\n\n")
+    return "".join(lines)
+
+
+@publisher_app.command("run", epilog=_settings_help())
 def publisher_run(
     tenant: Annotated[str, typer.Option(help="Tenant id to drain.", envvar="SOMABRAIN_TENANT")],
-    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.INFO,
 ) -> None:
     """Drain TENANT's pending events into Kafka until SIGTERM.
 
@@ -55,7 +73,7 @@ def publisher_run(
 
     Example: somabrain publisher run --tenant acme
     """
-    _configure_logging(log_level)
+    _configure_logging(log_level.value)
     settings = PublisherSettings(tenant=tenant)
     parse_tenant_id(settings.tenant)
     engine = make_engine(settings.database_url)
@@ -113,16 +131,29 @@ def db_current() -> None:
 
 
 def main() -> None:
-    """Entry point: run the app, turning our errors into one FAILED: line."""
+    """Entry point: run the app, turning expected failures into one FAILED: line."""
     try:
         app()
     except SomabrainError as exc:
-        typer.echo(f"FAILED: {exc}", err=True)
-        raise SystemExit(2) from exc
+        _fail(str(exc))
     except pydantic.ValidationError as exc:
         problems = "; ".join(
             f"SOMABRAIN_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
             for e in exc.errors()
         )
-        typer.echo(f"FAILED: invalid settings: {problems}", err=True)
-        raise SystemExit(2) from exc
+        _fail(f"invalid settings: {problems}")
+    except sqlalchemy.exc.ArgumentError as exc:
+        _fail(f"SOMABRAIN_DATABASE_URL is not a database URL ({exc})")
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        _fail(
+            f"cannot reach the database ({reason}); check SOMABRAIN_DATABASE_URL "
+            "and that PostgreSQL is running"
+        )
+    except alembic.util.CommandError as exc:
+        _fail(f"migration: {exc}")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"FAILED: {message}", err=True)
+    raise SystemExit(2)

@@ -16,7 +16,8 @@ def engine_url(url: str) -> URL:
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
-    """An engine with pre-ping, so a restarted Postgres costs one failed checkout, not a crash."""
+    """An engine whose pool tests each connection before use (pre-ping), so connections
+    left over from before a Postgres restart are replaced instead of failing a query."""
     return create_engine(engine_url(url), pool_size=pool_size, pool_pre_ping=True)
 
 

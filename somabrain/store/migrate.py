@@ -1,4 +1,8 @@
-"""Schema migrations through Alembic, with the script folder found next to the package."""
+"""Schema migrations through Alembic.
+
+The scripts live in the checkout's `migrations/` folder; an installed package (the
+container image) finds them through `SOMABRAIN_MIGRATIONS_DIR`.
+"""
 
 from __future__ import annotations
 

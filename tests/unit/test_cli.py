@@ -38,3 +38,27 @@ def test_help_explains_each_command_with_an_example() -> None:
 
     assert result.returncode == 0
     assert "Example: somabrain publisher run --tenant acme" in result.stdout
+
+
+def test_unreachable_database_is_one_failed_line_naming_the_setting() -> None:
+    result = _run("db", "current", SOMABRAIN_DATABASE_URL="postgresql://x@127.0.0.1:1/db")
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("FAILED: cannot reach the database")
+    assert "SOMABRAIN_DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_database_url_is_one_failed_line() -> None:
+    result = _run("db", "current", SOMABRAIN_DATABASE_URL="nonsense")
+
+    assert result.returncode == 2
+    assert result.stderr.startswith("FAILED: SOMABRAIN_DATABASE_URL is not a database URL")
+
+
+def test_publisher_help_lists_every_setting_with_its_default() -> None:
+    result = _run("publisher", "run", "--help")
+
+    assert "SOMABRAIN_BATCH_SIZE" in result.stdout
+    assert "(default: 500)" in result.stdout
+    assert "SOMABRAIN_DELIVERY_MODE" in result.stdout
