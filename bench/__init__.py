@@ -1,0 +1,1 @@
+"""Benchmarks on the local stack; each compares against a reference measured in the same run."""

@@ -1,0 +1,215 @@
+"""Drain throughput against its two ceilings, measured in one run on the local stack.
+
+- producer ceiling: the same 1 KiB messages produced straight to Kafka by one
+  transactional producer in batches of the same size, without a database;
+- database ceiling: claiming and marking the same rows on the same table in batches,
+  without Kafka;
+- drain: the publisher draining those rows into Kafka (exactly-once and at-least-once),
+  on an empty table and with a large number of sent rows present.
+
+Each figure is events per second; ratios compare the drain with the lower ceiling.
+Results go to bench/results/drain.json. Run: `.venv/bin/python -m bench.drain`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from devenv import stack
+from devenv.mainjob import create_topics
+from somabrain.config.settings import PublisherSettings
+from somabrain.config.types import TenantId
+from somabrain.delivery.producer import build_config
+from somabrain.delivery.publisher import build_publisher
+from somabrain.store import migrate
+from somabrain.store.engine import make_engine
+from somabrain.store.outbox import Delivered, claim_pending, mark_sent
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "drain.json"
+PAYLOAD = "x" * 1000  # with the JSON wrapping, a value of about 1 KiB
+
+
+def seed(engine: Engine, tenant: str, topic: str, count: int, *, status: str = "pending") -> None:
+    """Insert rows with one set-based INSERT (fast, and the same rows every run)."""
+    sent = status == "sent"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO outbox_events (tenant_id, topic, message_key, dedupe_key, payload,"
+                " status, sent_at, kafka_partition, kafka_offset)"
+                " SELECT :tenant, :topic, 'k' || (g % 100), :run || g,"
+                " jsonb_build_object('n', g, 'pad', CAST(:pad AS text)),"
+                " :status, CASE WHEN :sent THEN now() END, CASE WHEN :sent THEN 0 END,"
+                " CASE WHEN :sent THEN g END"
+                " FROM generate_series(1, :count) AS g"
+            ),
+            {
+                "tenant": tenant,
+                "topic": topic,
+                "run": uuid.uuid4().hex[:8],
+                "pad": PAYLOAD,
+                "status": status,
+                "sent": sent,
+                "count": count,
+            },
+        )
+        conn.execute(text("ANALYZE outbox_events"))
+
+
+def producer_ceiling(bootstrap: str, topic: str, count: int, batch: int) -> float:
+    config = build_config(
+        bootstrap_servers=bootstrap,
+        delivery_timeout_seconds=30,
+        overrides={},
+        transactional_id=f"bench-{uuid.uuid4().hex[:6]}",
+    )
+    producer = Producer(config)
+    producer.init_transactions(30)
+    value = json.dumps({"n": 0, "pad": PAYLOAD}).encode()
+    started = time.perf_counter()
+    for start in range(0, count, batch):
+        producer.begin_transaction()
+        for i in range(start, min(start + batch, count)):
+            producer.produce(topic, key=f"k{i % 100}".encode(), value=value)
+            producer.poll(0)
+        producer.flush(30)
+        producer.commit_transaction(30)
+    return count / (time.perf_counter() - started)
+
+
+def database_ceiling(engine: Engine, tenant: str, count: int, batch: int) -> float:
+    started = time.perf_counter()
+    done = 0
+    while done < count:
+        with Session(engine) as session:
+            rows = claim_pending(session, tenant_id=TenantId(tenant), limit=batch)
+        if not rows:
+            break
+        with Session(engine) as session, session.begin():
+            mark_sent(session, [Delivered(r.id, 0, r.id) for r in rows])
+        done += len(rows)
+    return done / (time.perf_counter() - started)
+
+
+def drain(
+    engine: Engine,
+    database_url: str,
+    bootstrap: str,
+    tenant: str,
+    mode: str,
+    count: int,
+    batch: int,
+) -> float:
+    settings = PublisherSettings(
+        tenant=tenant,
+        database_url=database_url,
+        kafka_bootstrap_servers=bootstrap,
+        batch_size=batch,
+        delivery_mode=mode,
+    )
+    publisher = build_publisher(settings, engine)
+    delivery = publisher.connect()
+    if publisher.recover:
+        publisher.recover()
+    started = time.perf_counter()
+    done = 0
+    while done < count:
+        claimed = publisher.drain_once(delivery)
+        if claimed == 0:
+            break
+        done += claimed
+    elapsed = time.perf_counter() - started
+    delivery.close(10)
+    with engine.connect() as conn:
+        sent = conn.execute(
+            text("SELECT count(*) FROM outbox_events WHERE tenant_id = :t AND status = 'sent'"),
+            {"t": tenant},
+        ).scalar_one()
+    if sent != count:
+        raise RuntimeError(f"drain left {count - sent} of {count} rows unsent")
+    return count / elapsed
+
+
+def run(env: dict[str, str], *, count: int, batch: int, old_rows: int) -> dict[str, Any]:
+    database_url, bootstrap = env["DATABASE_URL"], env["KAFKA_BOOTSTRAP_SERVERS"]
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    topic = "bench.drain"
+    create_topics(bootstrap, [topic], partitions=3)
+    figures: dict[str, float] = {}
+
+    figures["producer_ceiling"] = producer_ceiling(bootstrap, topic, count, batch)
+    seed(engine, "bench-db", topic, count)
+    figures["database_ceiling"] = database_ceiling(engine, "bench-db", count, batch)
+    for mode in ("exactly-once", "at-least-once"):
+        tenant = f"bench-{mode.split('-')[0]}"
+        seed(engine, tenant, topic, count)
+        figures[f"drain_{mode}"] = drain(
+            engine, database_url, bootstrap, tenant, mode, count, batch
+        )
+
+    seed(engine, "bench-old", topic, old_rows, status="sent")
+    seed(engine, "bench-full", topic, count)
+    figures["drain_exactly-once_with_old_sent_rows"] = drain(
+        engine, database_url, bootstrap, "bench-full", "exactly-once", count, batch
+    )
+    engine.dispose()
+
+    lower = min(figures["producer_ceiling"], figures["database_ceiling"])
+    return {
+        "events": count,
+        "batch_size": batch,
+        "payload_bytes": len(json.dumps({"n": 0, "pad": PAYLOAD})),
+        "sent_rows_present": old_rows,
+        "events_per_second": {k: round(v) for k, v in figures.items()},
+        "ratios": {
+            "drain_exactly_once_vs_lower_ceiling": round(figures["drain_exactly-once"] / lower, 3),
+            "drain_at_least_once_vs_lower_ceiling": round(
+                figures["drain_at-least-once"] / lower, 3
+            ),
+            "drain_with_old_rows_vs_empty": round(
+                figures["drain_exactly-once_with_old_sent_rows"] / figures["drain_exactly-once"], 3
+            ),
+        },
+        "peak_rss_mib_of_this_process": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        ),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.drain", description=__doc__)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--old-rows", type=int, default=1_000_000)
+    args = parser.parse_args(argv)
+    state_dir = ROOT / ".devenv" / "bench"
+    running = stack.up(state_dir, only=("postgres", "kafka"))
+    try:
+        result = run(
+            stack.environment(running), count=args.events, batch=args.batch, old_rows=args.old_rows
+        )
+    finally:
+        stack.down(state_dir)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
