@@ -8,6 +8,7 @@ Nothing here knows about a particular component.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,3 +206,19 @@ def stop_pid(pid: int, *, grace: float = 20.0) -> None:
             if not pid_alive(pid):
                 return
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, *, waiting: str) -> Iterator[None]:
+    """Hold an exclusive file lock on `path`; say `waiting` if another process has it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            step(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

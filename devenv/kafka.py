@@ -22,8 +22,6 @@ un-rotated file, `state_dir/kafka/kafka.log`. Needs Java 17+ (Kafka 4 brokers do
 from __future__ import annotations
 
 import base64
-import contextlib
-import fcntl
 import functools
 import json
 import os
@@ -35,7 +33,6 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from devenv.common import (
@@ -44,6 +41,7 @@ from devenv.common import (
     Running,
     StartFailed,
     cache_dir,
+    exclusive_lock,
     free_port,
     pid_alive,
     port_open,
@@ -156,16 +154,6 @@ def install_dir() -> Path:
     return cache_dir() / f"kafka-{KAFKA_VERSION}"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_installed() -> Path:
     """Resolve the broker's jars from Maven Central once per machine; return the install folder."""
     target = install_dir()
@@ -174,7 +162,10 @@ def ensure_installed() -> Path:
     mvn = require_tool("mvn", hint=_MVN_HINT)
     _check_java()
     cache = cache_dir()
-    with _locked(cache / f"kafka-{KAFKA_VERSION}.lock"):
+    with exclusive_lock(
+        cache / f"kafka-{KAFKA_VERSION}.lock",
+        waiting="waiting for another process resolving Kafka's jars ...",
+    ):
         # Another process may have finished while we waited for the lock.
         if (target / _INSTALL_MARKER).is_file():
             return target

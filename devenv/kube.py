@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -43,7 +42,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +51,7 @@ from devenv.common import (
     Running,
     StartFailed,
     cache_dir,
+    exclusive_lock,
     free_port,
     pid_alive,
     require_tool,
@@ -122,7 +121,9 @@ def ensure_installed() -> Path:
     if _binaries_present(bin_dir):
         return bin_dir
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / ".build.lock"):
+    with exclusive_lock(
+        root / ".build.lock", waiting=f"waiting for another process building into {root} ..."
+    ):
         # Another process may have finished the build while we waited for the lock.
         if _binaries_present(bin_dir):
             return bin_dir
@@ -133,20 +134,6 @@ def ensure_installed() -> Path:
         if not os.access(bin_dir / "kube-apiserver", os.X_OK):
             _build_kube_apiserver(go, root)
     return bin_dir
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            step(f"waiting for another process building into {path.parent} ...")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

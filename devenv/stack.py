@@ -8,11 +8,9 @@ kube-apiserver and resolves Kafka's jars; later runs find them in the cache).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -59,7 +57,9 @@ def up(state_dir: Path, *, only: Iterable[str] = COMPONENTS) -> dict[str, Runnin
     """
     wanted = [name for name in COMPONENTS if name in set(only)]
     state_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(state_dir / ".lock"):
+    with common.exclusive_lock(
+        state_dir / ".lock", waiting=f"waiting for another `up` of {state_dir} ..."
+    ):
         stack = {name: r for name, r in load(state_dir).items() if COMPONENTS[name].healthy(r)}
         missing = [name for name in wanted if name not in stack]
         if not missing:
@@ -78,17 +78,6 @@ def up(state_dir: Path, *, only: Iterable[str] = COMPONENTS) -> dict[str, Runnin
             _save(state_dir, stack)
             raise
         return stack
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # Two `up`s on one state folder would initialise the same data twice.
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _stop(name: str, running: Running) -> None:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
 from sqlalchemy import Engine, text
 
 from devenv import stack
@@ -19,6 +17,7 @@ from somabrain.config.settings import PublisherSettings
 from somabrain.delivery.circuit import CircuitState
 from somabrain.delivery.publisher import build_publisher
 from somabrain.store.engine import make_engine, make_sessionmaker
+from tests.support import event_id, read_committed
 
 pytestmark = pytest.mark.integration
 EVENTS = 3000
@@ -87,30 +86,6 @@ def test_broker_outage_opens_the_circuit_and_loses_nothing(
         thread.join(30)
         engine.dispose()
 
-    ids = _read_event_ids(bootstrap, topic)
+    ids = [event_id(r) for r in read_committed(bootstrap, topic, expected=EVENTS)]
     assert len(ids) == EVENTS
     assert len(set(ids)) == EVENTS
-
-
-def _read_event_ids(bootstrap: str, topic: str) -> list[str]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"outage-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[str] = []
-    quiet_since = time.monotonic()
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        batch = [m for m in consumer.consume(1000, timeout=0.5) if not m.error()]
-        out.extend(dict(m.headers())["event-id"].decode() for m in batch)
-        if batch:
-            quiet_since = time.monotonic()
-        elif len(out) >= EVENTS and time.monotonic() - quiet_since > 3:
-            break
-    consumer.close()
-    return out

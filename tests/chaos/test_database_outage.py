@@ -6,11 +6,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -19,6 +17,7 @@ from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
 from somabrain.delivery.publisher import TenantPublisher, build_publisher
 from somabrain.store.engine import make_engine, make_sessionmaker
+from tests.support import event_id, read_committed
 
 pytestmark = pytest.mark.integration
 EVENTS = 4000
@@ -59,30 +58,6 @@ def _enqueue(engine: Engine, tenant: str, topic: str, count: int) -> None:
                 enqueue_event(session, tenant_id=tenant, topic=topic, key=f"k{i % 9}", payload={})
 
 
-def _event_ids(bootstrap: str, topic: str) -> list[str]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"db-outage-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[str] = []
-    quiet_since = time.monotonic()
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        batch = [m for m in consumer.consume(1000, timeout=0.5) if not m.error()]
-        out.extend(dict(m.headers())["event-id"].decode() for m in batch)
-        if batch:
-            quiet_since = time.monotonic()
-        elif len(out) >= EVENTS and time.monotonic() - quiet_since > 3:
-            break
-    consumer.close()
-    return out
-
-
 @pytest.mark.timeout(600)
 def test_postgres_restart_mid_drain_is_ridden_out(
     database_url: str, bootstrap: str, stack_dir: Path, tenant: str
@@ -113,7 +88,7 @@ def test_postgres_restart_mid_drain_is_ridden_out(
         thread.join(30)
         engine.dispose()
 
-    ids = _event_ids(bootstrap, topic)
+    ids = [event_id(r) for r in read_committed(bootstrap, topic, expected=EVENTS)]
     assert len(ids) == EVENTS
     assert len(set(ids)) == EVENTS
 
@@ -153,6 +128,6 @@ def test_killed_lock_session_never_lets_two_publishers_both_publish(
             thread.join(30)
         engine.dispose()
 
-    ids = _event_ids(bootstrap, topic)
+    ids = [event_id(r) for r in read_committed(bootstrap, topic, expected=EVENTS)]
     assert len(ids) == EVENTS
     assert len(set(ids)) == EVENTS

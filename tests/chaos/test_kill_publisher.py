@@ -11,18 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import enqueue_event
 from somabrain.store.engine import make_engine, make_sessionmaker
+from tests.support import event_id, read_committed
 
 pytestmark = pytest.mark.integration
 EVENTS = 20_000
@@ -112,40 +111,16 @@ def test_publisher_killed_ten_times_loses_and_duplicates_nothing(
             )
         }
     engine.dispose()
-    seen = _read_all(bootstrap, topic, expected=EVENTS)
+    seen = [(event_id(r), r.partition()) for r in read_committed(bootstrap, topic, expected=EVENTS)]
 
-    ids = [event_id for event_id, _ in seen]
+    ids = [seen_id for seen_id, _ in seen]
     assert len(rows) == EVENTS
     assert set(ids) == set(rows), "lost or unknown events"
     assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicates"
     last: dict[str, int] = defaultdict(int)
-    for event_id, _ in seen:
-        row_id, key = rows[event_id]
+    for seen_id, _ in seen:
+        row_id, key = rows[seen_id]
         assert row_id > last[key], f"key {key}: row {row_id} after row {last[key]}"
         last[key] = row_id
     # The kills must have hit running publishers, not processes still starting up.
     assert log.read_text().count("publisher active") >= KILLS // 2 + 1
-
-
-def _read_all(bootstrap: str, topic: str, *, expected: int) -> list[tuple[str, int]]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"chaos-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[tuple[str, int]] = []
-    deadline = time.monotonic() + 120
-    quiet_since = time.monotonic()
-    while time.monotonic() < deadline:
-        batch = [m for m in consumer.consume(1000, timeout=0.5) if not m.error()]
-        out.extend((dict(m.headers())["event-id"].decode(), m.partition()) for m in batch)
-        if batch:
-            quiet_since = time.monotonic()
-        elif len(out) >= expected and time.monotonic() - quiet_since > 3:
-            break
-    consumer.close()
-    return out

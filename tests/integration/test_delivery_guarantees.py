@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +20,7 @@ from somabrain.delivery.producer import TransactionalDelivery, build_config, tra
 from somabrain.delivery.publisher import TenantPublisher, build_publisher
 from somabrain.delivery.recovery import ensure_checkpoint_topic
 from somabrain.store.outbox import claim_pending, record_failure
+from tests.support import read_committed
 
 
 def _settings(tenant: str, bootstrap: str, **overrides: Any) -> PublisherSettings:
@@ -71,28 +70,6 @@ def _wait_for(predicate: Any, timeout: float = 30) -> bool:
     return False
 
 
-def _read_committed(bootstrap: str, topic: str, *, idle: float = 3.0) -> list[Any]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"t-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[Any] = []
-    last = time.monotonic()
-    deadline = last + 60
-    while time.monotonic() - last < idle and time.monotonic() < deadline:
-        batch = [m for m in consumer.consume(100, timeout=0.5) if not m.error()]
-        if batch:
-            out.extend(batch)
-            last = time.monotonic()
-    consumer.close()
-    return out
-
-
 def test_crash_after_kafka_commit_before_marking_sent_publishes_each_event_once(
     engine: Engine, sessions: sessionmaker[Session], bootstrap: str, tenant: str, run_publisher: Any
 ) -> None:
@@ -123,7 +100,7 @@ def test_crash_after_kafka_commit_before_marking_sent_publishes_each_event_once(
     run_publisher(build_publisher(settings, engine))
     assert _wait_for(lambda: {s for _, s, _ in _statuses(engine, tenant)} == {"sent"})
 
-    messages = _read_committed(bootstrap, topic)
+    messages = read_committed(bootstrap, topic)
     event_ids = [dict(m.headers())["event-id"] for m in messages]
     assert len(event_ids) == 10
     assert len(set(event_ids)) == 10
@@ -158,7 +135,7 @@ def test_crash_before_kafka_commit_leaves_nothing_visible_and_delivers_once(
     run_publisher(build_publisher(settings, engine))
     assert _wait_for(lambda: {s for _, s, _ in _statuses(engine, tenant)} == {"sent"})
 
-    values = [m.value() for m in _read_committed(bootstrap, topic)]
+    values = [m.value() for m in read_committed(bootstrap, topic)]
     assert values == [b'{"i":%d}' % i for i in range(5)]
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,6 +16,7 @@ from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
 from somabrain.delivery.publisher import TenantPublisher, build_publisher
 from somabrain.store.outbox import advisory_lock_key
+from tests.support import read_committed
 
 
 def _publisher(engine: Engine, tenant: str, bootstrap: str, **overrides: Any) -> TenantPublisher:
@@ -71,24 +70,6 @@ def _wait_for(predicate: object, timeout: float) -> bool:
     return False
 
 
-def _consume(bootstrap: str, topic: str, count: int, timeout: float = 30) -> list[object]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"t-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    out: list[object] = []
-    deadline = time.monotonic() + timeout
-    while len(out) < count and time.monotonic() < deadline:
-        out.extend(m for m in consumer.consume(100, timeout=0.5) if not m.error())
-    consumer.close()
-    return out
-
-
 @pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])
 def test_publisher_delivers_pending_events_and_records_their_offsets(
     mode: str,
@@ -106,7 +87,7 @@ def test_publisher_delivers_pending_events_and_records_their_offsets(
 
     _start(running, _publisher(engine, tenant, bootstrap, delivery_mode=mode))
     assert _wait_for(lambda: all(r[1] == "sent" for r in _rows(engine, tenant)), 30)
-    messages = _consume(bootstrap, topic, 21)
+    messages = read_committed(bootstrap, topic, expected=21)
 
     rows = {r[0]: r for r in _rows(engine, tenant)}
     assert len(messages) == 21

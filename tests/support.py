@@ -1,0 +1,44 @@
+"""Helpers shared by tests that read what the publisher wrote to the real broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import Consumer
+
+
+def read_committed(
+    bootstrap: str, topic: str, *, expected: int = 0, idle: float = 3.0, timeout: float = 120
+) -> list[Any]:
+    """Every record of `topic` a read_committed consumer sees: reads until at least
+    `expected` records arrived and nothing more came for `idle` seconds (so duplicates
+    after the expected count are seen too), or until `timeout`."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            batch = [m for m in consumer.consume(1000, timeout=0.5) if not m.error()]
+            out.extend(batch)
+            if batch:
+                quiet_since = time.monotonic()
+            elif len(out) >= expected and time.monotonic() - quiet_since > idle:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def event_id(record: Any) -> str:
+    return str(dict(record.headers())["event-id"].decode())
