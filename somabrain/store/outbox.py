@@ -112,43 +112,100 @@ def enqueue_event(
     dedupe key inserted by a concurrent transaction as a serialization failure, which
     the caller retries like any other in those levels.
     """
-    tenant = parse_tenant_id(tenant_id) if isinstance(tenant_id, str) else None
+    event = NewEvent(
+        tenant_id=tenant_id,
+        topic=topic,
+        payload=payload,
+        key=key,
+        dedupe_key=dedupe_key,
+        event_type=event_type,
+        headers=headers,
+    )
+    return enqueue_events(session, [event], max_message_bytes=max_message_bytes)[0]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewEvent:
+    """One event for `enqueue_events`; the fields mean what `enqueue_event`'s do."""
+
+    tenant_id: str
+    topic: str
+    payload: Any
+    key: str | None = None
+    dedupe_key: str | None = None
+    event_type: str | None = None
+    headers: Mapping[str, str] | None = None
+
+
+def enqueue_events(
+    session: Session, events: Sequence[NewEvent], *, max_message_bytes: int | None = None
+) -> list[EnqueueResult]:
+    """Add many events in the caller's transaction with one INSERT per 1,000 events.
+
+    All or nothing at validation: if any event is invalid, InvalidEvent names its
+    position and nothing is written. Results come back in the order of `events`; a
+    dedupe key repeated within the batch, or already in the outbox, is a DUPLICATE.
+    """
+    limit = max_message_bytes if max_message_bytes is not None else _default_max_bytes()
+    rows: list[dict[str, Any]] = []
+    for position, event in enumerate(events):
+        try:
+            rows.append(_validated_row(event, limit))
+        except InvalidEvent as exc:
+            if len(events) == 1:
+                raise
+            raise InvalidEvent(f"event {position}: {exc}") from exc
+
+    inserted: dict[tuple[str, str], uuid.UUID] = {}
+    for start in range(0, len(rows), 1000):
+        stmt = (
+            insert(OUTBOX)
+            .values(rows[start : start + 1000])
+            .on_conflict_do_nothing(index_elements=["tenant_id", "dedupe_key"])
+            .returning(OUTBOX.c.tenant_id, OUTBOX.c.dedupe_key, OUTBOX.c.event_id)
+        )
+        for tenant, dedupe, event_id in session.execute(stmt):
+            inserted[(tenant, dedupe)] = event_id
+
+    results: list[EnqueueResult] = []
+    for row in rows:
+        tenant, dedupe = TenantId(row["tenant_id"]), row["dedupe_key"]
+        event_id = inserted.pop((tenant, dedupe), None)
+        status = EnqueueStatus.DUPLICATE if event_id is None else EnqueueStatus.ENQUEUED
+        results.append(
+            EnqueueResult(status, None if event_id is None else EventId(event_id), tenant, dedupe)
+        )
+    for tenant in dict.fromkeys(r.tenant_id for r in results if r.event_id is not None):
+        _notify_once(session, tenant)
+    return results
+
+
+def _validated_row(event: NewEvent, limit: int) -> dict[str, Any]:
+    tenant = parse_tenant_id(event.tenant_id) if isinstance(event.tenant_id, str) else None
     if tenant is None:
-        raise InvalidEvent(f"tenant_id must be a string, got {type(tenant_id).__name__}")
-    _check_topic(topic)
-    dedupe = dedupe_key if dedupe_key is not None else uuid.uuid4().hex
-    _check_text("key", key, max_length=None)
+        raise InvalidEvent(f"tenant_id must be a string, got {type(event.tenant_id).__name__}")
+    _check_topic(event.topic)
+    dedupe = event.dedupe_key if event.dedupe_key is not None else uuid.uuid4().hex
+    _check_text("key", event.key, max_length=None)
     _check_text("dedupe_key", dedupe, max_length=200, required=True)
-    _check_text("event_type", event_type, max_length=200)
-    encoded = None if payload is None else encode_payload(payload)
-    clean_headers = validate_headers(headers)
+    _check_text("event_type", event.event_type, max_length=200)
+    encoded = None if event.payload is None else encode_payload(event.payload)
+    clean_headers = validate_headers(event.headers)
     reserved = sorted(RESERVED_HEADERS.intersection(clean_headers))
     if reserved:
         raise InvalidEvent(
             f"headers {reserved} are set by the publisher on every message; use other names"
         )
-    limit = max_message_bytes if max_message_bytes is not None else _default_max_bytes()
-    _check_size(encoded, key, event_type, clean_headers, limit)
-
-    stmt = (
-        insert(OUTBOX)
-        .values(
-            tenant_id=tenant,
-            topic=topic,
-            message_key=key,
-            dedupe_key=dedupe,
-            event_type=event_type,
-            payload=None if encoded is None else cast(literal(encoded, Text), JSONB),
-            headers=clean_headers,
-        )
-        .on_conflict_do_nothing(index_elements=["tenant_id", "dedupe_key"])
-        .returning(OUTBOX.c.event_id)
-    )
-    event_id = session.execute(stmt).scalar_one_or_none()
-    if event_id is None:
-        return EnqueueResult(EnqueueStatus.DUPLICATE, None, tenant, dedupe)
-    _notify_once(session, tenant)
-    return EnqueueResult(EnqueueStatus.ENQUEUED, EventId(event_id), tenant, dedupe)
+    _check_size(encoded, event.key, event.event_type, clean_headers, limit)
+    return {
+        "tenant_id": tenant,
+        "topic": event.topic,
+        "message_key": event.key,
+        "dedupe_key": dedupe,
+        "event_type": event.event_type,
+        "payload": None if encoded is None else cast(literal(encoded, Text), JSONB),
+        "headers": clean_headers,
+    }
 
 
 @functools.cache

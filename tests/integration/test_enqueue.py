@@ -14,7 +14,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from somabrain import EnqueueStatus, enqueue_event
+from somabrain import EnqueueStatus, NewEvent, enqueue_event, enqueue_events
 from somabrain.config.errors import EventTooLarge, InvalidEvent, InvalidTenantId
 from somabrain.store import outbox
 from somabrain.store.codec import encode_payload, reencode_stored
@@ -266,3 +266,43 @@ def test_enqueue_after_a_rolled_back_savepoint_still_wakes_the_publisher(
         assert tenant in [n.payload for n in dbapi.notifies]
     finally:
         raw.close()
+
+
+def test_enqueue_events_reports_each_event_in_order_with_duplicates(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    with sessions.begin() as session:
+        enqueue_event(session, tenant_id=tenant, topic="t.b", payload={}, dedupe_key="old")
+    batch = [
+        NewEvent(tenant_id=tenant, topic="t.b", payload={"n": 1}, dedupe_key="a"),
+        NewEvent(tenant_id=tenant, topic="t.b", payload={"n": 2}, dedupe_key="old"),
+        NewEvent(tenant_id=tenant, topic="t.b", payload={"n": 3}, dedupe_key="a"),
+        NewEvent(tenant_id=tenant, topic="t.b", payload=None, key="k"),
+    ]
+
+    with sessions.begin() as session:
+        results = enqueue_events(session, batch)
+
+    assert [r.status for r in results] == [
+        EnqueueStatus.ENQUEUED,
+        EnqueueStatus.DUPLICATE,
+        EnqueueStatus.DUPLICATE,
+        EnqueueStatus.ENQUEUED,
+    ]
+    assert _count(engine, tenant) == 3
+
+
+def test_enqueue_events_with_one_invalid_event_writes_nothing_and_names_it(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    batch = [
+        NewEvent(tenant_id=tenant, topic="t.b", payload={"n": 1}),
+        NewEvent(tenant_id=tenant, topic="t.b", payload={"at": dt.datetime(2026, 1, 1)}),
+    ]
+
+    with sessions.begin() as session:
+        with pytest.raises(InvalidEvent, match=r"event 1: payload\.at: naive datetime"):
+            enqueue_events(session, batch)
+        enqueue_event(session, tenant_id=tenant, topic="t.b", payload={})
+
+    assert _count(engine, tenant) == 1

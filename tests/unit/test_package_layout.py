@@ -32,6 +32,8 @@ def test_public_surface_is_small_and_explicit() -> None:
         "EnqueueResult",
         "EnqueueStatus",
         "EventId",
+        "NewEvent",
         "TenantId",
         "enqueue_event",
+        "enqueue_events",
     ]
