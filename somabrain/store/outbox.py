@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     case,
     cast,
     delete,
@@ -158,13 +159,9 @@ def enqueue_events(
 
     inserted: dict[tuple[str, str], uuid.UUID] = {}
     for start in range(0, len(rows), 1000):
-        stmt = (
-            insert(OUTBOX)
-            .values(rows[start : start + 1000])
-            .on_conflict_do_nothing(index_elements=["tenant_id", "dedupe_key"])
-            .returning(OUTBOX.c.tenant_id, OUTBOX.c.dedupe_key, OUTBOX.c.event_id)
-        )
-        for tenant, dedupe, event_id in session.execute(stmt):
+        # One compiled statement, executed for many rows (SQLAlchemy's insertmanyvalues
+        # turns it into multi-row INSERTs with RETURNING).
+        for tenant, dedupe, event_id in session.execute(_INSERT, rows[start : start + 1000]):
             inserted[(tenant, dedupe)] = event_id
 
     results: list[EnqueueResult] = []
@@ -203,9 +200,26 @@ def _validated_row(event: NewEvent, limit: int) -> dict[str, Any]:
         "message_key": event.key,
         "dedupe_key": dedupe,
         "event_type": event.event_type,
-        "payload": None if encoded is None else cast(literal(encoded, Text), JSONB),
+        "payload": encoded,
         "headers": clean_headers,
     }
+
+
+_INSERT = (
+    insert(OUTBOX)
+    .values(
+        tenant_id=bindparam("tenant_id"),
+        topic=bindparam("topic"),
+        message_key=bindparam("message_key"),
+        dedupe_key=bindparam("dedupe_key"),
+        event_type=bindparam("event_type"),
+        # The payload arrives as canonical JSON text; PostgreSQL parses it, once.
+        payload=cast(bindparam("payload", type_=Text), JSONB),
+        headers=bindparam("headers", type_=JSONB),
+    )
+    .on_conflict_do_nothing(index_elements=["tenant_id", "dedupe_key"])
+    .returning(OUTBOX.c.tenant_id, OUTBOX.c.dedupe_key, OUTBOX.c.event_id)
+)
 
 
 @functools.cache

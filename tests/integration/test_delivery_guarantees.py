@@ -33,6 +33,21 @@ def _settings(tenant: str, bootstrap: str, **overrides: Any) -> PublisherSetting
     )
 
 
+def _incarnation(settings: PublisherSettings) -> TransactionalDelivery:
+    """A publisher's Kafka side on its own, to stop it at a chosen point of a batch."""
+    bootstrap = settings.kafka_bootstrap_servers
+    ensure_checkpoint_topic(bootstrap, settings.checkpoint_topic, timeout=30)
+    config = build_config(
+        bootstrap_servers=bootstrap,
+        delivery_timeout_seconds=10,
+        overrides={},
+        transactional_id=transactional_id(settings.tenant),
+    )
+    return TransactionalDelivery(
+        config, owner=settings.tenant, checkpoint_topic=settings.checkpoint_topic, timeout=30
+    )
+
+
 @pytest.fixture
 def run_publisher() -> Iterator[Any]:
     started: list[tuple[TenantPublisher, threading.Thread]] = []
@@ -79,18 +94,7 @@ def test_crash_after_kafka_commit_before_marking_sent_publishes_each_event_once(
         for i in range(10):
             enqueue_event(session, tenant_id=tenant, topic=topic, key=f"k{i % 2}", payload={"i": i})
     settings = _settings(tenant, bootstrap)
-    ensure_checkpoint_topic(bootstrap, settings.checkpoint_topic, timeout=30)
-    crashed = TransactionalDelivery(
-        build_config(
-            bootstrap_servers=bootstrap,
-            delivery_timeout_seconds=10,
-            overrides={},
-            transactional_id=transactional_id(tenant),
-        ),
-        owner=tenant,
-        checkpoint_topic=settings.checkpoint_topic,
-        timeout=30,
-    )
+    crashed = _incarnation(settings)
     with Session(engine) as session:
         batch = claim_pending(session, tenant_id=TenantId(tenant), limit=100)
     committed = crashed.deliver(batch, timeout=30)
@@ -115,18 +119,7 @@ def test_crash_before_kafka_commit_leaves_nothing_visible_and_delivers_once(
         for i in range(5):
             enqueue_event(session, tenant_id=tenant, topic=topic, key="k", payload={"i": i})
     settings = _settings(tenant, bootstrap)
-    ensure_checkpoint_topic(bootstrap, settings.checkpoint_topic, timeout=30)
-    zombie = TransactionalDelivery(
-        build_config(
-            bootstrap_servers=bootstrap,
-            delivery_timeout_seconds=10,
-            overrides={},
-            transactional_id=transactional_id(tenant),
-        ),
-        owner=tenant,
-        checkpoint_topic=settings.checkpoint_topic,
-        timeout=30,
-    )
+    zombie = _incarnation(settings)
     zombie._producer.begin_transaction()
     for i in range(5):
         zombie._producer.produce(topic, key=b"k", value=b'{"zombie":%d}' % i)
