@@ -31,7 +31,7 @@ unit: install  ## unit tests only (no services)
 	$(BIN)/python -m pytest tests/unit
 
 test: lint stack  ## the whole suite on a local stack of its own, torn down afterwards
-	SOMABRAIN_TEST_STACK=$(TEST_STACK) $(BIN)/python -m pytest
+	SOMABRAIN_TEST_STACK=$(TEST_STACK) $(BIN)/python -m pytest --junitxml=.devenv/test-results.xml
 
 demo: stack  ## the main job end to end: 3 Tenants, operator, publishers, 10,000 events
 	$(BIN)/python -m devenv.demo
