@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer
+
+T = TypeVar("T")
 
 
 def read_committed(
@@ -42,3 +45,15 @@ def read_committed(
 
 def event_id(record: Any) -> str:
     return str(dict(record.headers())["event-id"].decode())
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30) -> T | None:
+    """Poll `predicate` until it returns something truthy (returned) or `timeout` passes
+    (None). Tests assert on the result, so a condition never met fails the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    return None

@@ -521,7 +521,7 @@ def count_by_status(session: Session, *, tenant_id: TenantId | None = None) -> d
     if tenant_id is not None:
         stmt = stmt.where(OutboxEvent.tenant_id == tenant_id)
     counts = {status.value: 0 for status in EventStatus}
-    counts.update({status: int(n) for status, n in session.execute(stmt).tuples()})
+    counts.update({status: int(n) for status, n in session.execute(stmt)})
     return counts
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from kubernetes import client
 from somabrain_operator.children import ANNOTATION_CONFIG_HASH
 
 from devenv.mainjob import MainJob
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 NAMESPACE = "e2e-operator"
@@ -33,16 +33,6 @@ def _tenant(batch_size: int) -> dict[str, Any]:
         "metadata": {"name": "hooli", "namespace": NAMESPACE},
         "spec": {"tenantId": "hooli", "publisher": {"batchSize": batch_size}},
     }
-
-
-def _until(predicate: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_operator_creates_owned_children_and_rolls_them_on_spec_change(job: MainJob) -> None:
@@ -93,7 +83,8 @@ def test_second_tenant_with_the_same_tenant_id_is_refused_with_a_condition(job: 
         conditions = (obj.get("status") or {}).get("conditions", [])  # type: ignore[union-attr]
         return next((c for c in conditions if c.get("reason") == "TenantIdConflict"), None)
 
-    ready = _until(refused, timeout=60)
+    ready = wait_for(refused, timeout=60)
+    assert ready is not None, "no TenantIdConflict condition within 60 s"
     assert ready["status"] == "False"
     assert "already served by another Tenant" in ready["message"]
     config = client.CoreV1Api(job.api).read_namespaced_config_map(

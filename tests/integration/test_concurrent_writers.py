@@ -7,7 +7,6 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
@@ -16,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
 from somabrain.delivery.publisher import TenantPublisher, build_publisher
-from tests.support import event_id, read_committed
+from tests.support import event_id, read_committed, wait_for
 
 
 @pytest.fixture
@@ -44,15 +43,6 @@ def _statuses(engine: Engine, tenant: str) -> dict[str, str]:
         return {r[0]: r[1] for r in rows}
 
 
-def _until(predicate: Any, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_event_committed_after_a_later_id_was_published_is_still_published(
     engine: Engine,
     sessions: sessionmaker[Session],
@@ -65,13 +55,13 @@ def test_event_committed_after_a_later_id_was_published_is_still_published(
     early_id = enqueue_event(late, tenant_id=tenant, topic=topic, key="k", payload={"n": 1})
     with sessions.begin() as session:
         enqueue_event(session, tenant_id=tenant, topic=topic, key="k", payload={"n": 2})
-    assert _until(lambda: "sent" in _statuses(engine, tenant).values())
+    assert wait_for(lambda: "sent" in _statuses(engine, tenant).values())
 
     late.commit()
     late.close()
 
     assert early_id.event_id is not None
-    assert _until(lambda: _statuses(engine, tenant).get(str(early_id.event_id)) == "sent")
+    assert wait_for(lambda: _statuses(engine, tenant).get(str(early_id.event_id)) == "sent")
     assert len(read_committed(bootstrap, topic, expected=2)) == 2
 
 
@@ -102,7 +92,7 @@ def test_sixteen_racing_writers_leave_kafka_equal_to_the_committed_rows(
         thread.start()
     for thread in writers:
         thread.join(120)
-    assert _until(lambda: set(_statuses(engine, tenant).values()) == {"sent"})
+    assert wait_for(lambda: set(_statuses(engine, tenant).values()) == {"sent"})
 
     committed = set(_statuses(engine, tenant))
     in_kafka = [event_id(r) for r in read_committed(bootstrap, topic, expected=len(committed))]

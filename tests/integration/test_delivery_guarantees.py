@@ -20,7 +20,7 @@ from somabrain.delivery.producer import TransactionalDelivery, build_config, tra
 from somabrain.delivery.publisher import TenantPublisher, build_publisher
 from somabrain.delivery.recovery import ensure_checkpoint_topic
 from somabrain.store.outbox import claim_pending, record_failure
-from tests.support import read_committed
+from tests.support import read_committed, wait_for
 
 
 def _settings(tenant: str, bootstrap: str, **overrides: Any) -> PublisherSettings:
@@ -76,15 +76,6 @@ def _statuses(engine: Engine, tenant: str) -> list[tuple[str | None, str, int]]:
         return [(r[0], r[1], r[2]) for r in rows]
 
 
-def _wait_for(predicate: Any, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_crash_after_kafka_commit_before_marking_sent_publishes_each_event_once(
     engine: Engine, sessions: sessionmaker[Session], bootstrap: str, tenant: str, run_publisher: Any
 ) -> None:
@@ -102,7 +93,7 @@ def test_crash_after_kafka_commit_before_marking_sent_publishes_each_event_once(
     assert {s for _, s, _ in _statuses(engine, tenant)} == {"pending"}
 
     run_publisher(build_publisher(settings, engine))
-    assert _wait_for(lambda: {s for _, s, _ in _statuses(engine, tenant)} == {"sent"})
+    assert wait_for(lambda: {s for _, s, _ in _statuses(engine, tenant)} == {"sent"})
 
     messages = read_committed(bootstrap, topic)
     event_ids = [dict(m.headers())["event-id"] for m in messages]
@@ -126,7 +117,7 @@ def test_crash_before_kafka_commit_leaves_nothing_visible_and_delivers_once(
     zombie._producer.flush(10)
 
     run_publisher(build_publisher(settings, engine))
-    assert _wait_for(lambda: {s for _, s, _ in _statuses(engine, tenant)} == {"sent"})
+    assert wait_for(lambda: {s for _, s, _ in _statuses(engine, tenant)} == {"sent"})
 
     values = [m.value() for m in read_committed(bootstrap, topic)]
     assert values == [b'{"i":%d}' % i for i in range(5)]
@@ -194,8 +185,8 @@ def test_event_the_broker_refuses_goes_dead_and_other_keys_flow(
 
     run_publisher(build_publisher(_settings(tenant, bootstrap, delivery_mode=mode), engine))
 
-    assert _wait_for(lambda: _statuses(engine, tenant)[0][1] == "dead")
-    assert _wait_for(lambda: _statuses(engine, tenant)[2][1] == "sent")
+    assert wait_for(lambda: _statuses(engine, tenant)[0][1] == "dead")
+    assert wait_for(lambda: _statuses(engine, tenant)[2][1] == "sent")
     time.sleep(1)
     statuses = _statuses(engine, tenant)
     assert statuses[1][1] == "pending", "later event of the dead key must wait (policy block)"

@@ -16,7 +16,7 @@ from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
 from somabrain.delivery.publisher import TenantPublisher, build_publisher
 from somabrain.store.outbox import advisory_lock_key
-from tests.support import read_committed
+from tests.support import read_committed, wait_for
 
 
 def _publisher(engine: Engine, tenant: str, bootstrap: str, **overrides: Any) -> TenantPublisher:
@@ -61,15 +61,6 @@ def _rows(engine: Engine, tenant: str) -> list[tuple[str, str, int | None, int |
         ]
 
 
-def _wait_for(predicate: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])
 def test_publisher_delivers_pending_events_and_records_their_offsets(
     mode: str,
@@ -86,7 +77,7 @@ def test_publisher_delivers_pending_events_and_records_their_offsets(
         enqueue_event(session, tenant_id=tenant, topic=topic, key="gone", payload=None)
 
     _start(running, _publisher(engine, tenant, bootstrap, delivery_mode=mode))
-    assert _wait_for(lambda: all(r[1] == "sent" for r in _rows(engine, tenant)), 30)
+    assert wait_for(lambda: all(r[1] == "sent" for r in _rows(engine, tenant)), 30)
     messages = read_committed(bootstrap, topic, expected=21)
 
     rows = {r[0]: r for r in _rows(engine, tenant)}
@@ -120,7 +111,7 @@ def test_publisher_marks_nothing_sent_while_the_broker_is_unreachable(
         retry_backoff_seconds=60,
     )
     _start(running, publisher)
-    assert _wait_for(lambda: all(r[4] >= 1 for r in _rows(engine, tenant)), 30)
+    assert wait_for(lambda: all(r[4] >= 1 for r in _rows(engine, tenant)), 30)
 
     assert {r[1] for r in _rows(engine, tenant)} == {"pending"}
     with engine.connect() as conn:
@@ -149,4 +140,4 @@ def test_second_publisher_of_a_tenant_waits_until_the_first_lets_go(
     assert [r[1] for r in _rows(engine, tenant)] == ["pending"]
 
     holder.close()  # the lock holder's session ends, as when a publisher dies
-    assert _wait_for(lambda: [r[1] for r in _rows(engine, tenant)] == ["sent"], 30)
+    assert wait_for(lambda: [r[1] for r in _rows(engine, tenant)] == ["sent"], 30)

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import enqueue_event
+from tests.support import wait_for
 
 SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
 
@@ -34,15 +34,6 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError:
         return 0, ""
-
-
-def _until(predicate: object, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.fixture
@@ -79,16 +70,16 @@ def test_publisher_serves_health_readiness_and_tenant_metrics(
 ) -> None:
     active_port, standby_port = _free_port(), _free_port()
     spawn(active_port)  # type: ignore[operator]
-    assert _until(lambda: _get(active_port, "/readyz")[0] == 200)
+    assert wait_for(lambda: _get(active_port, "/readyz")[0] == 200)
     spawn(standby_port)  # type: ignore[operator]
-    assert _until(lambda: _get(standby_port, "/healthz")[0] == 200)
+    assert wait_for(lambda: _get(standby_port, "/healthz")[0] == 200)
 
     with sessions.begin() as session:
         for i in range(3):
             enqueue_event(session, tenant_id=tenant, topic=f"{tenant}.m", payload={"i": i})
 
     published = f'somabrain_events_published_total{{tenant="{tenant}"}} 3.0'
-    assert _until(lambda: published in _get(active_port, "/metrics")[1])
+    assert wait_for(lambda: published in _get(active_port, "/metrics")[1])
     assert _get(standby_port, "/readyz")[0] == 503
     assert (
         f'somabrain_publisher_active{{tenant="{tenant}"}} 0.0' in _get(standby_port, "/metrics")[1]

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from somabrain import enqueue_event
 from somabrain.config.types import TenantId
 from somabrain.delivery.retention import purge_expired
+from somabrain.store.outbox import count_by_status
 
 
 def _seed(sessions: sessionmaker[Session], engine: Engine, tenant: str) -> None:
@@ -101,3 +102,15 @@ def test_retention_never_touches_another_tenants_rows(
     )
 
     assert _remaining(engine, other) == {"sent": 8, "pending": 2, "dead": 1}
+
+
+def test_count_by_status_counts_one_tenant_and_every_status(
+    engine: Engine, sessions: sessionmaker[Session], tenant: str
+) -> None:
+    _seed(sessions, engine, tenant)
+    _seed(sessions, engine, f"{tenant}x")
+
+    with Session(engine) as session:
+        counts = count_by_status(session, tenant_id=TenantId(tenant))
+
+    assert counts == {"pending": 2, "sent": 8, "dead": 1}
