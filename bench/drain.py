@@ -123,7 +123,7 @@ def drain(
     publisher = build_publisher(settings, engine)
     delivery = publisher.connect()
     if publisher.recover:
-        publisher.recover()
+        publisher.recover(list(publisher.lanes))
     started = time.perf_counter()
     done = 0
     while done < count:

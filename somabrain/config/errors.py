@@ -66,5 +66,9 @@ class EventTooLarge(InvalidEvent):
         self.limit = limit
 
 
+class InvalidTenantConfig(PermanentError):
+    """The per-tenant configuration file cannot be read or does not validate."""
+
+
 class UnsafeProducerConfig(FatalError):
     """A producer setting would break the delivery guarantees."""

@@ -7,10 +7,19 @@ to anything; invalid values fail at load with pydantic's message naming the vari
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from somabrain.config.errors import InvalidTenantConfig
+from somabrain.config.types import TENANT_ID_PATTERN
+
+# A Kafka topic name, in which `{tenant}` may stand for the tenant id; empty for none.
+DEAD_LETTER_TOPIC_PATTERN = r"^([a-zA-Z0-9._-]|\{tenant\})*$"
 
 
 class Settings(BaseSettings):
@@ -43,8 +52,33 @@ class Settings(BaseSettings):
 class PublisherSettings(Settings):
     """Settings of one publisher process."""
 
-    tenant: str = Field(default="", description="Tenant this publisher drains.")
+    tenant: str = Field(default="", description="Tenant this publisher drains (dedicated mode).")
+    tenants: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated tenants one publisher drains in turns (shared mode); "
+        "needs SOMABRAIN_POOL.",
+    )
+    pool: str = Field(
+        default="",
+        description="Name of a shared publisher: its Kafka transactional id derives from it, "
+        "so give each shared publisher its own.",
+    )
+    tenant_config_file: Path | None = Field(
+        default=None,
+        description="YAML or JSON file of per-tenant overrides (quotas, circuit, poison "
+        "policy), re-read when it changes; see TenantOverrides.",
+    )
     batch_size: int = Field(default=500, ge=1, le=10_000, description="Rows claimed per batch.")
+    max_in_flight: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most rows of one tenant claimed and not yet settled at once.",
+    )
+    events_per_second: float | None = Field(
+        default=None,
+        gt=0,
+        description="Events/s quota of each tenant (a token bucket); unset means unlimited.",
+    )
     poll_interval_seconds: float = Field(
         default=1.0,
         gt=0,
@@ -87,6 +121,14 @@ class PublisherSettings(Settings):
     retry_backoff_max_seconds: float = Field(
         default=300.0, gt=0, description="Longest wait between two attempts of one event."
     )
+    dead_letter_topic: str = Field(
+        default="",
+        max_length=249,
+        pattern=DEAD_LETTER_TOPIC_PATTERN,
+        description="Topic that receives a copy of each event that goes dead, with "
+        "`dead-reason` and `original-topic` headers; `{tenant}` is replaced by the tenant "
+        "id. Empty: no copies.",
+    )
     retention_seconds: float = Field(
         default=7 * 24 * 3600.0, gt=0, description="Age after which sent rows are purged."
     )
@@ -105,3 +147,71 @@ class PublisherSettings(Settings):
     shutdown_grace_seconds: float = Field(
         default=20.0, gt=0, description="Time allowed to finish the in-flight batch on SIGTERM."
     )
+
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _split_tenants(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _tenants_and_pool(self) -> PublisherSettings:
+        served = self.served_tenants()
+        if len(set(served)) != len(served):
+            raise ValueError("SOMABRAIN_TENANTS lists a tenant twice")
+        if len(served) > 1 and not self.pool:
+            raise ValueError("a publisher of several tenants needs a pool name (SOMABRAIN_POOL)")
+        if self.pool and not re.fullmatch(TENANT_ID_PATTERN, self.pool):
+            raise ValueError(
+                f"pool name {self.pool!r} must be lowercase letters, digits and '-' "
+                "(1-40 characters, starting with a letter)"
+            )
+        return self
+
+    def served_tenants(self) -> list[str]:
+        """The tenants this publisher drains, in the order it takes them."""
+        if self.tenants:
+            return self.tenants if not self.tenant else [self.tenant, *self.tenants]
+        return [self.tenant] if self.tenant else []
+
+    @property
+    def owner(self) -> str:
+        """Who publishes: the tenant in dedicated mode, `pool.<name>` in shared mode.
+
+        Tenant ids never contain a dot, so the two kinds never collide.
+        """
+        return f"pool.{self.pool}" if self.pool else self.tenant
+
+
+class TenantOverrides(BaseModel):
+    """Per-tenant settings that override the publisher's own; unset fields keep them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int | None = Field(default=None, ge=1, le=10_000)
+    max_in_flight: int | None = Field(default=None, ge=1)
+    events_per_second: float | None = Field(default=None, gt=0)
+    circuit_failure_threshold: int | None = Field(default=None, ge=1)
+    circuit_open_seconds: float | None = Field(default=None, gt=0)
+    poison_policy: Literal["block", "skip"] | None = None
+    dead_letter_topic: str | None = Field(
+        default=None, max_length=249, pattern=DEAD_LETTER_TOPIC_PATTERN
+    )
+
+
+class _TenantConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenants: dict[str, TenantOverrides] = Field(default_factory=dict)
+
+
+def load_tenant_overrides(path: Path) -> dict[str, TenantOverrides]:
+    """Read a file of the form `{"tenants": {"<tenant>": {<field>: <value>}}}`."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return _TenantConfigFile.model_validate(raw).tenants
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidTenantConfig(f"cannot read tenant config {path}: {exc}") from exc
+    except ValueError as exc:
+        raise InvalidTenantConfig(f"tenant config {path} is invalid: {exc}") from exc

@@ -76,3 +76,29 @@ IN_FLIGHT = Gauge(
     ["tenant"],
     registry=REGISTRY,
 )
+COMMIT_TO_ACK = Histogram(
+    "somabrain_commit_to_ack_seconds",
+    "Time from an event's insert to its row being marked sent after Kafka's confirmation "
+    "(both by the database's clock).",
+    ["tenant"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+    registry=REGISTRY,
+)
+DEAD = Counter(
+    "somabrain_events_dead",
+    "Events given up on (Kafka can never take them, or max attempts reached).",
+    ["tenant"],
+    registry=REGISTRY,
+)
+THROTTLED = Counter(
+    "somabrain_quota_throttled",
+    "Turns a tenant with events due was passed over because its events/s quota had no tokens left.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+DEAD_LETTERED = Counter(
+    "somabrain_events_dead_lettered",
+    "Dead events copied to the tenant's dead-letter topic.",
+    ["tenant"],
+    registry=REGISTRY,
+)

@@ -2,12 +2,13 @@
 
 Two modes, one interface (`deliver` a batch, get a `BatchResult`):
 
-- **exactly-once** (`TransactionalDelivery`): each batch is one Kafka transaction
-  holding the events and a checkpoint record naming them (row id, partition, offset).
-  Read_committed consumers see a batch whole or not at all; after a crash, the
-  checkpoint tells the next publisher which claimed rows Kafka already committed. The
-  `transactional.id` is derived from the owner (the tenant), so a new incarnation
-  fences the old one (e.g. the old pod of a rolling update).
+- **exactly-once** (`TransactionalDelivery`): each batch (one tenant's events) is one
+  Kafka transaction holding the events and a checkpoint record naming them (row id,
+  partition, offset), keyed by the tenant. Read_committed consumers see a batch whole or
+  not at all; after a crash, the checkpoint tells the next publisher of that tenant which
+  claimed rows Kafka already committed. The `transactional.id` is derived from the owner
+  (the tenant, or the pool of a shared publisher), so a new incarnation fences the old
+  one (e.g. the old pod of a rolling update).
 - **at-least-once** (`IdempotentDelivery`): an idempotent producer (retries keep
   order within a partition); rows are confirmed by their delivery reports. Limit: if
   Kafka refuses one request of a batch while a later request of the same partition
@@ -73,6 +74,10 @@ class BatchResult:
 class Delivery(Protocol):
     def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult: ...
 
+    def dead_letter(
+        self, copies: Sequence[tuple[PendingEvent, str]], *, topic: str, timeout: float
+    ) -> set[int]: ...
+
     def close(self, timeout: float) -> int: ...
 
 
@@ -118,7 +123,7 @@ def build_config(
 
 
 def transactional_id(owner: str) -> str:
-    """Stable per owner, so every incarnation of a tenant's publisher fences the last."""
+    """Stable per owner, so every incarnation of a publisher fences the last."""
     return f"somabrain-publisher-{owner}"
 
 
@@ -165,14 +170,19 @@ class _Reports:
         )
 
 
-def _produce(producer: Producer, event: PendingEvent, callback: Any) -> None:
+def _produce(
+    producer: Producer,
+    event: PendingEvent,
+    callback: Any,
+    extra_headers: Sequence[tuple[str, bytes]] = (),
+) -> None:
     while True:
         try:
             producer.produce(
                 event.topic,
                 key=None if event.message_key is None else event.message_key.encode(),
                 value=reencode_stored(event.payload_json),
-                headers=message_headers(event),
+                headers=[*message_headers(event), *extra_headers],
                 on_delivery=callback,
             )
             return
@@ -182,6 +192,21 @@ def _produce(producer: Producer, event: PendingEvent, callback: Any) -> None:
         except KafkaException as exc:
             callback(exc.args[0], None)
             return
+
+
+def _produce_dead_letters(
+    producer: Producer, copies: Sequence[tuple[PendingEvent, str]], topic: str
+) -> _Reports:
+    reports = _Reports()
+    for event, reason in copies:
+        extra = [("dead-reason", reason[:1000].encode()), ("original-topic", event.topic.encode())]
+        _produce(
+            producer,
+            dataclasses.replace(event, topic=topic),
+            reports.callback(event.id),
+            extra_headers=extra,
+        )
+    return reports
 
 
 class IdempotentDelivery:
@@ -198,6 +223,14 @@ class IdempotentDelivery:
         if self._producer.flush(timeout):
             reports.settle_missing(events, f"no delivery report within {timeout:.0f}s")
         return reports.result
+
+    def dead_letter(
+        self, copies: Sequence[tuple[PendingEvent, str]], *, topic: str, timeout: float
+    ) -> set[int]:
+        """Copy events to the dead-letter topic; return the row ids Kafka confirmed."""
+        reports = _produce_dead_letters(self._producer, copies, topic)
+        self._producer.flush(timeout)
+        return {d.id for d in reports.result.delivered}
 
     def close(self, timeout: float) -> int:
         return int(self._producer.flush(timeout))
@@ -242,6 +275,11 @@ class TransactionalDelivery:
             raise KafkaUnavailable(f"cannot start a transactional producer: {error}") from exc
 
     def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult:
+        # A batch is one tenant's: its checkpoint is keyed by that tenant, so whichever
+        # publisher serves the tenant next finds it.
+        tenant = events[0].tenant_id
+        if any(e.tenant_id != tenant for e in events):
+            raise ValueError("a batch holds the events of one tenant only")
         reports = _Reports()
         self._producer.begin_transaction()
         for event in events:
@@ -255,7 +293,7 @@ class TransactionalDelivery:
         checkpoint = _Reports()
         self._producer.produce(
             self.checkpoint_topic,
-            key=self.owner.encode(),
+            key=tenant.encode(),
             value=encode_checkpoint(self.owner, reports.result.delivered),
             on_delivery=checkpoint.callback(0),
         )
@@ -265,6 +303,20 @@ class TransactionalDelivery:
         mark = checkpoint.result.delivered[0]
         reports.result.checkpoint = CheckpointPosition(mark.partition, mark.offset)
         return reports.result
+
+    def dead_letter(
+        self, copies: Sequence[tuple[PendingEvent, str]], *, topic: str, timeout: float
+    ) -> set[int]:
+        """Copy events to the dead-letter topic in a transaction of their own; return the
+        row ids Kafka committed (all or none)."""
+        self._producer.begin_transaction()
+        reports = _produce_dead_letters(self._producer, copies, topic)
+        self._producer.flush(timeout)
+        if len(reports.result.delivered) < len(copies):
+            self._abort(timeout)
+            return set()
+        self._commit(timeout)
+        return {d.id for d in reports.result.delivered}
 
     def _commit(self, timeout: float) -> None:
         for _ in range(3):

@@ -1,28 +1,36 @@
-"""The drain loop of one tenant: claim pending rows, deliver them, settle them.
+"""The drain loop: claim pending rows, deliver them, settle them, one tenant at a time.
+
+A publisher serves one tenant (dedicated mode) or several (shared mode, for many small
+tenants). Each tenant is a `Lane` with its own lock, circuit breaker, quota and
+failure state; the publisher takes the lanes in turns (see `scheduling`), one batch
+per turn, over one database session and one Kafka producer.
 
 Guarantees:
 - No loss: a row is marked sent only from Kafka's confirmation, with its partition and
   offset. A crash at any point leaves unconfirmed rows pending for the next publisher.
 - No duplicates for read_committed consumers in exactly-once mode: each batch is one
-  Kafka transaction with a checkpoint record; on start, recovery marks the rows of
-  checkpoints Kafka committed before a crash, so they are never published twice. In
-  at-least-once mode a crash may republish a batch; every copy has the same `event-id`.
-- One active publisher per tenant: the loop runs only while this process holds the
+  Kafka transaction with a checkpoint record keyed by its tenant; before serving a
+  tenant, recovery marks the rows of checkpoints Kafka committed before a crash, so they
+  are never published twice. In at-least-once mode a crash may republish a batch;
+  every copy has the same `event-id`.
+- One active publisher per tenant: a lane is served only while this process holds the
   tenant's Postgres advisory lock (and, in exactly-once mode, the producer's
-  transactional id fences an older incarnation); a second process waits as standby.
+  transactional id fences an older incarnation of the same publisher); a second
+  process waits as standby for each tenant it cannot lock. The lock key is the
+  tenant's whatever the mode, so a dedicated and a shared publisher never serve one
+  tenant at once.
 - Order per key: rows are claimed in id order; a key with a retrying event (or, under
   poison policy `block`, a dead one) is skipped until that event is delivered, so a
   later event never overtakes an earlier one of its key.
+- Tenant isolation: a tenant's circuit, quota, backoff and poison events hold back
+  only its own lane; a flood waits its turn like everyone else.
 
 What happens on failure: an event Kafka can never take (too large, invalid topic,
 denied) goes dead at once with the reason; other failures back off exponentially with
 jitter, and after `max_attempts` the event goes dead. Events failed only because another
-event of their transaction did are retried without counting an attempt.
-
-A tenant whose batches keep failing trips its circuit breaker: its publishing pauses,
-then one probe event tests Kafka again (see `circuit`).
-
-Limits (tracked in issue #3): no quotas or shared mode yet.
+event of their transaction did are retried without counting an attempt. A tenant whose
+batches keep failing trips its circuit breaker: its lane pauses, then one probe event
+tests Kafka again (see `circuit`).
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ import random
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg2.extensions
@@ -43,8 +52,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from somabrain.config.errors import RetriableError
-from somabrain.config.settings import PublisherSettings
+from somabrain.config.errors import InvalidTenantConfig, RetriableError
+from somabrain.config.settings import PublisherSettings, TenantOverrides, load_tenant_overrides
 from somabrain.config.types import TenantId, parse_tenant_id
 from somabrain.delivery import metrics
 from somabrain.delivery.circuit import CircuitBreaker, CircuitState
@@ -60,6 +69,7 @@ from somabrain.delivery.producer import (
 )
 from somabrain.delivery.recovery import ensure_checkpoint_topic, recover
 from somabrain.delivery.retention import purge_expired
+from somabrain.delivery.scheduling import Quota, RoundRobin, TokenBucket, bucket_for
 from somabrain.store.outbox import (
     NOTIFY_CHANNEL,
     PendingEvent,
@@ -74,124 +84,262 @@ from somabrain.store.outbox import (
 
 log = logging.getLogger(__name__)
 
+BACKLOG_REPORT_SECONDS = 5.0
 
-class TenantPublisher:
-    """Drains one tenant's pending events into Kafka until told to stop.
+
+@dataclasses.dataclass
+class Lane:
+    """One tenant a publisher serves, and all it keeps about that tenant."""
+
+    tenant: TenantId
+    quota: Quota
+    circuit: CircuitBreaker
+    poison_policy: str
+    dead_letter_topic: str = ""
+    bucket: TokenBucket | None = None
+    holds_lock: bool = False
+    standby_logged: bool = False
+    # Exactly-once: the tenant's checkpoints were read since this process last (re)started
+    # its Kafka session or took the tenant's lock.
+    recovered: bool = False
+    # May have rows due now: set by a notification, a poll tick or a full batch; cleared
+    # when a claim comes back empty.
+    due: bool = True
+    # Kafka refused a multi-event batch as a whole: claim one event at a time until the
+    # one at fault is found, then go back to full batches.
+    isolating: bool = False
+    next_purge_at: float = 0.0
+    next_backlog_at: float = 0.0
+
+    def log_extra(self) -> dict[str, str]:
+        return {"tenant": self.tenant}
+
+
+class Publisher:
+    """Drains its tenants' pending events into Kafka until told to stop.
 
     `connect` makes a fresh Delivery (a new producer; in exactly-once mode this fences
-    the previous one) and `recover` settles what an earlier incarnation left behind;
-    both run whenever the publisher (re)starts its session with Kafka.
+    the previous incarnation) and `recover` settles, for the tenants it is given, what
+    an earlier publisher left behind; recovery runs whenever the Kafka session restarts
+    and whenever a tenant's lock is newly taken.
     """
 
     def __init__(
         self,
         *,
-        tenant: TenantId,
+        owner: str,
+        tenants: Sequence[TenantId],
         settings: PublisherSettings,
         engine: Engine,
         connect: Callable[[], Delivery],
-        recover: Callable[[], int] | None = None,
+        recover: Callable[[Sequence[TenantId]], int] | None = None,
     ) -> None:
-        self.tenant = tenant
+        if not tenants:
+            raise ValueError("a publisher needs at least one tenant")
+        self.owner = owner
         self.settings = settings
         self.engine = engine
         self.connect = connect
         self.recover = recover
         self.stopping = threading.Event()
         self.delivery: Delivery | None = None
-        # Set when Kafka refused a multi-event batch as a whole: claim one event at a
-        # time until the one at fault is found, then go back to full batches.
-        self.isolating = False
-        self.next_purge_at = 0.0
-        self.next_backlog_at = 0.0
-        self.holds_lock = False
         self.heartbeat = time.monotonic()
-        self.circuit = CircuitBreaker(
-            failure_threshold=settings.circuit_failure_threshold,
-            open_seconds=settings.circuit_open_seconds,
+        self.next_lock_try = 0.0
+        self.overrides: Mapping[str, TenantOverrides] = {}
+        self.overrides_mtime: float | None = None
+        self._load_overrides(initial=True)
+        self.lanes: dict[TenantId, Lane] = {t: self._new_lane(t) for t in tenants}
+        self.turns: RoundRobin[Lane] = RoundRobin(list(self.lanes.values()))
+
+    # -- lanes and their settings -------------------------------------------------------
+
+    def lane(self, tenant: str) -> Lane:
+        return self.lanes[TenantId(tenant)]
+
+    def _new_lane(self, tenant: TenantId) -> Lane:
+        lane = Lane(
+            tenant=tenant,
+            quota=Quota(batch_size=1, max_in_flight=1),
+            circuit=CircuitBreaker(failure_threshold=1, open_seconds=1.0),
+            poison_policy="block",
         )
+        self._configure(lane)
+        return lane
+
+    def _configure(self, lane: Lane) -> None:
+        """Give the lane the publisher's settings, overridden by the tenant's own."""
+        s = self.settings
+        o = self.overrides.get(lane.tenant) or TenantOverrides()
+        quota = Quota(
+            batch_size=o.batch_size or s.batch_size,
+            max_in_flight=o.max_in_flight or s.max_in_flight,
+            events_per_second=o.events_per_second or s.events_per_second,
+        )
+        if quota != lane.quota:
+            lane.quota = quota
+            lane.bucket = bucket_for(quota)
+        lane.circuit.failure_threshold = o.circuit_failure_threshold or s.circuit_failure_threshold
+        lane.circuit.open_seconds = o.circuit_open_seconds or s.circuit_open_seconds
+        lane.poison_policy = o.poison_policy or s.poison_policy
+        template = s.dead_letter_topic if o.dead_letter_topic is None else o.dead_letter_topic
+        lane.dead_letter_topic = template.replace("{tenant}", lane.tenant)
+
+    def _load_overrides(self, *, initial: bool = False) -> bool:
+        """Re-read the per-tenant file if it changed; True when it did."""
+        path: Path | None = self.settings.tenant_config_file
+        if path is None:
+            return False
+        try:
+            mtime = path.stat().st_mtime
+        except OSError as exc:
+            if initial:
+                raise InvalidTenantConfig(f"cannot read tenant config {path}: {exc}") from exc
+            return False
+        if mtime == self.overrides_mtime:
+            return False
+        try:
+            self.overrides = load_tenant_overrides(path)
+        except InvalidTenantConfig as exc:
+            if initial:
+                raise
+            log.error("%s; keeping the previous per-tenant settings", exc)
+        self.overrides_mtime = mtime
+        return True
+
+    def _apply_overrides(self) -> None:
+        if not self._load_overrides():
+            return
+        for lane in self.lanes.values():
+            self._configure(lane)
+        log.info("per-tenant settings re-read from %s", self.settings.tenant_config_file)
+
+    # -- the loop ----------------------------------------------------------------------
 
     def run(self) -> None:
         """Drain until `stopping` is set, riding out database restarts.
 
-        Losing the database connection means losing the tenant's lock: the session
-        ends, the lock is re-acquired from scratch (another publisher may have taken
+        Losing the database connection means losing the tenants' locks: the session
+        ends, the locks are taken again from scratch (another publisher may have taken
         over meanwhile, and then this one waits as standby).
         """
-        metrics.LOCK_HELD.labels(self.tenant).set(0)
+        for lane in self.lanes.values():
+            metrics.LOCK_HELD.labels(lane.tenant).set(0)
+            metrics.CIRCUIT_STATE.labels(lane.tenant).set(lane.circuit.state)
         try:
             while not self.stopping.is_set():
                 try:
                     self._session()
                 except (DBAPIError, psycopg2.Error) as exc:
                     log.warning(
-                        "tenant %s: database connection lost (%s); reconnecting in %.1f s",
-                        self.tenant,
+                        "%s: database connection lost (%s); reconnecting in %.1f s",
+                        self.owner,
                         str(exc).strip().splitlines()[0],
                         self.settings.retry_backoff_seconds,
-                        extra={"tenant": self.tenant},
                     )
                     self.stopping.wait(self.settings.retry_backoff_seconds)
         finally:
             self._close()
 
     def _session(self) -> None:
-        """One database session: hold the tenant's lock on it, drain while it lasts."""
+        """One database session: hold the tenants' locks on it, drain while it lasts."""
         raw: Any = self.engine.raw_connection()
-        # A connection of its own, outside the pool: the lock lives exactly as long as
-        # this session, and closing it releases the lock instead of parking it in the pool.
+        # A connection of its own, outside the pool: the locks live exactly as long as
+        # this session, and closing it releases them instead of parking them in the pool.
         raw.detach()
         try:
-            if not self._acquire_lock(raw):
-                return
-            self.holds_lock = True
-            metrics.LOCK_HELD.labels(self.tenant).set(1)
-            log.info("publisher active for tenant %s", self.tenant, extra={"tenant": self.tenant})
             self._listen(raw)
+            self.next_lock_try = 0.0
             while not self.stopping.is_set():
                 self.heartbeat = time.monotonic()
-                # The lock is only ours while its session lives; check before each batch.
+                self._apply_overrides()
+                self._take_locks(raw)
+                if not any(lane.holds_lock for lane in self.lanes.values()):
+                    self._wait_for_notify(raw, self.settings.poll_interval_seconds)
+                    continue
+                # The locks are only ours while their session lives; check before each turn.
                 with raw.cursor() as cur:
                     cur.execute("SELECT 1")
-                self._maybe_purge()
-                self._maybe_report_backlog()
-                if self._drain_or_back_off() == 0:
-                    self._wait_for_notify(raw)
+                self._housekeeping()
+                if self._turn() == 0:
+                    self._wait_for_notify(raw, self._idle_seconds())
         finally:
-            self.holds_lock = False
-            metrics.LOCK_HELD.labels(self.tenant).set(0)
+            for lane in self.lanes.values():
+                if lane.holds_lock:
+                    metrics.LOCK_HELD.labels(lane.tenant).set(0)
+                lane.holds_lock = lane.recovered = False
             # A batch Kafka committed may not have been marked sent when the session
             # broke: the next session starts a new producer and runs recovery first.
             self._close()
             with contextlib.suppress(Exception):
                 raw.close()
 
-    def _drain_or_back_off(self) -> int:
-        if not self.circuit.allow():
-            self.stopping.wait(min(self.circuit.seconds_until_probe(), 1.0))
-            return 1  # not idle: look again as soon as the pause ends
+    def _turn(self) -> int:
+        """Give the next able lane one batch; return how many rows it claimed."""
+        lane = self.turns.next(self._may_take_turn)
+        if lane is None:
+            return 0
         try:
             if self.delivery is None:
                 self.delivery = self.connect()
-                if self.recover is not None:
-                    self.recover()
-            return self.drain_once(self.delivery)
+                for each in self.lanes.values():
+                    each.recovered = False
+            self._recover_lanes()
+            claimed = self.drain_once(self.delivery, lane)
         except (RetriableError, KafkaException) as exc:
-            # A broken session with Kafka (broker gone, transaction state lost): start a
-            # new one. Fatal errors (fenced by a newer publisher) stop the process.
-            if isinstance(exc, KafkaException) and exc.args[0].fatal():
-                raise
-            self._record_batch(ok=False)
-            log.warning(
-                "tenant %s: %s; reconnecting to Kafka in %.1f s (recovery runs first)",
-                self.tenant,
-                exc,
-                self.settings.retry_backoff_seconds,
-                extra={"tenant": self.tenant},
-            )
-            self._close()
-            self.stopping.wait(self.settings.retry_backoff_seconds)
+            self._kafka_session_failed(exc, lane)
             return 0
+        lane.due = claimed > 0
+        return claimed
+
+    def _may_take_turn(self, lane: Lane) -> bool:
+        if not (lane.holds_lock and lane.due):
+            return False
+        if not lane.circuit.allow():
+            return False
+        if lane.bucket is not None and lane.bucket.available() < 1:
+            metrics.THROTTLED.labels(lane.tenant).inc()
+            return False
+        return True
+
+    def _idle_seconds(self) -> float:
+        """How long to wait for a notification: until the poll tick, the next probe of an
+        open circuit, or the next token of a throttled lane, whichever is first."""
+        wait = self.settings.poll_interval_seconds
+        for lane in self.lanes.values():
+            if not (lane.holds_lock and lane.due):
+                continue
+            if lane.circuit.state is CircuitState.OPEN:
+                wait = min(wait, lane.circuit.seconds_until_probe())
+            elif lane.bucket is not None:
+                wait = min(wait, lane.bucket.seconds_until(1))
+        return max(wait, 0.005)
+
+    def _recover_lanes(self) -> None:
+        waiting = [t for t, lane in self.lanes.items() if lane.holds_lock and not lane.recovered]
+        if not waiting:
+            return
+        if self.recover is not None:
+            self.recover(waiting)
+        for tenant in waiting:
+            self.lanes[tenant].recovered = True
+
+    def _kafka_session_failed(self, exc: Exception, lane: Lane) -> None:
+        # A broken session with Kafka (broker gone, transaction state lost): start a new
+        # one. Fatal errors (fenced by a newer publisher) stop the process. The failure
+        # counts against the lane whose turn it was: a broker that is down for everyone
+        # opens each tenant's circuit as its turn comes.
+        if isinstance(exc, KafkaException) and exc.args[0].fatal():
+            raise exc
+        self._record_batch(lane, ok=False)
+        log.warning(
+            "tenant %s: %s; reconnecting to Kafka in %.1f s (recovery runs first)",
+            lane.tenant,
+            exc,
+            self.settings.retry_backoff_seconds,
+            extra=lane.log_extra(),
+        )
+        self._close()
+        self.stopping.wait(self.settings.retry_backoff_seconds)
 
     @property
     def live(self) -> bool:
@@ -210,107 +358,140 @@ class TenantPublisher:
 
     @property
     def ready(self) -> bool:
-        """Active publisher of its tenant: holds the lock and has a session with Kafka."""
-        return self.holds_lock and self.delivery is not None
+        """Serving: holds at least one tenant's lock and has a session with Kafka."""
+        return self.delivery is not None and any(lane.holds_lock for lane in self.lanes.values())
 
-    def _maybe_report_backlog(self) -> None:
-        if time.monotonic() < self.next_backlog_at:
-            return
-        self.next_backlog_at = time.monotonic() + 5.0
-        with Session(self.engine) as session:
-            pending, oldest_age = backlog(session, tenant_id=self.tenant)
-        metrics.PENDING.labels(self.tenant).set(pending)
-        metrics.OLDEST_PENDING_AGE.labels(self.tenant).set(oldest_age)
+    # -- housekeeping ------------------------------------------------------------------
 
-    def _maybe_purge(self) -> None:
-        if time.monotonic() < self.next_purge_at:
-            return
-        self.next_purge_at = time.monotonic() + self.settings.retention_interval_seconds
+    def _housekeeping(self) -> None:
+        """Backlog gauges and retention, for at most one lane of each per call, so a
+        publisher of many tenants never stalls its turns on housekeeping."""
+        now = time.monotonic()
+        report = next(
+            (x for x in self.lanes.values() if x.holds_lock and now >= x.next_backlog_at), None
+        )
+        if report is not None:
+            report.next_backlog_at = now + BACKLOG_REPORT_SECONDS
+            with Session(self.engine) as session:
+                pending, oldest_age = backlog(session, tenant_id=report.tenant)
+            metrics.PENDING.labels(report.tenant).set(pending)
+            metrics.OLDEST_PENDING_AGE.labels(report.tenant).set(oldest_age)
+        purge = next(
+            (x for x in self.lanes.values() if x.holds_lock and now >= x.next_purge_at), None
+        )
+        if purge is not None:
+            purge.next_purge_at = now + self.settings.retention_interval_seconds
+            self._purge(purge)
+
+    def _purge(self, lane: Lane) -> None:
         purged = purge_expired(
             self.engine,
-            tenant=self.tenant,
+            tenant=lane.tenant,
             retention_seconds=self.settings.retention_seconds,
             chunk=self.settings.retention_chunk,
             budget_seconds=self.settings.retention_budget_seconds,
         )
         if purged:
-            metrics.PURGED.labels(self.tenant).inc(purged)
+            metrics.PURGED.labels(lane.tenant).inc(purged)
             log.info(
                 "tenant %s: purged %d sent events older than %.0f s",
-                self.tenant,
+                lane.tenant,
                 purged,
                 self.settings.retention_seconds,
-                extra={"tenant": self.tenant},
+                extra=lane.log_extra(),
             )
 
-    def _record_batch(self, *, ok: bool) -> None:
-        before = self.circuit.state
+    def _record_batch(self, lane: Lane, *, ok: bool) -> None:
+        circuit = lane.circuit
+        before = circuit.state
         if ok:
-            self.circuit.record_success()
+            circuit.record_success()
         else:
-            self.circuit.record_failure()
-        metrics.CIRCUIT_STATE.labels(self.tenant).set(self.circuit.state)
-        if self.circuit.state is not before:
+            circuit.record_failure()
+        metrics.CIRCUIT_STATE.labels(lane.tenant).set(circuit.state)
+        if circuit.state is not before:
             log.warning(
                 "tenant %s: circuit %s -> %s%s",
-                self.tenant,
+                lane.tenant,
                 before.name.lower(),
-                self.circuit.state.name.lower(),
-                f"; next probe in {self.circuit.open_seconds:.0f} s"
-                if self.circuit.state is CircuitState.OPEN
+                circuit.state.name.lower(),
+                f"; next probe in {circuit.open_seconds:.0f} s"
+                if circuit.state is CircuitState.OPEN
                 else "",
-                extra={"tenant": self.tenant},
+                extra=lane.log_extra(),
             )
 
-    def drain_once(self, delivery: Delivery) -> int:
-        """Deliver one batch; return how many rows it claimed."""
+    # -- one batch ---------------------------------------------------------------------
+
+    def drain_once(self, delivery: Delivery, lane: Lane | None = None) -> int:
+        """Deliver one batch of `lane` (the only one, when omitted); return rows claimed."""
+        if lane is None:
+            (lane,) = self.lanes.values()
+        limit = lane.quota.batch_limit()
+        if lane.isolating or lane.circuit.state is CircuitState.HALF_OPEN:
+            limit = 1
+        if lane.bucket is not None:
+            limit = max(1, min(limit, lane.bucket.available()))
         with Session(self.engine) as session:
             events = claim_pending(
                 session,
-                tenant_id=self.tenant,
-                limit=1
-                if self.isolating or self.circuit.state is CircuitState.HALF_OPEN
-                else self.settings.batch_size,
-                dead_blocks_key=self.settings.poison_policy == "block",
+                tenant_id=lane.tenant,
+                limit=limit,
+                dead_blocks_key=lane.poison_policy == "block",
             )
         if not events:
             return 0
-        metrics.BATCH_SIZE.labels(self.tenant).observe(len(events))
+        if lane.bucket is not None:
+            lane.bucket.take(len(events))
+        metrics.BATCH_SIZE.labels(lane.tenant).observe(len(events))
 
-        metrics.IN_FLIGHT.labels(self.tenant).set(len(events))
+        metrics.IN_FLIGHT.labels(lane.tenant).set(len(events))
         try:
             result = delivery.deliver(events, timeout=self.settings.delivery_timeout_seconds)
         finally:
-            metrics.IN_FLIGHT.labels(self.tenant).set(0)
+            metrics.IN_FLIGHT.labels(lane.tenant).set(0)
         for key in order_breaks(events, result):
-            metrics.KEY_ORDER_BREAKS.labels(self.tenant).inc()
+            metrics.KEY_ORDER_BREAKS.labels(lane.tenant).inc()
             log.error(
                 "tenant %s: a later event of key %r was confirmed after an earlier one failed "
                 "(at-least-once mode cannot take it back; exactly-once mode aborts instead)",
-                self.tenant,
+                lane.tenant,
                 key,
-                extra={"tenant": self.tenant},
+                extra=lane.log_extra(),
             )
-        self._settle(events, result)
+        self._settle(lane, events, result, delivery)
         blamed = [f for f in result.failed if f.verdict is not Verdict.COLLATERAL]
-        self._record_batch(ok=bool(result.delivered) or not blamed)
+        self._record_batch(lane, ok=bool(result.delivered) or not blamed)
         return len(events)
 
-    def _settle(self, events: list[PendingEvent], result: BatchResult) -> None:
-        result = self._attribute(events, result)
+    def _settle(
+        self, lane: Lane, events: list[PendingEvent], result: BatchResult, delivery: Delivery
+    ) -> None:
+        result = self._attribute(lane, events, result)
         attempts = {e.id: e.attempts for e in events}
+        kept = self._dead_letter(lane, events, result, delivery)
         dead = 0
         with Session(self.engine) as session, session.begin():
-            mark_sent(session, result.delivered)
+            latencies = mark_sent(session, result.delivered)
             if result.checkpoint is not None:
                 save_checkpoint_position(
                     session,
-                    owner=self.tenant,
+                    owner=lane.tenant,
                     partition=result.checkpoint.partition,
                     offset=result.checkpoint.offset,
                 )
             for failure in result.failed:
-                if failure.verdict is Verdict.PERMANENT:
+                if failure.id in kept:
+                    # Its dead-letter copy is not confirmed: it stays pending, and goes
+                    # dead only once a later attempt's copy is.
+                    record_failure(
+                        session,
+                        row_id=failure.id,
+                        error=f"{failure.error} (dead-letter copy not confirmed; retrying)",
+                        backoff_seconds=self._backoff(attempts[failure.id]),
+                        max_attempts=attempts[failure.id] + 2,
+                    )
+                elif failure.verdict is Verdict.PERMANENT:
                     mark_dead(session, row_id=failure.id, error=failure.error)
                     dead += 1
                 elif failure.verdict is Verdict.RETRIABLE:
@@ -321,26 +502,64 @@ class TenantPublisher:
                         backoff_seconds=self._backoff(attempts[failure.id]),
                         max_attempts=self.settings.max_attempts,
                     )
-        metrics.PUBLISHED.labels(self.tenant).inc(len(result.delivered))
+        metrics.PUBLISHED.labels(lane.tenant).inc(len(result.delivered))
+        latency = metrics.COMMIT_TO_ACK.labels(lane.tenant)
+        for seconds in latencies:
+            latency.observe(seconds)
         if result.delivered:
-            metrics.LAST_PUBLISH.labels(self.tenant).set_to_current_time()
+            metrics.LAST_PUBLISH.labels(lane.tenant).set_to_current_time()
+        if dead:
+            metrics.DEAD.labels(lane.tenant).inc(dead)
         if result.failed:
-            metrics.DELIVERY_FAILURES.labels(self.tenant).inc(len(result.failed))
+            metrics.DELIVERY_FAILURES.labels(lane.tenant).inc(len(result.failed))
             first = next(
                 (f for f in result.failed if f.verdict is not Verdict.COLLATERAL), result.failed[0]
             )
             log.warning(
                 "tenant %s: Kafka did not confirm %d of %d events (%d now dead; first error: "
                 "%s); the others stay pending and are retried with backoff",
-                self.tenant,
+                lane.tenant,
                 len(result.failed),
                 len(events),
                 dead,
                 first.error,
-                extra={"tenant": self.tenant},
+                extra=lane.log_extra(),
             )
 
-    def _attribute(self, events: list[PendingEvent], result: BatchResult) -> BatchResult:
+    def _dead_letter(
+        self, lane: Lane, events: list[PendingEvent], result: BatchResult, delivery: Delivery
+    ) -> set[int]:
+        """Copy the events this batch gives up on to the tenant's dead-letter topic, if it
+        has one; return the ids whose copy Kafka did not confirm (they must not go dead)."""
+        if not lane.dead_letter_topic:
+            return set()
+        by_id = {e.id: e for e in events}
+        dying = [
+            (by_id[f.id], f.error)
+            for f in result.failed
+            if f.verdict is Verdict.PERMANENT
+            or (
+                f.verdict is Verdict.RETRIABLE
+                and by_id[f.id].attempts + 1 >= self.settings.max_attempts
+            )
+        ]
+        if not dying:
+            return set()
+        try:
+            copied = delivery.dead_letter(
+                dying, topic=lane.dead_letter_topic, timeout=self.settings.delivery_timeout_seconds
+            )
+        except (RetriableError, KafkaException) as exc:
+            if isinstance(exc, KafkaException) and exc.args[0].fatal():
+                raise
+            log.warning("tenant %s: dead-letter copy failed: %s", lane.tenant, exc)
+            copied = set()
+        metrics.DEAD_LETTERED.labels(lane.tenant).inc(len(copied))
+        return {event.id for event, _ in dying if event.id not in copied}
+
+    def _attribute(
+        self, lane: Lane, events: list[PendingEvent], result: BatchResult
+    ) -> BatchResult:
         # Kafka reports a refused request against every message it carried, so a
         # "permanent" verdict is trusted only for a batch of one event.
         permanent = any(f.verdict is Verdict.PERMANENT for f in result.failed)
@@ -348,12 +567,12 @@ class TenantPublisher:
             log.warning(
                 "tenant %s: Kafka refused a batch of %d events (%s); sending one at a time "
                 "to find the event at fault",
-                self.tenant,
+                lane.tenant,
                 len(events),
                 next(f.error for f in result.failed if f.verdict is Verdict.PERMANENT),
-                extra={"tenant": self.tenant},
+                extra=lane.log_extra(),
             )
-            self.isolating = True
+            lane.isolating = True
             return BatchResult(
                 delivered=result.delivered,
                 failed=[
@@ -365,7 +584,7 @@ class TenantPublisher:
                 checkpoint=result.checkpoint,
             )
         if len(events) == 1 and not result.failed:
-            self.isolating = False
+            lane.isolating = False
         return result
 
     def _backoff(self, attempts: int) -> float:
@@ -383,56 +602,78 @@ class TenantPublisher:
         self.delivery = None
         if unconfirmed:
             log.warning(
-                "tenant %s: closing with %d messages unconfirmed by Kafka; their rows stay "
+                "%s: closing with %d messages unconfirmed by Kafka; their rows stay "
                 "pending and the next publisher sends them",
-                self.tenant,
+                self.owner,
                 unconfirmed,
-                extra={"tenant": self.tenant},
             )
 
-    def _acquire_lock(self, raw: Any) -> bool:
-        key = advisory_lock_key(self.tenant)
-        waiting_logged = False
-        while not self.stopping.is_set():
+    # -- locks and wake-ups ------------------------------------------------------------
+
+    def _take_locks(self, raw: Any) -> None:
+        """Try, once per poll interval, to lock every tenant not locked yet."""
+        now = time.monotonic()
+        if now < self.next_lock_try:
+            return
+        self.next_lock_try = now + self.settings.poll_interval_seconds
+        for lane in self.lanes.values():
+            if lane.holds_lock:
+                continue
             with raw.cursor() as cur:
-                cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                cur.execute("SELECT pg_try_advisory_lock(%s)", (advisory_lock_key(lane.tenant),))
                 (locked,) = cur.fetchone()
-            raw.commit()
-            self.heartbeat = time.monotonic()
             if locked:
-                return True
-            if not waiting_logged:
+                lane.holds_lock = True
+                lane.recovered = False
+                lane.due = True
+                lane.standby_logged = False
+                metrics.LOCK_HELD.labels(lane.tenant).set(1)
                 log.info(
-                    "another publisher holds tenant %s; waiting as standby",
-                    self.tenant,
-                    extra={"tenant": self.tenant},
+                    "%s: active publisher of tenant %s",
+                    self.owner,
+                    lane.tenant,
+                    extra=lane.log_extra(),
                 )
-                waiting_logged = True
-            self.stopping.wait(self.settings.poll_interval_seconds)
-        return False
+            elif not lane.standby_logged:
+                log.info(
+                    "another publisher holds tenant %s; %s waits as standby",
+                    lane.tenant,
+                    self.owner,
+                    extra=lane.log_extra(),
+                )
+                lane.standby_logged = True
+        self.heartbeat = time.monotonic()
 
     def _listen(self, raw: Any) -> None:
         raw.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
         with raw.cursor() as cur:
             cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
 
-    def _wait_for_notify(self, raw: Any) -> None:
-        # Wake on a notification for this tenant, or after the poll interval (the
-        # fallback that covers lost notifications and rows whose backoff expired).
+    def _wait_for_notify(self, raw: Any, seconds: float) -> None:
+        """Wait up to `seconds` for a notification naming one of our tenants.
+
+        A notification marks its tenant due; the end of the wait marks every tenant due
+        (the polling fallback that covers lost notifications and expired backoffs).
+        """
         dbapi = raw.dbapi_connection
-        deadline = time.monotonic() + self.settings.poll_interval_seconds
+        deadline = time.monotonic() + seconds
         while not self.stopping.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return
+                break
             readable, _, _ = select.select([dbapi], [], [], min(remaining, 0.5))
             if not readable:
                 continue
             dbapi.poll()
-            ours = any(n.payload == self.tenant for n in dbapi.notifies)
+            woken = [self.lanes.get(TenantId(n.payload)) for n in dbapi.notifies]
             dbapi.notifies.clear()
+            ours = [lane for lane in woken if lane is not None]
+            for lane in ours:
+                lane.due = True
             if ours:
                 return
+        for lane in self.lanes.values():
+            lane.due = True
 
 
 def build_publisher(
@@ -440,9 +681,16 @@ def build_publisher(
     engine: Engine,
     *,
     producer_overrides: dict[str, Any] | None = None,
-) -> TenantPublisher:
-    """A publisher for `settings.tenant` in the configured delivery mode."""
-    tenant = parse_tenant_id(settings.tenant)
+) -> Publisher:
+    """A publisher of the configured tenants (one: dedicated; several: shared) in the
+    configured delivery mode."""
+    served = settings.served_tenants()
+    if not served:
+        raise InvalidTenantConfig(
+            "no tenant to publish: set SOMABRAIN_TENANT (or SOMABRAIN_TENANTS and SOMABRAIN_POOL)"
+        )
+    tenants = [parse_tenant_id(t) for t in served]
+    owner = settings.owner
     overrides = producer_overrides or {}
     timeout = settings.delivery_timeout_seconds
     servers = settings.kafka_bootstrap_servers
@@ -451,8 +699,9 @@ def build_publisher(
         config = build_config(
             bootstrap_servers=servers, delivery_timeout_seconds=timeout, overrides=overrides
         )
-        return TenantPublisher(
-            tenant=tenant,
+        return Publisher(
+            owner=owner,
+            tenants=tenants,
             settings=settings,
             engine=engine,
             connect=lambda: IdempotentDelivery(config),
@@ -462,24 +711,29 @@ def build_publisher(
         bootstrap_servers=servers,
         delivery_timeout_seconds=timeout,
         overrides=overrides,
-        transactional_id=transactional_id(tenant),
+        transactional_id=transactional_id(owner),
     )
 
     def connect() -> Delivery:
         ensure_checkpoint_topic(servers, settings.checkpoint_topic, timeout=timeout)
         return TransactionalDelivery(
-            config, owner=tenant, checkpoint_topic=settings.checkpoint_topic, timeout=timeout
+            config, owner=owner, checkpoint_topic=settings.checkpoint_topic, timeout=timeout
         )
 
-    def recover_rows() -> int:
+    def recover_rows(of: Sequence[TenantId]) -> int:
         return recover(
             engine=engine,
             bootstrap_servers=servers,
-            owner=tenant,
+            tenants=of,
             topic=settings.checkpoint_topic,
             timeout=timeout,
         )
 
-    return TenantPublisher(
-        tenant=tenant, settings=settings, engine=engine, connect=connect, recover=recover_rows
+    return Publisher(
+        owner=owner,
+        tenants=tenants,
+        settings=settings,
+        engine=engine,
+        connect=connect,
+        recover=recover_rows,
     )

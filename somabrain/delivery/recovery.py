@@ -6,11 +6,12 @@ database transaction that marks them sent also records where that checkpoint lan
 A crash between the two commits leaves committed events still `pending`. On start (after
 `init_transactions()` has aborted anything the previous incarnation left open), the
 checkpoint topic is read with read_committed from just after the last recorded position;
-every checkpoint of this owner found there names rows that are in Kafka, and they are
-marked sent now, with their partition and offset. Nothing is published again.
+every checkpoint of the publisher's tenants found there names rows that are in Kafka,
+and they are marked sent now, with their partition and offset. Nothing is published again.
 
-The checkpoint topic is compacted (one record per owner survives), so a first start with
-no recorded position reads at most one record per owner plus the uncompacted tail.
+Checkpoint records are keyed by tenant. The topic is compacted (one record per tenant
+survives), so a start with no recorded position reads at most one record per tenant
+plus the uncompacted tail.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -56,41 +58,62 @@ def ensure_checkpoint_topic(bootstrap_servers: str, topic: str, *, timeout: floa
 
 
 def recover(
-    *, engine: Engine, bootstrap_servers: str, owner: str, topic: str, timeout: float
+    *,
+    engine: Engine,
+    bootstrap_servers: str,
+    tenants: Sequence[str],
+    topic: str,
+    timeout: float,
 ) -> int:
-    """Mark sent the rows of every committed checkpoint of `owner` not yet marked.
+    """Mark sent the rows of every committed checkpoint of `tenants` not yet marked.
 
+    Checkpoints are keyed by tenant, whoever published the batch (a dedicated publisher
+    or a shared one), so a tenant moved between publishers is recovered all the same.
     Returns how many rows changed.
     """
+    if not tenants:
+        return 0
     with Session(engine) as session:
-        position = checkpoint_position(session, owner=owner)
-    found = _read_checkpoints(bootstrap_servers, owner, topic, position, timeout)
+        positions = {t: checkpoint_position(session, owner=t) for t in tenants}
+    found = _read_checkpoints(bootstrap_servers, positions, topic, timeout)
     if not found:
         return 0
 
     changed = 0
     with Session(engine) as session, session.begin():
-        for partition, offset, rows in found:
-            changed += mark_sent(session, rows)
-            save_checkpoint_position(session, owner=owner, partition=partition, offset=offset)
+        for tenant, partition, offset, rows in found:
+            changed += len(mark_sent(session, rows))
+            save_checkpoint_position(session, owner=tenant, partition=partition, offset=offset)
     if changed:
         log.warning(
             "recovered %d rows of %s that Kafka had committed before the last stop; "
             "marked sent without publishing them again",
             changed,
-            owner,
-            extra={"tenant": owner},
+            ", ".join(sorted({f[0] for f in found})),
+            extra={"tenant": found[0][0]} if len({f[0] for f in found}) == 1 else {},
         )
     return changed
 
 
+def _start_offsets(
+    partitions: Sequence[int], positions: Mapping[str, tuple[int, int] | None]
+) -> dict[int, int]:
+    """Where to start reading each partition: just after the oldest recorded position
+    of the tenants, or at the beginning when a tenant has none."""
+    starts: dict[int, int] = {}
+    for partition in partitions:
+        offsets = [p[1] for p in positions.values() if p is not None and p[0] == partition]
+        # A tenant with no position here may have checkpoints anywhere in the partition.
+        starts[partition] = min(offsets) + 1 if len(offsets) == len(positions) else OFFSET_BEGINNING
+    return starts
+
+
 def _read_checkpoints(
     bootstrap_servers: str,
-    owner: str,
+    positions: Mapping[str, tuple[int, int] | None],
     topic: str,
-    position: tuple[int, int] | None,
     timeout: float,
-) -> list[tuple[int, int, list[Delivered]]]:
+) -> list[tuple[str, int, int, list[Delivered]]]:
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap_servers,
@@ -104,24 +127,20 @@ def _read_checkpoints(
         metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if metadata is None or metadata.error is not None:
             raise RecoveryFailed(f"checkpoint topic {topic} is not readable")
-        assignment = [
-            TopicPartition(
-                topic,
-                p,
-                position[1] + 1 if position and position[0] == p else OFFSET_BEGINNING,
-            )
-            for p in metadata.partitions
-        ]
-        consumer.assign(assignment)
-        return _consume_to_end(consumer, owner, len(assignment), timeout)
+        starts = _start_offsets(list(metadata.partitions), positions)
+        consumer.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
+        return _consume_to_end(consumer, positions, len(starts), timeout)
     finally:
         consumer.close()
 
 
 def _consume_to_end(
-    consumer: Consumer, owner: str, partitions: int, timeout: float
-) -> list[tuple[int, int, list[Delivered]]]:
-    found: list[tuple[int, int, list[Delivered]]] = []
+    consumer: Consumer,
+    positions: Mapping[str, tuple[int, int] | None],
+    partitions: int,
+    timeout: float,
+) -> list[tuple[str, int, int, list[Delivered]]]:
+    found: list[tuple[str, int, int, list[Delivered]]] = []
     at_end: set[int] = set()
     deadline = time.monotonic() + timeout
     while len(at_end) < partitions:
@@ -141,7 +160,13 @@ def _consume_to_end(
                 continue
             raise RecoveryFailed(f"reading the checkpoint topic failed: {error}")
         key, value, offset = msg.key(), msg.value(), msg.offset()
-        if key == owner.encode() and value and partition is not None and offset is not None:
-            _, rows = decode_checkpoint(value)
-            found.append((partition, offset, rows))
+        if key is None or not value or partition is None or offset is None:
+            continue
+        tenant = key.decode(errors="replace")
+        if tenant not in positions:
+            continue
+        recorded = positions[tenant]
+        if recorded is not None and recorded[0] == partition and offset <= recorded[1]:
+            continue  # already settled; a replayed row must not be marked sent again
+        found.append((tenant, partition, offset, decode_checkpoint(value)[1]))
     return found

@@ -62,20 +62,40 @@ def _settings_help() -> str:
 
 @publisher_app.command("run", epilog=_settings_help())
 def publisher_run(
-    tenant: Annotated[str, typer.Option(help="Tenant id to drain.", envvar="SOMABRAIN_TENANT")],
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Tenant id to drain; repeat it (with --pool) to drain several in turns.",
+            show_default=False,
+        ),
+    ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help="Name of a shared publisher serving several tenants.", show_default=False
+        ),
+    ] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.INFO,
 ) -> None:
-    """Drain TENANT's pending events into Kafka until SIGTERM.
+    """Drain the tenants' pending events into Kafka until SIGTERM.
 
-    Connection settings come from SOMABRAIN_DATABASE_URL and
-    SOMABRAIN_KAFKA_BOOTSTRAP_SERVERS. A second publisher of the same tenant waits
-    as a standby.
+    One tenant (dedicated mode), or several in fair turns (shared mode, --pool).
+    Tenants also come from SOMABRAIN_TENANT, or SOMABRAIN_TENANTS with SOMABRAIN_POOL.
+    A second publisher of a tenant waits as its standby.
 
     Example: somabrain publisher run --tenant acme
+
+    Example, shared: somabrain publisher run --pool small --tenant acme --tenant globex
     """
     _configure_logging(log_level.value)
-    settings = PublisherSettings(tenant=tenant)
-    parse_tenant_id(settings.tenant)
+    given: dict[str, object] = {}
+    if tenant:
+        given = {"tenant": "", "tenants": tenant} if len(tenant) > 1 else {"tenant": tenant[0]}
+    if pool:
+        given["pool"] = pool
+    settings = PublisherSettings(**given)  # type: ignore[arg-type]
+    for served in settings.served_tenants():
+        parse_tenant_id(served)
     engine = make_engine(settings.database_url)
     _refuse_old_schema(settings.database_url)
     publisher = build_publisher(settings, engine)

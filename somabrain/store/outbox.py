@@ -374,14 +374,15 @@ class Delivered:
     offset: int
 
 
-def mark_sent(session: Session, delivered: Sequence[Delivered]) -> int:
-    """Mark confirmed rows sent with their partition and offset; return rows changed.
+def mark_sent(session: Session, delivered: Sequence[Delivered]) -> list[float]:
+    """Mark confirmed rows sent with their partition and offset.
 
     Only rows still pending change, so a confirmation can never resurrect or rewrite
-    a row some other path already settled.
+    a row some other path already settled. Returns, for each row changed, the seconds
+    from its insert to now by the database's clock (the commit-to-ack latency).
     """
     if not delivered:
-        return 0
+        return []
     values = ", ".join(f"(:id{i}, :p{i}, :o{i})" for i in range(len(delivered)))
     params: dict[str, int] = {}
     for i, d in enumerate(delivered):
@@ -392,10 +393,11 @@ def mark_sent(session: Session, delivered: Sequence[Delivered]) -> int:
             " kafka_partition = v.p, kafka_offset = v.o, last_error = NULL"
             f" FROM (VALUES {values}) AS v(id, p, o)"
             " WHERE e.id = v.id::bigint AND e.status = 'pending'"
+            " RETURNING extract(epoch FROM e.sent_at - e.created_at)"
         ),
         params,
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return [float(age) for (age,) in result]
 
 
 def record_failure(

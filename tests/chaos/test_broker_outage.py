@@ -69,9 +69,10 @@ def test_broker_outage_opens_the_circuit_and_loses_nothing(
                 enqueue_event(session, tenant_id=tenant, topic=topic, key=f"k{i % 7}", payload={})
         sent_while_down = _counts(engine, tenant).get("sent", 0)
         deadline = time.monotonic() + 60
-        while publisher.circuit.state is CircuitState.CLOSED and time.monotonic() < deadline:
+        circuit = publisher.lane(tenant).circuit
+        while circuit.state is CircuitState.CLOSED and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert publisher.circuit.state is not CircuitState.CLOSED
+        assert circuit.state is not CircuitState.CLOSED
         assert _counts(engine, tenant).get("sent", 0) == sent_while_down
         assert _counts(engine, tenant).get("dead", 0) == 0
 
@@ -80,7 +81,7 @@ def test_broker_outage_opens_the_circuit_and_loses_nothing(
         while _counts(engine, tenant).get("sent", 0) < EVENTS and time.monotonic() < deadline:
             time.sleep(0.5)
         assert _counts(engine, tenant) == {"sent": EVENTS}
-        assert publisher.circuit.state is CircuitState.CLOSED
+        assert circuit.state is CircuitState.CLOSED
     finally:
         publisher.stopping.set()
         thread.join(30)

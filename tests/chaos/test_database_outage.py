@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 from devenv import stack
 from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
-from somabrain.delivery.publisher import TenantPublisher, build_publisher
+from somabrain.delivery.publisher import Publisher, build_publisher
 from somabrain.store.engine import make_engine, make_sessionmaker
 from tests.support import event_id, read_committed
 
@@ -44,7 +44,7 @@ def _settings(tenant: str, bootstrap: str) -> PublisherSettings:
     )
 
 
-def _start(publisher: TenantPublisher) -> threading.Thread:
+def _start(publisher: Publisher) -> threading.Thread:
     thread = threading.Thread(target=publisher.run, daemon=True)
     thread.start()
     return thread

@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
-from somabrain.delivery.publisher import TenantPublisher, build_publisher
+from somabrain.delivery.publisher import Publisher, build_publisher
 from tests.support import event_id, read_committed, wait_for
 
 
 @pytest.fixture
-def publisher(engine: Engine, bootstrap: str, tenant: str) -> Iterator[TenantPublisher]:
+def publisher(engine: Engine, bootstrap: str, tenant: str) -> Iterator[Publisher]:
     settings = PublisherSettings(
         tenant=tenant,
         kafka_bootstrap_servers=bootstrap,
@@ -48,7 +48,7 @@ def test_event_committed_after_a_later_id_was_published_is_still_published(
     sessions: sessionmaker[Session],
     bootstrap: str,
     tenant: str,
-    publisher: TenantPublisher,
+    publisher: Publisher,
 ) -> None:
     topic = f"{tenant}.late"
     late = sessions()
@@ -70,7 +70,7 @@ def test_sixteen_racing_writers_leave_kafka_equal_to_the_committed_rows(
     sessions: sessionmaker[Session],
     bootstrap: str,
     tenant: str,
-    publisher: TenantPublisher,
+    publisher: Publisher,
 ) -> None:
     topic = f"{tenant}.race"
 

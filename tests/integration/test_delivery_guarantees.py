@@ -17,7 +17,7 @@ from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
 from somabrain.delivery.producer import TransactionalDelivery, build_config, transactional_id
-from somabrain.delivery.publisher import TenantPublisher, build_publisher
+from somabrain.delivery.publisher import Publisher, build_publisher
 from somabrain.delivery.recovery import ensure_checkpoint_topic
 from somabrain.store.outbox import claim_pending, record_failure
 from tests.support import read_committed, wait_for
@@ -50,9 +50,9 @@ def _incarnation(settings: PublisherSettings) -> TransactionalDelivery:
 
 @pytest.fixture
 def run_publisher() -> Iterator[Any]:
-    started: list[tuple[TenantPublisher, threading.Thread]] = []
+    started: list[tuple[Publisher, threading.Thread]] = []
 
-    def start(publisher: TenantPublisher) -> TenantPublisher:
+    def start(publisher: Publisher) -> Publisher:
         thread = threading.Thread(target=publisher.run, daemon=True)
         thread.start()
         started.append((publisher, thread))
@@ -196,3 +196,80 @@ def test_event_the_broker_refuses_goes_dead_and_other_keys_flow(
             {"t": tenant},
         ).scalar_one()
     assert "too large" in reason.lower() or "MSG_SIZE_TOO_LARGE" in reason
+
+
+def _small_topic(bootstrap: str, topic: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    new = NewTopic(
+        topic, num_partitions=1, replication_factor=1, config={"max.message.bytes": "2048"}
+    )
+    admin.create_topics([new])[topic].result(30)
+
+
+@pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])
+def test_a_dead_event_is_copied_once_to_the_dead_letter_topic_with_its_reason(
+    mode: str,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    bootstrap: str,
+    tenant: str,
+    run_publisher: Any,
+) -> None:
+    topic = f"{tenant}.small"
+    _small_topic(bootstrap, topic)
+    with sessions.begin() as session:
+        enqueue_event(session, tenant_id=tenant, topic=topic, key="a", payload={"x": "y" * 5000})
+        enqueue_event(session, tenant_id=tenant, topic=topic, key="b", payload={"other": 1})
+    settings = _settings(
+        tenant, bootstrap, delivery_mode=mode, dead_letter_topic="{tenant}.dead-letter"
+    )
+
+    run_publisher(build_publisher(settings, engine))
+
+    assert wait_for(lambda: [s for _, s, _ in _statuses(engine, tenant)] == ["dead", "sent"])
+    with engine.connect() as conn:
+        dead_id = conn.execute(
+            text("SELECT event_id FROM outbox_events WHERE tenant_id = :t AND status = 'dead'"),
+            {"t": tenant},
+        ).scalar_one()
+    copies = read_committed(bootstrap, f"{tenant}.dead-letter", expected=1)
+    assert len(copies) == 1
+    headers = {k: v.decode() for k, v in copies[0].headers()}
+    assert headers["event-id"] == str(dead_id)
+    assert headers["original-topic"] == topic
+    assert "too large" in headers["dead-reason"].lower() or "SIZE" in headers["dead-reason"]
+    assert copies[0].key() == b"a"
+
+
+def test_an_event_whose_dead_letter_copy_is_refused_stays_pending_and_says_why(
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    bootstrap: str,
+    tenant: str,
+    run_publisher: Any,
+) -> None:
+    # Nothing goes dead (out of sight) until its copy is confirmed: here the dead-letter
+    # topic is as small as the original, so the copy can never land.
+    topic = f"{tenant}.small"
+    _small_topic(bootstrap, topic)
+    _small_topic(bootstrap, f"{tenant}.dlt")
+    with sessions.begin() as session:
+        enqueue_event(session, tenant_id=tenant, topic=topic, key="a", payload={"x": "y" * 5000})
+    settings = _settings(
+        tenant,
+        bootstrap,
+        dead_letter_topic=f"{tenant}.dlt",
+        retry_backoff_seconds=0.05,
+        retry_backoff_max_seconds=0.1,
+    )
+
+    run_publisher(build_publisher(settings, engine))
+
+    assert wait_for(lambda: _statuses(engine, tenant)[0][2] >= 3)
+    with engine.connect() as conn:
+        status, error = conn.execute(
+            text("SELECT status, last_error FROM outbox_events WHERE tenant_id = :t"),
+            {"t": tenant},
+        ).one()
+    assert status == "pending"
+    assert "dead-letter copy not confirmed" in error

@@ -18,7 +18,7 @@ from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
 from somabrain.delivery.producer import Delivery
-from somabrain.delivery.publisher import TenantPublisher, build_publisher
+from somabrain.delivery.publisher import Publisher, build_publisher
 from somabrain.store.engine import make_sessionmaker
 from somabrain.store.outbox import claim_pending, record_failure
 from tests.support import event_id, read_committed
@@ -44,13 +44,13 @@ class Interleavings(RuleBasedStateMachine):
             max_attempts=1000,
             delivery_timeout_seconds=10,
         )
-        self.publisher: TenantPublisher = build_publisher(publisher_settings, self.engine)
+        self.publisher: Publisher = build_publisher(publisher_settings, self.engine)
         self.delivery: Delivery = self._restart()
 
     def _restart(self) -> Delivery:
         delivery = self.publisher.connect()
         assert self.publisher.recover is not None
-        self.publisher.recover()
+        self.publisher.recover([TenantId(self.tenant)])
         return delivery
 
     @rule(key=st.sampled_from(KEYS), count=st.integers(1, 4))

@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
-from somabrain.delivery.publisher import TenantPublisher, build_publisher
+from somabrain.delivery.publisher import Publisher, build_publisher
 from somabrain.store.outbox import advisory_lock_key
 from tests.support import read_committed, wait_for
 
 
-def _publisher(engine: Engine, tenant: str, bootstrap: str, **overrides: Any) -> TenantPublisher:
+def _publisher(engine: Engine, tenant: str, bootstrap: str, **overrides: Any) -> Publisher:
     settings = PublisherSettings(
         tenant=tenant,
         kafka_bootstrap_servers=bootstrap,
@@ -31,17 +31,15 @@ def _publisher(engine: Engine, tenant: str, bootstrap: str, **overrides: Any) ->
 
 
 @pytest.fixture
-def running() -> Iterator[list[tuple[TenantPublisher, threading.Thread]]]:
-    started: list[tuple[TenantPublisher, threading.Thread]] = []
+def running() -> Iterator[list[tuple[Publisher, threading.Thread]]]:
+    started: list[tuple[Publisher, threading.Thread]] = []
     yield started
     for publisher, thread in started:
         publisher.stopping.set()
         thread.join(15)
 
 
-def _start(
-    running: list[tuple[TenantPublisher, threading.Thread]], publisher: TenantPublisher
-) -> None:
+def _start(running: list[tuple[Publisher, threading.Thread]], publisher: Publisher) -> None:
     thread = threading.Thread(target=publisher.run, daemon=True)
     thread.start()
     running.append((publisher, thread))
@@ -68,7 +66,7 @@ def test_publisher_delivers_pending_events_and_records_their_offsets(
     sessions: sessionmaker[Session],
     bootstrap: str,
     tenant: str,
-    running: list[tuple[TenantPublisher, threading.Thread]],
+    running: list[tuple[Publisher, threading.Thread]],
 ) -> None:
     topic = f"{tenant}.orders"
     with sessions.begin() as session:
@@ -95,7 +93,7 @@ def test_publisher_marks_nothing_sent_while_the_broker_is_unreachable(
     engine: Engine,
     sessions: sessionmaker[Session],
     tenant: str,
-    running: list[tuple[TenantPublisher, threading.Thread]],
+    running: list[tuple[Publisher, threading.Thread]],
 ) -> None:
     # O-6 / O-19: produce() returning is not delivery; without a report, rows stay pending.
     with sessions.begin() as session:
@@ -126,7 +124,7 @@ def test_second_publisher_of_a_tenant_waits_until_the_first_lets_go(
     sessions: sessionmaker[Session],
     bootstrap: str,
     tenant: str,
-    running: list[tuple[TenantPublisher, threading.Thread]],
+    running: list[tuple[Publisher, threading.Thread]],
 ) -> None:
     holder = engine.raw_connection()
     holder.detach()
