@@ -3,7 +3,11 @@ the unique dedupe key added over a table that already holds duplicates."""
 
 import datetime as dt
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +21,7 @@ from somabrain.store import migrate
 from somabrain.store.engine import make_engine, make_sessionmaker
 from somabrain.store.models import Base
 
+SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
 DEDUPE_CONSTRAINT = "uq_outbox_events_tenant_id_dedupe_key"
 MIGRATION_LOGGER = "alembic.runtime.migration"
 LONG_KEY = "k" * 200  # the longest dedupe key the column holds
@@ -372,3 +377,42 @@ def test_downgrade_from_0003_drops_the_constraint_and_leaves_marked_rows_marked(
     migrate.upgrade(url, "0003")
     assert _rows(url) == migrated
     assert _dedupe_constraints(url) == [["tenant_id", "dedupe_key"]]
+
+
+def _somabrain_db_upgrade(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SOMABRAIN, "db", "upgrade"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": url},
+        timeout=120,
+        check=False,
+    )
+
+
+def test_db_upgrade_command_shows_the_duplicates_warning(
+    make_database: Callable[[], str],
+) -> None:
+    url, _ = _database_with_duplicates(make_database)
+
+    result = _somabrain_db_upgrade(url)
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"schema at {migrate.head_revision(url)}"
+    assert "WARNING alembic.runtime.migration: migration 0003: 4 duplicate" in result.stderr
+
+
+def test_db_upgrade_command_that_cannot_resolve_a_duplicate_fails_with_one_line(
+    make_database: Callable[[], str],
+) -> None:
+    url, _, _ = _database_with_an_unresolvable_duplicate(make_database)
+
+    result = _somabrain_db_upgrade(url)
+
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("FAILED: migration: cannot resolve duplicate dedupe keys")
+    )
+    assert "Traceback" not in result.stderr
