@@ -3,6 +3,9 @@
 Revision ID: 0001
 Revises:
 Create Date: 2026-12-03
+
+The unique `(tenant_id, dedupe_key)` constraint comes in 0003, which first resolves the
+duplicates a table created without it may hold.
 """
 
 from __future__ import annotations
@@ -60,9 +63,6 @@ def upgrade() -> None:
         sa.Column("kafka_offset", sa.BigInteger(), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_outbox_events"),
         sa.UniqueConstraint("event_id", name="uq_outbox_events_event_id"),
-        sa.UniqueConstraint(
-            "tenant_id", "dedupe_key", name="uq_outbox_events_tenant_id_dedupe_key"
-        ),
         sa.CheckConstraint(
             f"tenant_id ~ '{TENANT_ID_PATTERN}'", name="ck_outbox_events_tenant_id_format"
         ),

@@ -128,11 +128,16 @@ def _refuse_old_schema(database_url: str) -> None:
 @db_app.command("upgrade")
 def db_upgrade(
     revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.INFO,
 ) -> None:
     """Migrate the outbox schema up to REVISION (default: the newest).
 
+    Each step is logged to stderr, with a warning for anything a migration had to
+    resolve (such as duplicate dedupe keys).
+
     Example: SOMABRAIN_DATABASE_URL=postgresql://... somabrain db upgrade
     """
+    _configure_logging(log_level.value)
     settings = Settings()
     migrate.upgrade(settings.database_url, revision)
     typer.echo(f"schema at {migrate.current_revision(settings.database_url)}")
