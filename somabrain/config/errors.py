@@ -66,6 +66,23 @@ class EventTooLarge(InvalidEvent):
         self.limit = limit
 
 
+class BacklogOverCap(RetriableError):
+    """Enqueue refused: the tenant's pending backlog is at its cap. Nothing was written;
+    the caller may retry once the publisher has caught up."""
+
+    def __init__(self, *, tenant: str, backlog: int, cap: int, adding: int = 1) -> None:
+        super().__init__(
+            f"tenant {tenant} has {backlog:,} pending events and its cap is {cap:,}; "
+            f"refusing {adding:,} more (nothing was written). Its publisher must catch up "
+            "(is one running? see somabrain_publisher_active) or the cap be raised "
+            "(max_pending)"
+        )
+        self.tenant = tenant
+        self.backlog = backlog
+        self.cap = cap
+        self.adding = adding
+
+
 class InvalidTenantConfig(PermanentError):
     """The per-tenant configuration file cannot be read or does not validate."""
 

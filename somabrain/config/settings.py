@@ -47,6 +47,13 @@ class Settings(BaseSettings):
         description="Largest encoded message (value, key and headers) enqueue accepts; keep "
         "it at or under the broker's message.max.bytes.",
     )
+    max_pending: int | None = Field(
+        default=1_000_000,
+        gt=0,
+        description="Cap on a tenant's pending events: enqueue refuses beyond it with "
+        "BacklogOverCap. A tenant's publisher records its own cap in the database, which "
+        "takes precedence; this one applies to tenants no publisher has reported.",
+    )
 
 
 class PublisherSettings(Settings):
@@ -191,6 +198,7 @@ class TenantOverrides(BaseModel):
 
     batch_size: int | None = Field(default=None, ge=1, le=10_000)
     max_in_flight: int | None = Field(default=None, ge=1)
+    max_pending: int | None = Field(default=None, gt=0)
     events_per_second: float | None = Field(default=None, gt=0)
     circuit_failure_threshold: int | None = Field(default=None, ge=1)
     circuit_open_seconds: float | None = Field(default=None, gt=0)

@@ -102,3 +102,11 @@ DEAD_LETTERED = Counter(
     ["tenant"],
     registry=REGISTRY,
 )
+REPUBLISHED = Counter(
+    "somabrain_events_republished",
+    "At-least-once mode: events sent again after an earlier send whose outcome was never "
+    "confirmed (a crash, or a failed or timed-out delivery report); consumers may see them "
+    "twice, with the same event-id header.",
+    ["tenant"],
+    registry=REGISTRY,
+)

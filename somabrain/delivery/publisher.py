@@ -77,8 +77,10 @@ from somabrain.store.outbox import (
     backlog,
     claim_pending,
     mark_dead,
+    mark_dispatched,
     mark_sent,
     record_failure,
+    report_tenant,
     save_checkpoint_position,
 )
 
@@ -96,6 +98,7 @@ class Lane:
     circuit: CircuitBreaker
     poison_policy: str
     dead_letter_topic: str = ""
+    max_pending: int | None = None
     bucket: TokenBucket | None = None
     holds_lock: bool = False
     standby_logged: bool = False
@@ -181,6 +184,7 @@ class Publisher:
         lane.circuit.failure_threshold = o.circuit_failure_threshold or s.circuit_failure_threshold
         lane.circuit.open_seconds = o.circuit_open_seconds or s.circuit_open_seconds
         lane.poison_policy = o.poison_policy or s.poison_policy
+        lane.max_pending = o.max_pending or s.max_pending
         template = s.dead_letter_topic if o.dead_letter_topic is None else o.dead_letter_topic
         lane.dead_letter_topic = template.replace("{tenant}", lane.tenant)
 
@@ -372,8 +376,16 @@ class Publisher:
         )
         if report is not None:
             report.next_backlog_at = now + BACKLOG_REPORT_SECONDS
-            with Session(self.engine) as session:
+            with Session(self.engine) as session, session.begin():
                 pending, oldest_age = backlog(session, tenant_id=report.tenant)
+                # Enqueue reads the cap and this count (see check_backlog).
+                report_tenant(
+                    session,
+                    tenant_id=report.tenant,
+                    pending=pending,
+                    max_pending=report.max_pending,
+                    publisher=self.owner,
+                )
             metrics.PENDING.labels(report.tenant).set(pending)
             metrics.OLDEST_PENDING_AGE.labels(report.tenant).set(oldest_age)
         purge = next(
@@ -444,6 +456,9 @@ class Publisher:
         if lane.bucket is not None:
             lane.bucket.take(len(events))
         metrics.BATCH_SIZE.labels(lane.tenant).observe(len(events))
+        if self.settings.delivery_mode == "at-least-once":
+            with Session(self.engine) as session, session.begin():
+                mark_dispatched(session, [e.id for e in events])
 
         metrics.IN_FLIGHT.labels(lane.tenant).set(len(events))
         try:
@@ -476,7 +491,7 @@ class Publisher:
             if result.checkpoint is not None:
                 save_checkpoint_position(
                     session,
-                    owner=lane.tenant,
+                    tenant_id=lane.tenant,
                     partition=result.checkpoint.partition,
                     offset=result.checkpoint.offset,
                 )
@@ -503,6 +518,10 @@ class Publisher:
                         max_attempts=self.settings.max_attempts,
                     )
         metrics.PUBLISHED.labels(lane.tenant).inc(len(result.delivered))
+        delivered = {d.id for d in result.delivered}
+        again = sum(1 for e in events if e.dispatched and e.id in delivered)
+        if again:
+            metrics.REPUBLISHED.labels(lane.tenant).inc(again)
         latency = metrics.COMMIT_TO_ACK.labels(lane.tenant)
         for seconds in latencies:
             latency.observe(seconds)

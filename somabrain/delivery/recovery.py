@@ -74,7 +74,7 @@ def recover(
     if not tenants:
         return 0
     with Session(engine) as session:
-        positions = {t: checkpoint_position(session, owner=t) for t in tenants}
+        positions = {t: checkpoint_position(session, tenant_id=t) for t in tenants}
     found = _read_checkpoints(bootstrap_servers, positions, topic, timeout)
     if not found:
         return 0
@@ -83,7 +83,7 @@ def recover(
     with Session(engine) as session, session.begin():
         for tenant, partition, offset, rows in found:
             changed += len(mark_sent(session, rows))
-            save_checkpoint_position(session, owner=tenant, partition=partition, offset=offset)
+            save_checkpoint_position(session, tenant_id=tenant, partition=partition, offset=offset)
     if changed:
         log.warning(
             "recovered %d rows of %s that Kafka had committed before the last stop; "

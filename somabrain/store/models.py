@@ -83,6 +83,7 @@ class OutboxEvent(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     kafka_partition: Mapped[int | None] = mapped_column(Integer)
     kafka_offset: Mapped[int | None] = mapped_column(BigInteger)
+    dispatched_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         UniqueConstraint("tenant_id", "dedupe_key"),
@@ -117,13 +118,32 @@ class OutboxEvent(Base):
 
 
 class PublisherCheckpoint(Base):
-    """Position, in the checkpoint topic, of the last batch a publisher marked sent."""
+    """Position, in the checkpoint topic, of a tenant's last batch marked sent."""
 
     __tablename__ = "publisher_checkpoints"
 
-    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     kafka_partition: Mapped[int] = mapped_column(Integer, nullable=False)
     kafka_offset: Mapped[int] = mapped_column(BigInteger, nullable=False)
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=text("now()")
+    )
+
+
+class OutboxTenant(Base):
+    """What the active publisher of a tenant last reported: the tenant's cap on pending
+    events, its backlog then, and who the publisher is. Enqueue reads the cap here."""
+
+    __tablename__ = "outbox_tenants"
+
+    tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    max_pending: Mapped[int | None] = mapped_column(BigInteger)
+    pending: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    counted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    publisher: Mapped[str | None] = mapped_column(String(200))
+    publisher_seen_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(f"tenant_id ~ '{TENANT_ID_PATTERN}'", name="tenant_id_format"),
+        CheckConstraint("max_pending IS NULL OR max_pending > 0", name="max_pending_positive"),
     )

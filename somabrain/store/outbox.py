@@ -15,10 +15,12 @@ the tenant's advisory lock); claiming takes no row locks.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import functools
 import hashlib
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,11 +43,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session, aliased
 
-from somabrain.config.errors import EventTooLarge, InvalidEvent
+from somabrain.config.errors import BacklogOverCap, EventTooLarge, InvalidEvent
 from somabrain.config.settings import Settings
 from somabrain.config.types import EventId, TenantId, parse_tenant_id
 from somabrain.store.codec import check_encodable, encode_payload, refuse_nul, validate_headers
-from somabrain.store.models import EventStatus, OutboxEvent, PublisherCheckpoint
+from somabrain.store.models import EventStatus, OutboxEvent, OutboxTenant, PublisherCheckpoint
 
 NOTIFY_CHANNEL = "somabrain_outbox"
 # Set by the publisher on every message; callers may not set them (no spoofed ids).
@@ -86,6 +88,8 @@ class PendingEvent:
     payload_json: str | None
     headers: dict[str, str]
     attempts: int
+    # Handed to Kafka before without a confirmed outcome (at-least-once mode only).
+    dispatched: bool = False
 
 
 def enqueue_event(
@@ -106,7 +110,8 @@ def enqueue_event(
     the event gets a fresh one, so it is never a duplicate. Every argument is checked
     before anything is written: a bad tenant id, topic, key, payload or header, or a
     message over `max_message_bytes` (default: SOMABRAIN_MAX_MESSAGE_BYTES) raises
-    InvalidEvent and leaves the caller's transaction untouched.
+    InvalidEvent and leaves the caller's transaction untouched. So does a tenant whose
+    pending backlog is at its cap: BacklogOverCap names the tenant, backlog and cap.
 
     A repeated dedupe key returns DUPLICATE without error under READ COMMITTED (the
     default isolation). Under REPEATABLE READ or SERIALIZABLE, PostgreSQL reports a
@@ -144,7 +149,8 @@ def enqueue_events(
     """Add many events in the caller's transaction with one INSERT per 1,000 events.
 
     All or nothing at validation: if any event is invalid, InvalidEvent names its
-    position and nothing is written. Results come back in the order of `events`; a
+    position and nothing is written; if a tenant's backlog would go over its cap,
+    BacklogOverCap says so and nothing is written. Results come back in the order of `events`; a
     dedupe key repeated within the batch, or already in the outbox, is a DUPLICATE.
     """
     limit = max_message_bytes if max_message_bytes is not None else _default_max_bytes()
@@ -156,6 +162,10 @@ def enqueue_events(
             if len(events) == 1:
                 raise
             raise InvalidEvent(f"event {position}: {exc}") from exc
+
+    adding = collections.Counter(row["tenant_id"] for row in rows)
+    for tenant, count in adding.items():
+        check_backlog(session, tenant, adding=count)
 
     inserted: dict[tuple[str, str], uuid.UUID] = {}
     for start in range(0, len(rows), 1000):
@@ -226,6 +236,90 @@ _INSERT = (
 def _default_max_bytes() -> int:
     # Read once per process: settings do not change under a running application.
     return Settings().max_message_bytes
+
+
+@functools.cache
+def _default_max_pending() -> int | None:
+    return Settings().max_pending
+
+
+# A publisher reports its tenants' backlog every few seconds; a report older than this
+# means no publisher is active, and enqueue counts the backlog itself (bounded by the
+# cap, and at most once per interval per tenant and process).
+REPORT_FRESH_SECONDS = 30.0
+_COUNT_REUSE_SECONDS = 5.0
+_counted: dict[tuple[str, str], tuple[float, int]] = {}
+
+
+def check_backlog(session: Session, tenant_id: str, *, adding: int = 1) -> None:
+    """Raise BacklogOverCap if `adding` more events would take the tenant's pending
+    backlog over its cap.
+
+    The cap is the one the tenant's publisher recorded in `outbox_tenants`, else
+    SOMABRAIN_MAX_PENDING. The backlog is the publisher's latest count (a few seconds
+    old at most), so a burst may overshoot the cap by what arrives between two counts.
+    """
+    report = session.execute(
+        select(
+            OutboxTenant.max_pending,
+            OutboxTenant.pending,
+            func.extract("epoch", func.now() - OutboxTenant.counted_at),
+        ).where(OutboxTenant.tenant_id == tenant_id)
+    ).one_or_none()
+    cap = report[0] if report is not None and report[0] is not None else _default_max_pending()
+    if cap is None:
+        return
+    if report is not None and report[2] is not None and report[2] <= REPORT_FRESH_SECONDS:
+        backlog = int(report[1])
+    else:
+        backlog = _count_pending_up_to(session, tenant_id, cap)
+    if backlog + adding > cap:
+        raise BacklogOverCap(tenant=tenant_id, backlog=backlog, cap=cap, adding=adding)
+
+
+def _count_pending_up_to(session: Session, tenant_id: str, cap: int) -> int:
+    bind = session.get_bind()
+    key = (str(bind.engine.url), tenant_id)
+    cached = _counted.get(key)
+    if cached is not None and time.monotonic() - cached[0] < _COUNT_REUSE_SECONDS:
+        return cached[1]
+    pending = (
+        select(literal(1))
+        .where(OutboxEvent.tenant_id == tenant_id, OutboxEvent.status == EventStatus.PENDING.value)
+        .limit(cap + 1)
+        .subquery()
+    )
+    count = int(session.execute(select(func.count()).select_from(pending)).scalar_one())
+    _counted[key] = (time.monotonic(), count)
+    return count
+
+
+_REPORTED = ("pending", "max_pending", "counted_at", "publisher", "publisher_seen_at")
+
+
+def report_tenant(
+    session: Session,
+    *,
+    tenant_id: str,
+    pending: int,
+    max_pending: int | None,
+    publisher: str,
+) -> None:
+    """Record what the tenant's active publisher knows: its backlog, cap and identity."""
+    stmt = insert(OutboxTenant).values(
+        tenant_id=tenant_id,
+        pending=pending,
+        max_pending=max_pending,
+        counted_at=func.now(),
+        publisher=publisher,
+        publisher_seen_at=func.now(),
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["tenant_id"],
+            set_={column: stmt.excluded[column] for column in _REPORTED},
+        )
+    )
 
 
 def _check_text(
@@ -338,6 +432,7 @@ def claim_pending(
             cast(OutboxEvent.payload, Text).label("payload_json"),
             OutboxEvent.headers,
             OutboxEvent.attempts,
+            OutboxEvent.dispatched_at.is_not(None).label("dispatched"),
         )
         .where(
             OutboxEvent.tenant_id == tenant_id,
@@ -360,6 +455,7 @@ def claim_pending(
             payload_json=row.payload_json,
             headers=dict(row.headers),
             attempts=row.attempts,
+            dispatched=row.dispatched,
         )
         for row in session.execute(stmt)
     ]
@@ -400,6 +496,16 @@ def mark_sent(session: Session, delivered: Sequence[Delivered]) -> list[float]:
     return [float(age) for (age,) in result]
 
 
+def mark_dispatched(session: Session, row_ids: Sequence[int]) -> None:
+    """Note that these rows are being handed to Kafka (at-least-once mode): if their
+    outcome is never confirmed, the next send of each is a possible second copy."""
+    session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(row_ids), OutboxEvent.status == EventStatus.PENDING.value)
+        .values(dispatched_at=func.now())
+    )
+
+
 def record_failure(
     session: Session, *, row_id: int, error: str, backoff_seconds: float, max_attempts: int
 ) -> bool:
@@ -437,24 +543,26 @@ def mark_dead(session: Session, *, row_id: int, error: str) -> None:
     )
 
 
-def checkpoint_position(session: Session, *, owner: str) -> tuple[int, int] | None:
-    """Partition and offset of the owner's last checkpoint marked in the database."""
+def checkpoint_position(session: Session, *, tenant_id: str) -> tuple[int, int] | None:
+    """Partition and offset of the tenant's last checkpoint marked in the database."""
     row = session.execute(
         select(PublisherCheckpoint.kafka_partition, PublisherCheckpoint.kafka_offset).where(
-            PublisherCheckpoint.owner == owner
+            PublisherCheckpoint.tenant_id == tenant_id
         )
     ).one_or_none()
     return None if row is None else (int(row[0]), int(row[1]))
 
 
-def save_checkpoint_position(session: Session, *, owner: str, partition: int, offset: int) -> None:
+def save_checkpoint_position(
+    session: Session, *, tenant_id: str, partition: int, offset: int
+) -> None:
     """Record, in the transaction that marks a batch sent, where its checkpoint is."""
     stmt = insert(PublisherCheckpoint).values(
-        owner=owner, kafka_partition=partition, kafka_offset=offset
+        tenant_id=tenant_id, kafka_partition=partition, kafka_offset=offset
     )
     session.execute(
         stmt.on_conflict_do_update(
-            index_elements=["owner"],
+            index_elements=["tenant_id"],
             set_={
                 "kafka_partition": stmt.excluded.kafka_partition,
                 "kafka_offset": func.greatest(

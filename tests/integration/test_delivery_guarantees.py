@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
+from somabrain.delivery import metrics
 from somabrain.delivery.producer import TransactionalDelivery, build_config, transactional_id
 from somabrain.delivery.publisher import Publisher, build_publisher
 from somabrain.delivery.recovery import ensure_checkpoint_topic
@@ -273,3 +274,52 @@ def test_an_event_whose_dead_letter_copy_is_refused_stays_pending_and_says_why(
         ).one()
     assert status == "pending"
     assert "dead-letter copy not confirmed" in error
+
+
+class _Crash(Exception):
+    """The process dies here."""
+
+
+class _CrashAfterConfirmation:
+    """Kafka confirms the batch, then the process dies before the database hears of it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def deliver(self, events: Any, *, timeout: float) -> Any:
+        self.inner.deliver(events, timeout=timeout)
+        raise _Crash
+
+    def close(self, timeout: float) -> int:
+        return int(self.inner.close(timeout))
+
+
+def test_at_least_once_crash_after_confirmation_republishes_same_ids_and_counts_them(
+    engine: Engine, sessions: sessionmaker[Session], bootstrap: str, tenant: str, run_publisher: Any
+) -> None:
+    # O-3, at-least-once: the second copy carries the same event-id and key, and the
+    # republished counter says how many copies consumers may see twice.
+    topic = f"{tenant}.orders"
+    with sessions.begin() as session:
+        for i in range(6):
+            enqueue_event(session, tenant_id=tenant, topic=topic, key=f"k{i % 3}", payload={"i": i})
+    settings = _settings(tenant, bootstrap, delivery_mode="at-least-once")
+    crashed = build_publisher(settings, engine)
+    with pytest.raises(_Crash):
+        crashed.drain_once(_CrashAfterConfirmation(crashed.connect()))
+    assert {s for _, s, _ in _statuses(engine, tenant)} == {"pending"}
+
+    publisher = run_publisher(build_publisher(settings, engine))
+    assert wait_for(lambda: {s for _, s, _ in _statuses(engine, tenant)} == {"sent"})
+
+    messages = read_committed(bootstrap, topic, expected=12)
+    copies: dict[bytes, list[bytes]] = {}
+    for message in messages:
+        copies.setdefault(dict(message.headers())["event-id"], []).append(message.key())
+    assert len(copies) == 6
+    assert all(len(keys) == 2 and keys[0] == keys[1] for keys in copies.values())
+    republished = metrics.REGISTRY.get_sample_value(
+        "somabrain_events_republished_total", {"tenant": tenant}
+    )
+    assert republished == 6
+    assert publisher.lane(tenant).circuit.state.name == "CLOSED"

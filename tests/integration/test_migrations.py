@@ -190,7 +190,7 @@ def test_upgrade_over_duplicates_keeps_every_row_and_the_earliest_of_each_group_
     url, ids = _database_with_duplicates(make_database)
     before = _rows(url)
 
-    migrate.upgrade(url)
+    migrate.upgrade(url, "0003")
 
     after = _rows(url)
     assert sorted(after) == sorted(before)
