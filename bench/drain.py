@@ -5,7 +5,9 @@
 - database ceiling: claiming and marking the same rows on the same table in batches,
   without Kafka;
 - drain: the publisher draining those rows into Kafka (exactly-once and at-least-once),
-  on an empty table and with a large number of sent rows present.
+  on an empty table and with a large number of sent rows present;
+- shared drain: one publisher serving 100 tenants in turns (its real run loop, woken by
+  polling), the same number of events spread over them.
 
 Each figure is events per second; ratios compare the drain with the lower ceiling.
 Results go to bench/results/drain.json. Run: `.venv/bin/python -m bench.drain`.
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -143,6 +146,52 @@ def drain(
     return count / elapsed
 
 
+def drain_shared(
+    engine: Engine,
+    database_url: str,
+    bootstrap: str,
+    topic: str,
+    count: int,
+    batch: int,
+    tenants: int,
+) -> float:
+    """Events/s of one shared publisher draining `count` events spread over `tenants`."""
+    names = [f"bench-pool-{i:03d}" for i in range(tenants)]
+    for name in names:
+        seed(engine, name, topic, count // tenants)
+    settings = PublisherSettings(
+        tenants=names,
+        pool="bench",
+        database_url=database_url,
+        kafka_bootstrap_servers=bootstrap,
+        batch_size=batch,
+        poll_interval_seconds=0.2,
+    )
+    publisher = build_publisher(settings, engine)
+    thread = threading.Thread(target=publisher.run, daemon=True)
+    expected = (count // tenants) * tenants
+    started = time.perf_counter()
+    thread.start()
+    sent = 0
+    try:
+        while sent < expected and time.perf_counter() - started < 600:
+            time.sleep(0.05)
+            with engine.connect() as conn:
+                sent = conn.execute(
+                    text(
+                        "SELECT count(*) FROM outbox_events WHERE tenant_id LIKE 'bench-pool-%'"
+                        " AND status = 'sent'"
+                    )
+                ).scalar_one()
+        elapsed = time.perf_counter() - started
+    finally:
+        publisher.stopping.set()
+        thread.join(30)
+    if sent != expected:
+        raise RuntimeError(f"shared drain left {expected - sent} of {expected} rows unsent")
+    return expected / elapsed
+
+
 def run(env: dict[str, str], *, count: int, batch: int, old_rows: int) -> dict[str, Any]:
     database_url, bootstrap = env["DATABASE_URL"], env["KAFKA_BOOTSTRAP_SERVERS"]
     migrate.upgrade(database_url)
@@ -160,6 +209,10 @@ def run(env: dict[str, str], *, count: int, batch: int, old_rows: int) -> dict[s
         figures[f"drain_{mode}"] = drain(
             engine, database_url, bootstrap, tenant, mode, count, batch
         )
+
+    figures["drain_exactly-once_100_tenants_shared"] = drain_shared(
+        engine, database_url, bootstrap, topic, count, batch, 100
+    )
 
     seed(engine, "bench-old", topic, old_rows, status="sent")
     seed(engine, "bench-full", topic, count)
@@ -179,6 +232,10 @@ def run(env: dict[str, str], *, count: int, batch: int, old_rows: int) -> dict[s
             "drain_exactly_once_vs_lower_ceiling": round(figures["drain_exactly-once"] / lower, 3),
             "drain_at_least_once_vs_lower_ceiling": round(
                 figures["drain_at-least-once"] / lower, 3
+            ),
+            "drain_100_tenants_shared_vs_one_tenant": round(
+                figures["drain_exactly-once_100_tenants_shared"] / figures["drain_exactly-once"],
+                3,
             ),
             "drain_with_old_rows_vs_empty": round(
                 figures["drain_exactly-once_with_old_sent_rows"] / figures["drain_exactly-once"], 3

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import enqueue_event
 from somabrain.store.engine import make_engine, make_sessionmaker
-from tests.support import event_id, read_committed
+from tests.support import event_id, read_committed, wait_for
 
 pytestmark = pytest.mark.integration
 EVENTS = 20_000
@@ -34,6 +34,10 @@ def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [SOMABRAIN, "publisher", "run"], env=env, stdout=out, stderr=subprocess.STDOUT
         )
+
+
+def _activations(log: Path) -> int:
+    return log.read_text().count("active publisher of tenant")
 
 
 def _enqueue_all(sessions: sessionmaker[Session], tenant: str, topic: str) -> None:
@@ -87,9 +91,12 @@ def test_publisher_killed_ten_times_loses_and_duplicates_nothing(
     producer.start()
 
     rng = random.Random(5)
-    for _ in range(KILLS):
+    for kill in range(KILLS):
         publisher = _spawn(env, log)
-        time.sleep(rng.uniform(1.0, 3.0))
+        # Each incarnation is killed at a random point after it became active, so
+        # every kill lands in the drain, however slowly the machine starts processes.
+        assert wait_for(lambda n=kill: _activations(log) > n, timeout=120), log.read_text()
+        time.sleep(rng.uniform(0.1, 2.0))
         publisher.send_signal(signal.SIGKILL)
         publisher.wait(10)
     producer.join()
@@ -123,4 +130,4 @@ def test_publisher_killed_ten_times_loses_and_duplicates_nothing(
         assert row_id > last[key], f"key {key}: row {row_id} after row {last[key]}"
         last[key] = row_id
     # The kills must have hit running publishers, not processes still starting up.
-    assert log.read_text().count("publisher active") >= KILLS // 2 + 1
+    assert _activations(log) == KILLS + 1
