@@ -31,7 +31,12 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from somabrain.config.errors import FatalError, RetriableError, UnsafeProducerConfig
+from somabrain.config.errors import (
+    EventEncodingError,
+    FatalError,
+    RetriableError,
+    UnsafeProducerConfig,
+)
 from somabrain.delivery.classify import Verdict, classify
 from somabrain.store.codec import reencode_stored
 from somabrain.store.outbox import Delivered, PendingEvent
@@ -158,6 +163,10 @@ class _Reports:
 
         return on_delivery
 
+    def refuse(self, row_id: int, why: str) -> None:
+        """An event that cannot become a message at all: it fails alone, for good."""
+        self.result.failed.append(Failed(row_id, why, Verdict.PERMANENT))
+
     def settle_missing(self, events: Sequence[PendingEvent], why: str) -> None:
         settled = {d.id for d in self.result.delivered} | {f.id for f in self.result.failed}
         self.result.failed.extend(
@@ -165,13 +174,21 @@ class _Reports:
         )
 
 
-def _produce(producer: Producer, event: PendingEvent, callback: Any) -> None:
+def _produce(producer: Producer, event: PendingEvent, reports: _Reports) -> None:
+    try:
+        value = reencode_stored(event.payload_json)
+    except EventEncodingError as exc:
+        # Only a row written around enqueue gets here; it goes dead with the reason
+        # instead of stopping the publisher with every other event of its batch.
+        reports.refuse(event.id, f"payload cannot be published: {exc}")
+        return
+    callback = reports.callback(event.id)
     while True:
         try:
             producer.produce(
                 event.topic,
                 key=None if event.message_key is None else event.message_key.encode(),
-                value=reencode_stored(event.payload_json),
+                value=value,
                 headers=message_headers(event),
                 on_delivery=callback,
             )
@@ -194,7 +211,7 @@ class IdempotentDelivery:
     def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult:
         reports = _Reports()
         for event in events:
-            _produce(self._producer, event, reports.callback(event.id))
+            _produce(self._producer, event, reports)
         if self._producer.flush(timeout):
             reports.settle_missing(events, f"no delivery report within {timeout:.0f}s")
         return reports.result
@@ -245,7 +262,7 @@ class TransactionalDelivery:
         reports = _Reports()
         self._producer.begin_transaction()
         for event in events:
-            _produce(self._producer, event, reports.callback(event.id))
+            _produce(self._producer, event, reports)
         if self._producer.flush(timeout):
             reports.settle_missing(events, f"no delivery report within {timeout:.0f}s")
         if reports.result.failed:
