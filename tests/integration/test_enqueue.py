@@ -106,6 +106,7 @@ def test_enqueue_concurrent_same_dedupe_key_gives_one_row_and_no_abort(
 def test_enqueue_without_payload_stores_a_tombstone(
     sessions: sessionmaker[Session], engine: Engine, tenant: str
 ) -> None:
+    """O-18: no payload is stored as SQL NULL (not JSON null), published as a null value."""
     with sessions.begin() as session:
         enqueue_event(session, tenant_id=tenant, topic="t.orders", payload=None, key="k")
 

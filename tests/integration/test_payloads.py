@@ -1,5 +1,5 @@
 """Payloads from enqueue to Kafka on the real database and broker: values JSON has no
-type for (case O-14)."""
+type for (case O-14) and events without a payload (case O-18)."""
 
 from __future__ import annotations
 
@@ -219,3 +219,49 @@ def test_stored_payload_that_cannot_be_published_goes_dead_alone(
     assert "nests deeper" in bad[0]["last_error"]
     values = [m.value() for m in read_committed(bootstrap, topic, expected=7)]
     assert values == [b'{"i":%d}' % i for i in range(7)]
+
+
+@pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])
+def test_empty_payload_is_published_as_a_tombstone(
+    mode: str, sessions: sessionmaker[Session], engine: Engine, bootstrap: str, tenant: str
+) -> None:
+    """O-18: an event without a payload (a deletion marker) is published as its key with
+    a null value, carrying the same headers as any event, in its key's order, and its
+    row is marked sent with the tombstone's offset."""
+    topic = f"{tenant}.orders"
+    with sessions.begin() as session:
+        enqueue_event(session, tenant_id=tenant, topic=topic, key="order-7", payload={"s": 1})
+        deleted = enqueue_event(
+            session,
+            tenant_id=tenant,
+            topic=topic,
+            key="order-7",
+            payload=None,
+            event_type="order.deleted",
+            dedupe_key="order-7-deleted",
+            headers={"trace-id": "abc"},
+        )
+        enqueue_event(session, tenant_id=tenant, topic=topic, key="order-8", payload={"s": 1})
+
+    with publishing(_publisher(engine, tenant, bootstrap, delivery_mode=mode)):
+        assert wait_for(lambda: _settled(engine, tenant))
+
+    rows = {r["event_id"]: r for r in _rows(engine, tenant)}
+    assert {r["status"] for r in rows.values()} == {"sent"}
+    messages = read_committed(bootstrap, topic, expected=3)
+    assert [(m.key(), m.value()) for m in messages if m.key() == b"order-7"] == [
+        (b"order-7", b'{"s":1}'),
+        (b"order-7", None),
+    ]
+    (tombstone,) = [m for m in messages if m.value() is None]
+    headers = dict(tombstone.headers())
+    assert headers["event-id"] == str(deleted.event_id).encode()
+    assert headers["tenant-id"] == tenant.encode()
+    assert headers["dedupe-key"] == b"order-7-deleted"
+    assert headers["event-type"] == b"order.deleted"
+    assert headers["trace-id"] == b"abc"
+    row = rows[str(deleted.event_id)]
+    assert (row["kafka_partition"], row["kafka_offset"]) == (
+        tombstone.partition(),
+        tombstone.offset(),
+    )
