@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer
+
+from somabrain.delivery.publisher import Publisher
 
 T = TypeVar("T")
 
@@ -57,3 +61,17 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30) -> T | None:
             return value
         time.sleep(0.1)
     return None
+
+
+@contextlib.contextmanager
+def publishing(publisher: Publisher) -> Iterator[Publisher]:
+    """Run `publisher` in a thread for the block, then stop it as SIGTERM would and
+    wait until it has ended, so the next publisher of the tenant starts afresh."""
+    thread = threading.Thread(target=publisher.run, daemon=True)
+    thread.start()
+    try:
+        yield publisher
+    finally:
+        publisher.stopping.set()
+        thread.join(30)
+    assert not thread.is_alive(), "the publisher did not stop within 30 s"

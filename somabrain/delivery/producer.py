@@ -32,7 +32,12 @@ from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from somabrain.config.errors import FatalError, RetriableError, UnsafeProducerConfig
+from somabrain.config.errors import (
+    EventEncodingError,
+    FatalError,
+    RetriableError,
+    UnsafeProducerConfig,
+)
 from somabrain.delivery.classify import Verdict, classify
 from somabrain.store.codec import reencode_stored
 from somabrain.store.outbox import Delivered, PendingEvent
@@ -163,6 +168,10 @@ class _Reports:
 
         return on_delivery
 
+    def refuse(self, row_id: int, why: str) -> None:
+        """An event that cannot become a message at all: it fails alone, for good."""
+        self.result.failed.append(Failed(row_id, why, Verdict.PERMANENT))
+
     def settle_missing(self, events: Sequence[PendingEvent], why: str) -> None:
         settled = {d.id for d in self.result.delivered} | {f.id for f in self.result.failed}
         self.result.failed.extend(
@@ -173,15 +182,29 @@ class _Reports:
 def _produce(
     producer: Producer,
     event: PendingEvent,
-    callback: Any,
+    reports: _Reports,
     extra_headers: Sequence[tuple[str, bytes]] = (),
+    *,
+    stored_if_unencodable: bool = False,
 ) -> None:
+    try:
+        value = reencode_stored(event.payload_json)
+    except EventEncodingError as exc:
+        if stored_if_unencodable and event.payload_json is not None:
+            # A dead-letter copy carries the payload exactly as the database holds it.
+            value = event.payload_json.encode()
+        else:
+            # Only a row written around enqueue gets here; it goes dead with the reason
+            # instead of stopping the publisher with every other event of its batch.
+            reports.refuse(event.id, f"payload cannot be published: {exc}")
+            return
+    callback = reports.callback(event.id)
     while True:
         try:
             producer.produce(
                 event.topic,
                 key=None if event.message_key is None else event.message_key.encode(),
-                value=reencode_stored(event.payload_json),
+                value=value,
                 headers=[*message_headers(event), *extra_headers],
                 on_delivery=callback,
             )
@@ -203,8 +226,9 @@ def _produce_dead_letters(
         _produce(
             producer,
             dataclasses.replace(event, topic=topic),
-            reports.callback(event.id),
+            reports,
             extra_headers=extra,
+            stored_if_unencodable=True,
         )
     return reports
 
@@ -219,7 +243,7 @@ class IdempotentDelivery:
     def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult:
         reports = _Reports()
         for event in events:
-            _produce(self._producer, event, reports.callback(event.id))
+            _produce(self._producer, event, reports)
         if self._producer.flush(timeout):
             reports.settle_missing(events, f"no delivery report within {timeout:.0f}s")
         return reports.result
@@ -283,7 +307,7 @@ class TransactionalDelivery:
         reports = _Reports()
         self._producer.begin_transaction()
         for event in events:
-            _produce(self._producer, event, reports.callback(event.id))
+            _produce(self._producer, event, reports)
         if self._producer.flush(timeout):
             reports.settle_missing(events, f"no delivery report within {timeout:.0f}s")
         if reports.result.failed:

@@ -26,11 +26,11 @@ Guarantees:
   only its own lane; a flood waits its turn like everyone else.
 
 What happens on failure: an event Kafka can never take (too large, invalid topic,
-denied) goes dead at once with the reason; other failures back off exponentially with
-jitter, and after `max_attempts` the event goes dead. Events failed only because another
-event of their transaction did are retried without counting an attempt. A tenant whose
-batches keep failing trips its circuit breaker: its lane pauses, then one probe event
-tests Kafka again (see `circuit`).
+denied), or whose stored payload cannot be encoded, goes dead at once with the reason;
+other failures back off exponentially with jitter, and after `max_attempts` the event
+goes dead. Events failed only because another event of their transaction did are
+retried without counting an attempt. A tenant whose batches keep failing trips its
+circuit breaker: its lane pauses, then one probe event tests Kafka again (see `circuit`).
 """
 
 from __future__ import annotations

@@ -4,15 +4,21 @@ Every payload goes through `encode_payload` at enqueue, so what cannot be delive
 refused there, with the path of the offending value, and never discovered by the
 publisher. Encoding is stable: the same value always gives the same text.
 
-- `Decimal` becomes a JSON number with its exact digits (never through float);
-  a float is written with the digits of its shortest repr, in positional form, as
-  PostgreSQL's JSONB keeps it; NaN and infinities are refused.
+- `Decimal` and `int` become JSON numbers with their exact digits (never through
+  float), however many PostgreSQL's numeric holds; a float is written with the digits
+  of its shortest repr, in positional form, as PostgreSQL's JSONB keeps it; NaN and
+  infinities are refused.
 - timezone-aware `datetime` becomes ISO 8601 in UTC; a naive one is refused, since
   its meaning depends on a clock we cannot see. `date` and `time` become ISO 8601.
 - `UUID` becomes its canonical string; `Enum` its value.
 - strings holding NUL are refused: PostgreSQL's JSONB cannot store them.
 - `bytes`, sets and any other type are refused: their JSON form is a choice the
-  caller must make explicitly (base64, a sorted list, ...).
+  caller must make explicitly (base64, a sorted list, ...). So is a payload nested
+  deeper than Python can recurse, or one that contains itself.
+
+`reencode_stored` turns any payload enqueue accepted back into the bytes it encoded,
+so a stored event can always be published; what it cannot re-encode (a row written
+around enqueue) raises EventEncodingError, for that event alone.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ def _number(value: decimal.Decimal, path: str) -> _Number:
     integer_digits = len(digits) + exponent
     if integer_digits > _MAX_INTEGER_DIGITS or -exponent > _MAX_FRACTION_DIGITS:
         raise EventEncodingError(
-            f"payload{path}: {value} has more digits than PostgreSQL's numeric holds "
+            f"payload{path}: {value:.6E} has more digits than PostgreSQL's numeric holds "
             f"({_MAX_INTEGER_DIGITS} before the point, {_MAX_FRACTION_DIGITS} after)"
         )
     # PostgreSQL's numeric has no negative zero.
@@ -60,8 +66,11 @@ def _normalise(value: Any, path: str) -> Any:
                 "which PostgreSQL cannot store; remove or escape it"
             )
         return value
-    if value is None or isinstance(value, bool | int):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        # Through Decimal: str() of an int over 4,300 digits raises ValueError in Python.
+        return _number(decimal.Decimal(value), path)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise EventEncodingError(f"payload{path}: {value!r} is not a finite number")
@@ -114,7 +123,12 @@ def _dump(value: Any) -> str:
 
 def encode_payload(payload: Any) -> str:
     """Encode a payload to canonical JSON text (sorted keys, no spaces), or refuse it."""
-    return _dump(_normalise(payload, ""))
+    try:
+        return _dump(_normalise(payload, ""))
+    except RecursionError:
+        raise EventEncodingError(
+            "payload nests deeper than Python can encode, or contains itself; flatten it"
+        ) from None
 
 
 def validate_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
@@ -139,7 +153,13 @@ def reencode_stored(stored_text: str | None) -> bytes | None:
     """
     if stored_text is None:
         return None
-    value = json.loads(stored_text, parse_float=decimal.Decimal)
+    try:
+        # Integers as Decimal too: int() refuses more than 4,300 digits; JSONB does not.
+        value = json.loads(stored_text, parse_float=decimal.Decimal, parse_int=decimal.Decimal)
+    except RecursionError:
+        raise EventEncodingError(
+            "stored payload nests deeper than Python can decode; it cannot be published"
+        ) from None
     return encode_payload(value).encode()
 
 

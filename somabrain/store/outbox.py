@@ -43,7 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session, aliased
 
-from somabrain.config.errors import BacklogOverCap, EventTooLarge, InvalidEvent
+from somabrain.config.errors import BacklogOverCap, EventTooLarge, InvalidEvent, InvalidTenantId
 from somabrain.config.settings import Settings
 from somabrain.config.types import EventId, TenantId, parse_tenant_id
 from somabrain.store.codec import check_encodable, encode_payload, refuse_nul, validate_headers
@@ -148,20 +148,24 @@ def enqueue_events(
 ) -> list[EnqueueResult]:
     """Add many events in the caller's transaction with one INSERT per 1,000 events.
 
-    All or nothing at validation: if any event is invalid, InvalidEvent names its
-    position and nothing is written; if a tenant's backlog would go over its cap,
-    BacklogOverCap says so and nothing is written. Results come back in the order of `events`; a
-    dedupe key repeated within the batch, or already in the outbox, is a DUPLICATE.
+    All or nothing at validation: if any event is invalid, the error `enqueue_event`
+    would raise for it (InvalidEvent or one of its kinds, or InvalidTenantId) names its
+    position in `events`, and nothing is written; if a tenant's backlog would go over
+    its cap, BacklogOverCap says so and nothing is written. Results come back in the
+    order of `events`; a dedupe key repeated within the batch, or already in the outbox,
+    is a DUPLICATE.
     """
     limit = max_message_bytes if max_message_bytes is not None else _default_max_bytes()
     rows: list[dict[str, Any]] = []
     for position, event in enumerate(events):
         try:
             rows.append(_validated_row(event, limit))
-        except InvalidEvent as exc:
-            if len(events) == 1:
-                raise
-            raise InvalidEvent(f"event {position}: {exc}") from exc
+        except (InvalidEvent, InvalidTenantId) as exc:
+            if len(events) > 1:
+                # The same error, so callers still tell its kind (EventTooLarge, ...)
+                # and read its fields, with the event's position in its message.
+                exc.args = (f"event {position}: {exc}",)
+            raise
 
     adding = collections.Counter(row["tenant_id"] for row in rows)
     for tenant, count in adding.items():

@@ -15,7 +15,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import EnqueueStatus, NewEvent, enqueue_event, enqueue_events
-from somabrain.config.errors import EventTooLarge, InvalidEvent, InvalidTenantId
+from somabrain.config.errors import (
+    EventEncodingError,
+    EventTooLarge,
+    InvalidEvent,
+    InvalidTenantId,
+)
 from somabrain.store import outbox
 from somabrain.store.codec import encode_payload, reencode_stored
 from somabrain.store.outbox import NOTIFY_CHANNEL
@@ -101,6 +106,7 @@ def test_enqueue_concurrent_same_dedupe_key_gives_one_row_and_no_abort(
 def test_enqueue_without_payload_stores_a_tombstone(
     sessions: sessionmaker[Session], engine: Engine, tenant: str
 ) -> None:
+    """O-18: no payload is stored as SQL NULL (not JSON null), published as a null value."""
     with sessions.begin() as session:
         enqueue_event(session, tenant_id=tenant, topic="t.orders", payload=None, key="k")
 
@@ -292,17 +298,48 @@ def test_enqueue_events_reports_each_event_in_order_with_duplicates(
     assert _count(engine, tenant) == 3
 
 
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        ({"payload": {"at": dt.datetime(2026, 1, 1)}}, EventEncodingError, r"payload\.at: naive"),
+        ({"payload": {"raw": b"x"}}, EventEncodingError, r"payload\.raw: bytes has no canonical"),
+        ({"payload": {"ids": {1}}}, EventEncodingError, r"payload\.ids: set has no canonical"),
+        ({"tenant_id": "Not Valid"}, InvalidTenantId, r"invalid tenant id 'Not Valid'"),
+        (
+            {"payload": {"x": "y" * 3000}},
+            EventTooLarge,
+            r"encoded event is \d+ bytes, over the limit of 2000",
+        ),
+    ],
+    ids=["naive-datetime", "bytes", "set", "tenant-id", "too-large"],
+)
 def test_enqueue_events_with_one_invalid_event_writes_nothing_and_names_it(
-    sessions: sessionmaker[Session], engine: Engine, tenant: str
+    sessions: sessionmaker[Session],
+    engine: Engine,
+    tenant: str,
+    bad: dict[str, object],
+    error: type[Exception],
+    message: str,
 ) -> None:
+    """O-14: the bulk form refuses a batch holding one bad event before writing any of
+    it, with the error `enqueue_event` raises for that event (same type, same fields)
+    naming its position; the caller's transaction goes on, and the batch without the
+    bad event is enqueued whole."""
+    good = [NewEvent(tenant_id=tenant, topic="t.b", payload={"n": n}) for n in range(4)]
     batch = [
-        NewEvent(tenant_id=tenant, topic="t.b", payload={"n": 1}),
-        NewEvent(tenant_id=tenant, topic="t.b", payload={"at": dt.datetime(2026, 1, 1)}),
+        *good[:2],
+        NewEvent(**({"tenant_id": tenant, "topic": "t.b", "payload": {}} | bad)),
+        *good[2:],
     ]
 
     with sessions.begin() as session:
-        with pytest.raises(InvalidEvent, match=r"event 1: payload\.at: naive datetime"):
-            enqueue_events(session, batch)
-        enqueue_event(session, tenant_id=tenant, topic="t.b", payload={})
+        with pytest.raises(error, match=r"^event 2: " + message) as refused:
+            enqueue_events(session, batch, max_message_bytes=2000)
+        if isinstance(refused.value, EventTooLarge):
+            assert refused.value.limit == 2000
+        written = text("SELECT count(*) FROM outbox_events WHERE tenant_id = :t")
+        assert session.scalar(written, {"t": tenant}) == 0
+        results = enqueue_events(session, good, max_message_bytes=2000)
 
-    assert _count(engine, tenant) == 1
+    assert [r.status for r in results] == [EnqueueStatus.ENQUEUED] * 4
+    assert _count(engine, tenant) == 4

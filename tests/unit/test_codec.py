@@ -84,3 +84,33 @@ def test_encode_payload_decimal_beyond_postgres_numeric_is_refused() -> None:
 def test_encode_payload_lone_surrogate_is_refused_with_its_path() -> None:
     with pytest.raises(EventEncodingError, match=r"payload\.name holds a character"):
         encode_payload({"name": "a\udc80"})
+
+
+def test_encode_payload_int_longer_than_python_prints_keeps_every_digit() -> None:
+    """O-14: str() of an int over 4,300 digits raises ValueError; the encoder writes it."""
+    assert encode_payload({"n": -(10**5000)}) == '{"n":-1' + "0" * 5000 + "}"
+
+
+def test_encode_payload_int_beyond_postgres_numeric_is_refused_briefly() -> None:
+    with pytest.raises(EventEncodingError, match=r"^payload\.n: 1\.000000E\+200000 has more"):
+        encode_payload({"n": 10**200000})
+
+
+def test_reencode_stored_long_integer_gives_the_bytes_enqueue_encoded() -> None:
+    """O-14: a number of more than 4,300 digits (which enqueue accepts) can be published."""
+    encoded = encode_payload([decimal.Decimal("9" * 5000), 10**5000, -7, 0])
+
+    assert reencode_stored(encoded) == encoded.encode()
+
+
+def test_encode_payload_that_contains_itself_is_refused() -> None:
+    payload: dict[str, object] = {}
+    payload["self"] = payload
+
+    with pytest.raises(EventEncodingError, match="nests deeper than Python can encode"):
+        encode_payload(payload)
+
+
+def test_reencode_stored_payload_nested_too_deep_raises_encoding_error() -> None:
+    with pytest.raises(EventEncodingError, match="cannot be published"):
+        reencode_stored("[" * 5000 + "]" * 5000)
