@@ -2,11 +2,12 @@
 
 - `outbox_tenants`: one row per tenant a publisher serves, written by that publisher
   every few seconds: the tenant's cap on pending events (enqueue refuses beyond it),
-  its last counted backlog, and which publisher is active for it and when it was last
-  seen. Enqueue reads it with one primary-key lookup.
+  its last counted backlog and oldest pending event, its circuit state, and which
+  publisher is active for it and when it was last seen. Enqueue reads it with one
+  primary-key lookup.
 - `outbox_events.dispatched_at`: set (at-least-once mode) when a batch is handed to
-  Kafka and cleared when its outcome is settled; a pending row claimed with it set was
-  possibly published already, and is counted as republished when sent again.
+  Kafka; a pending row claimed with it set was possibly published already, and is
+  counted as republished when sent again.
 - `publisher_checkpoints.owner` becomes `tenant_id`: checkpoints are kept per tenant,
   whichever publisher (dedicated or shared) served it.
 
@@ -36,7 +37,9 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.String(40), nullable=False),
         sa.Column("max_pending", sa.BigInteger(), nullable=True),
         sa.Column("pending", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("oldest_pending_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("counted_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("circuit", sa.String(16), nullable=True),
         sa.Column("publisher", sa.String(200), nullable=True),
         sa.Column("publisher_seen_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("tenant_id", name="pk_outbox_tenants"),

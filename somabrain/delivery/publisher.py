@@ -87,6 +87,9 @@ from somabrain.store.outbox import (
 log = logging.getLogger(__name__)
 
 BACKLOG_REPORT_SECONDS = 5.0
+# Longest time Postgres keeps a vanished publisher's session, and so its locks (see
+# `_listen`); a killed process's locks go at once.
+LOCK_RELEASE_SECONDS = 25
 
 
 @dataclasses.dataclass
@@ -385,6 +388,8 @@ class Publisher:
                     pending=pending,
                     max_pending=report.max_pending,
                     publisher=self.owner,
+                    oldest_pending_age=oldest_age,
+                    circuit=report.circuit.state.name.lower().replace("_", "-"),
                 )
             metrics.PENDING.labels(report.tenant).set(pending)
             metrics.OLDEST_PENDING_AGE.labels(report.tenant).set(oldest_age)
@@ -666,6 +671,14 @@ class Publisher:
     def _listen(self, raw: Any) -> None:
         raw.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
         with raw.cursor() as cur:
+            # The locks end with this session. A killed process closes its socket and
+            # Postgres ends the session at once; a host that vanishes is noticed by
+            # these keepalives within LOCK_RELEASE_SECONDS instead of the OS default
+            # of hours, so a standby takes over within that bound.
+            cur.execute(
+                "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5;"
+                f" SET tcp_keepalives_count = 3; SET tcp_user_timeout = {LOCK_RELEASE_SECONDS}000"
+            )
             cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
 
     def _wait_for_notify(self, raw: Any, seconds: float) -> None:

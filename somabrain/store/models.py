@@ -132,14 +132,17 @@ class PublisherCheckpoint(Base):
 
 class OutboxTenant(Base):
     """What the active publisher of a tenant last reported: the tenant's cap on pending
-    events, its backlog then, and who the publisher is. Enqueue reads the cap here."""
+    events, its backlog and circuit then, and who the publisher is. Enqueue reads the
+    cap here; operators and tools read the rest."""
 
     __tablename__ = "outbox_tenants"
 
     tenant_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     max_pending: Mapped[int | None] = mapped_column(BigInteger)
     pending: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    oldest_pending_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     counted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    circuit: Mapped[str | None] = mapped_column(String(16))
     publisher: Mapped[str | None] = mapped_column(String(200))
     publisher_seen_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 

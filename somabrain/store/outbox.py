@@ -298,7 +298,15 @@ def _count_pending_up_to(session: Session, tenant_id: str, cap: int) -> int:
     return count
 
 
-_REPORTED = ("pending", "max_pending", "counted_at", "publisher", "publisher_seen_at")
+_REPORTED = (
+    "pending",
+    "oldest_pending_at",
+    "max_pending",
+    "counted_at",
+    "circuit",
+    "publisher",
+    "publisher_seen_at",
+)
 
 
 def report_tenant(
@@ -308,13 +316,19 @@ def report_tenant(
     pending: int,
     max_pending: int | None,
     publisher: str,
+    oldest_pending_age: float = 0.0,
+    circuit: str | None = None,
 ) -> None:
-    """Record what the tenant's active publisher knows: its backlog, cap and identity."""
+    """Record what the tenant's active publisher knows: backlog, cap, circuit, identity."""
     stmt = insert(OutboxTenant).values(
         tenant_id=tenant_id,
         pending=pending,
+        oldest_pending_at=None
+        if pending == 0
+        else func.now() - func.make_interval(0, 0, 0, 0, 0, 0, oldest_pending_age),
         max_pending=max_pending,
         counted_at=func.now(),
+        circuit=circuit,
         publisher=publisher,
         publisher_seen_at=func.now(),
     )

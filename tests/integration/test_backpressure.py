@@ -185,18 +185,19 @@ def test_the_publisher_reports_its_tenants_cap_and_backlog_for_enqueue(
     thread.start()
     try:
 
-        def reported() -> tuple[int, str] | None:
+        def reported() -> tuple[int, str, str] | None:
             with engine.connect() as conn:
                 row = conn.execute(
                     text(
-                        "SELECT max_pending, publisher FROM outbox_tenants WHERE tenant_id = :t"
-                        " AND counted_at > now() - interval '30 seconds'"
+                        "SELECT max_pending, publisher, circuit FROM outbox_tenants"
+                        " WHERE tenant_id = :t AND counted_at > now() - interval '30 seconds'"
+                        " AND publisher_seen_at > now() - interval '30 seconds'"
                     ),
                     {"t": tenant},
                 ).one_or_none()
-            return None if row is None else (int(row[0]), str(row[1]))
+            return None if row is None else (int(row[0]), str(row[1]), str(row[2]))
 
-        assert wait_for(reported) == (123, tenant)
+        assert wait_for(reported) == (123, tenant, "closed")
     finally:
         publisher.stopping.set()
         thread.join(15)
