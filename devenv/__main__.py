@@ -15,7 +15,8 @@ from devenv.common import MissingPrerequisite, StartFailed
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m devenv",
-        description="Start PostgreSQL, Kafka (KRaft) and etcd + kube-apiserver on loopback. "
+        description="Start PostgreSQL, Kafka (KRaft), etcd + kube-apiserver and Prometheus on "
+        "loopback. "
         "The first `up` builds or downloads each component into the cache "
         "(SOMABRAIN_DEVENV_CACHE, default ~/.cache/somabrain-devenv); later ones reuse it.",
         epilog='example: python -m devenv up && eval "$(python -m devenv env)"',
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         "command",
         choices=["up", "down", "status", "env", "install"],
         help="up: start the stack; down: stop it and delete its data; status: show what "
-        "runs; env: print export lines for DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS and "
-        "KUBECONFIG; install: only fill the cache",
+        "runs; env: print export lines for DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, "
+        "KUBECONFIG, PROMETHEUS_URL, PROMTOOL and the Prometheus rules and targets folders; "
+        "install: only fill the cache",
     )
     parser.add_argument(
         "--state-dir",

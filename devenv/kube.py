@@ -38,16 +38,15 @@ import re
 import secrets
 import shutil
 import ssl
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from devenv import gobuild
 from devenv.common import (
     LOOPBACK,
-    MissingPrerequisite,
     Running,
     StartFailed,
     cache_dir,
@@ -82,16 +81,10 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "devenv-admin"
 ADMIN_GROUP = "system:masters"
 
-GO_HINT = (
-    "install the Go toolchain (1.21+; it fetches the 1.26 toolchain these builds need from the "
-    "module proxy) from https://go.dev/dl/ or with `apt-get install golang`"
-)
+# Named in error messages about the Go toolchain or the module proxy.
+BUILDS = "etcd and kube-apiserver"
 OPENSSL_HINT = "install it with `apt-get install openssl`"
 
-# Generous: the cold kube-apiserver build took 8 to 11 minutes on 2 cores (slower under load),
-# and a hung build should still end eventually rather than block `make` forever.
-BUILD_TIMEOUT = 2 * 3600.0
-DOWNLOAD_TIMEOUT = 1800.0
 ETCD_START_TIMEOUT = 30.0
 APISERVER_READY_TIMEOUT = 90.0
 # Ports are picked free and then bound by another process, so a neighbouring stack can win the
@@ -128,7 +121,7 @@ def ensure_installed() -> Path:
         if _binaries_present(bin_dir):
             return bin_dir
         bin_dir.mkdir(parents=True, exist_ok=True)
-        go = _find_go()
+        go = gobuild.find_go(BUILDS)
         if not os.access(bin_dir / "etcd", os.X_OK):
             _build_etcd(go, root)
         if not os.access(bin_dir / "kube-apiserver", os.X_OK):
@@ -136,168 +129,15 @@ def ensure_installed() -> Path:
     return bin_dir
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    """`go1.26.8` or `1.26.0` as (1, 26, 8); the unparsable as ()."""
-    match = re.match(r"(?:go)?(\d+(?:\.\d+)*)", text)
-    return tuple(int(part) for part in match[1].split(".")) if match else ()
-
-
-@dataclass(frozen=True)
-class _Go:
-    """The go command and the environment every build step runs it with."""
-
-    path: str
-    env: dict[str, str]
-    version: str
-    toolchain: str
-
-    def require_language(self, required: str, module: str) -> None:
-        """Fail clearly when the module needs a newer Go and we may not fetch one."""
-        if self.toolchain == "local" and _version_tuple(self.version) < _version_tuple(required):
-            raise MissingPrerequisite(
-                f"{module} needs Go >= {required} but '{self.path}' is {self.version} with "
-                "GOTOOLCHAIN=local; install a newer Go or set GOTOOLCHAIN=auto"
-            )
-
-
-def _find_go() -> _Go:
-    """Locate go and build its environment: caches inside our cache folder, static binaries."""
-    go = require_tool("go", hint=GO_HINT)
-    try:
-        out = subprocess.run(
-            [go, "env", "GOVERSION", "GOPROXY", "GOFLAGS", "GOTOOLCHAIN"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout.splitlines()
-    except (subprocess.SubprocessError, OSError) as exc:
-        raise MissingPrerequisite(f"'{go} env' failed ({exc}); {GO_HINT}") from exc
-    goversion, goproxy, goflags, toolchain = [*out, "", "", "", ""][:4]
-    # Before 1.21 the go command cannot switch to the newer toolchain these modules declare.
-    if _version_tuple(goversion) < (1, 21):
-        raise MissingPrerequisite(f"'{go}' is {goversion or 'unknown'}, too old; {GO_HINT}")
-    if goproxy.strip() in ("", "off"):
-        raise MissingPrerequisite(
-            f"GOPROXY is '{goproxy}'; building kube-apiserver and etcd needs the Go module proxy "
-            "(unset GOPROXY to use https://proxy.golang.org)"
-        )
-    go_dir = cache_dir() / "go"
-    env = {
-        # Kept in our cache folder so `rm -rf` of it resets everything; -modcacherw keeps the
-        # module cache deletable without chmod.
-        "GOMODCACHE": str(go_dir / "mod"),
-        "GOCACHE": str(go_dir / "build"),
-        "GOFLAGS": f"{goflags} -modcacherw".strip(),
-        "GOPROXY": goproxy,
-        # Upstream release binaries are static; this also spares a C compiler.
-        "CGO_ENABLED": "0",
-        # A go.work in some parent folder must not pull our helper modules into it.
-        "GOWORK": "off",
-        "GO111MODULE": "on",
-    }
-    return _Go(path=go, env=env, version=goversion, toolchain=toolchain.split("+")[0])
-
-
-def _proxy_unreachable(goproxy: str) -> str | None:
-    """Why the first HTTP(S) module proxy cannot be reached, or None if it answers."""
-    for entry in re.split(r"[,|]", goproxy):
-        if entry.startswith(("http://", "https://")):
-            url = f"{entry.rstrip('/')}/{ETCD_MODULE}/@v/{ETCD_VERSION}.info"
-            try:
-                # The scheme was checked just above, so S310's file:// concern does not apply.
-                with urllib.request.urlopen(url, timeout=15) as response:  # noqa: S310
-                    response.read()
-            except urllib.error.HTTPError:
-                return None  # it answered; the failure is something else
-            except (urllib.error.URLError, OSError) as exc:
-                return f"the Go module proxy {entry} is unreachable ({exc})"
-            return None
-    return None
-
-
-def _download_module(go: _Go, module: str, work: Path) -> dict[str, str]:
-    """Download one module (with its go.mod) and return `go mod download -json`'s record."""
-    log = work / "download.log"
-    argv = [go.path, "mod", "download", "-json", module]
-    with log.open("ab") as handle:
-        handle.write(f"\n$ {' '.join(argv)}\n".encode())
-    try:
-        result = subprocess.run(
-            argv,
-            cwd=work,
-            env={**os.environ, **go.env},
-            capture_output=True,
-            text=True,
-            timeout=DOWNLOAD_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise StartFailed(f"downloading {module} timed out after {DOWNLOAD_TIMEOUT:.0f}s") from exc
-    with log.open("a") as handle:
-        handle.write(result.stdout + result.stderr)
-    record: dict[str, str] = {}
-    with contextlib.suppress(json.JSONDecodeError):
-        record = json.loads(result.stdout)
-    if result.returncode != 0 or "Error" in record or "GoMod" not in record:
-        reason = _proxy_unreachable(go.env["GOPROXY"])
-        if reason is not None:
-            raise MissingPrerequisite(f"{reason}; the etcd and kube-apiserver builds need it")
-        raise StartFailed(f"downloading {module} failed; log {log}:\n{tail(log)}")
-    return record
-
-
-def _go_directive(go_mod: Path) -> str:
-    """The `go` line of a go.mod, so our helper module asks for the same language version."""
-    match = re.search(r"^go\s+(\S+)\s*$", go_mod.read_text(), re.MULTILINE)
-    return match[1] if match else "1.21"
-
-
-def _go_build(
-    go: _Go,
-    work: Path,
-    package: str,
-    version: str,
-    target: Path,
-    ldflags: str,
-) -> None:
-    """Resolve and build a main package inside the helper module; publish it atomically."""
-    log = work / "build.log"
-    partial = target.with_name(f".{target.name}.partial")
-    try:
-        # `go get` of the package records exactly the go.sum entries the build will need; the
-        # explicit version matters, as a bare path would upgrade to the newest release.
-        run(
-            [go.path, "get", f"{package}@{version}"],
-            what=f"resolving {package}",
-            log_path=log,
-            cwd=work,
-            env=go.env,
-            timeout=DOWNLOAD_TIMEOUT,
-        )
-        run(
-            [go.path, "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(partial), package],
-            what=f"building {package}",
-            log_path=log,
-            cwd=work,
-            env=go.env,
-            timeout=BUILD_TIMEOUT,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise StartFailed(f"{package}: {exc}; log {log}:\n{tail(log)}") from exc
-    partial.chmod(0o755)
-    os.replace(partial, target)
-
-
-def _build_etcd(go: _Go, root: Path) -> None:
+def _build_etcd(go: gobuild.Go, root: Path) -> None:
     # etcd's own go.mod has `replace ../api` lines, which `go install module@version` refuses;
     # as a dependency of a helper module those lines are ignored and its requirements hold.
     work = root / "build" / "etcd"
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     step(f"downloading etcd {ETCD_VERSION} sources from the Go module proxy ...")
-    record = _download_module(go, f"{ETCD_MODULE}@{ETCD_VERSION}", work)
-    go_directive = _go_directive(Path(record["GoMod"]))
+    record = gobuild.download_module(go, ETCD_MODULE, ETCD_VERSION, work, BUILDS)
+    go_directive = gobuild.go_directive(Path(record["GoMod"]))
     go.require_language(go_directive, f"{ETCD_MODULE}@{ETCD_VERSION}")
     (work / "go.mod").write_text(
         "// Generated by devenv/kube.py to build etcd from the Go module proxy.\n"
@@ -307,7 +147,7 @@ def _build_etcd(go: _Go, root: Path) -> None:
     )
     step(f"building etcd {ETCD_VERSION} (a minute or two) ...")
     # The module root of go.etcd.io/etcd/server/v3 is etcd's `main` package.
-    _go_build(go, work, ETCD_MODULE, ETCD_VERSION, root / "bin" / "etcd", "-s -w")
+    gobuild.build(go, work, ETCD_MODULE, ETCD_VERSION, root / "bin" / "etcd", "-s -w")
     step(f"built etcd {ETCD_VERSION} in {time.monotonic() - started:.0f}s")
 
 
@@ -332,14 +172,14 @@ def _staging_modules(kubernetes_go_mod: Path) -> list[str]:
     return sorted(found)
 
 
-def _build_kube_apiserver(go: _Go, root: Path) -> None:
+def _build_kube_apiserver(go: gobuild.Go, root: Path) -> None:
     work = root / "build" / "kube-apiserver"
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     step(f"downloading Kubernetes {KUBERNETES_VERSION} sources from the Go module proxy ...")
-    record = _download_module(go, f"{KUBERNETES_MODULE}@{KUBERNETES_VERSION}", work)
+    record = gobuild.download_module(go, KUBERNETES_MODULE, KUBERNETES_VERSION, work, BUILDS)
     kubernetes_go_mod = Path(record["GoMod"])
-    go_directive = _go_directive(kubernetes_go_mod)
+    go_directive = gobuild.go_directive(kubernetes_go_mod)
     go.require_language(go_directive, f"{KUBERNETES_MODULE}@{KUBERNETES_VERSION}")
     staging = _staging_modules(kubernetes_go_mod)
     if not staging:
@@ -381,7 +221,7 @@ def _build_kube_apiserver(go: _Go, root: Path) -> None:
         f"building kube-apiserver {KUBERNETES_VERSION} with {len(staging)} staging modules "
         f"pinned to {staging_version} (8 to 15 minutes on 2 cores, 2.5 GiB of memory) ..."
     )
-    _go_build(
+    gobuild.build(
         go,
         work,
         KUBE_APISERVER_PACKAGE,

@@ -3,7 +3,7 @@
 A stack lives in a state folder (`.devenv/<name>/` in the checkout by default): each
 component's data and logs, and `stack.json` naming the processes to stop and the
 environment clients need. Components are obtained in parallel (the first run builds
-kube-apiserver and resolves Kafka's jars; later runs find them in the cache).
+kube-apiserver and Prometheus and resolves Kafka's jars; later runs find them in the cache).
 """
 
 from __future__ import annotations
@@ -15,10 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
-from devenv import common, kafka, kube, postgres
+from devenv import common, kafka, kube, postgres, prometheus
 from devenv.common import Running
 
-COMPONENTS: dict[str, ModuleType] = {"postgres": postgres, "kafka": kafka, "kube": kube}
+COMPONENTS: dict[str, ModuleType] = {
+    "postgres": postgres,
+    "kafka": kafka,
+    "kube": kube,
+    "prometheus": prometheus,
+}
 STATE_FILE = "stack.json"
 
 
@@ -113,7 +118,8 @@ def down(state_dir: Path) -> None:
 
 
 def environment(stack: dict[str, Running]) -> dict[str, str]:
-    """What a client of the stack needs: DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, KUBECONFIG."""
+    """What a client of the stack needs: DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, KUBECONFIG,
+    PROMETHEUS_URL (with PROMTOOL and the rules and targets folders)."""
     env: dict[str, str] = {}
     for running in stack.values():
         env.update(running.env)

@@ -1,7 +1,7 @@
 """Fixtures shared by every tier.
 
 Integration and end-to-end tests run against a local stack of their own (real Postgres,
-Kafka, etcd and kube-apiserver), started once per session in `$SOMABRAIN_TEST_STACK`
+Kafka, etcd, kube-apiserver and Prometheus), started once per session in `$SOMABRAIN_TEST_STACK`
 (default `.devenv/test`) and torn down afterwards. Unit tests never start it.
 """
 
@@ -42,6 +42,14 @@ def data_env(stack_dir: Path) -> dict[str, str]:
 def stack_env(stack_dir: Path) -> dict[str, str]:
     """The whole stack, the Kubernetes API server included."""
     return stack.environment(stack.up(stack_dir))
+
+
+@pytest.fixture(scope="session")
+def prometheus_env(stack_dir: Path) -> dict[str, str]:
+    """Postgres, Kafka and Prometheus, without the Kubernetes API server: publishers, and a
+    Prometheus that scrapes them and evaluates alerting rules (PROMETHEUS_URL, PROMTOOL and
+    the rules and targets folders, see devenv/prometheus.py)."""
+    return stack.environment(stack.up(stack_dir, only=("postgres", "kafka", "prometheus")))
 
 
 @pytest.fixture(scope="session")
