@@ -3,15 +3,10 @@ from the targets folder, alerts that fire, and promtool's verdict on rule files.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,70 +14,10 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from devenv import prometheus, stack
+from tests.integration.conftest import Prometheus
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Prometheus:
-    """The running server, and the rule and target files a test wrote (removed after it)."""
-
-    url: str
-    rules_dir: Path
-    targets_dir: Path
-    promtool: str
-    written: list[Path] = field(default_factory=list)
-
-    # S310: `url` is the stack's http://127.0.0.1 address, never a file: or custom scheme.
-    def get(self, path: str, **params: str) -> Any:
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with urllib.request.urlopen(f"{self.url}{path}{query}", timeout=5) as response:  # noqa: S310
-            body = json.loads(response.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def reload(self) -> None:
-        request = urllib.request.Request(f"{self.url}/-/reload", method="POST")  # noqa: S310
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-                assert response.status == 200
-        except urllib.error.HTTPError as exc:
-            pytest.fail(f"reload refused ({exc.code}): {exc.read().decode()}")
-
-    def query(self, promql: str) -> list[Any]:
-        result: list[Any] = self.get("/api/v1/query", query=promql)["result"]
-        return result
-
-    def add_rules(self, name: str, text: str) -> Path:
-        return self._add(self.rules_dir / f"{name}.yaml", text)
-
-    def add_targets(self, name: str, groups: list[dict[str, Any]]) -> Path:
-        return self._add(self.targets_dir / f"{name}.json", json.dumps(groups))
-
-    def _add(self, path: Path, text: str) -> Path:
-        # Written aside and renamed in: Prometheus watches the folder and must never read a
-        # half-written file.
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text)
-        os.replace(partial, path)
-        self.written.append(path)
-        return path
-
-
-@pytest.fixture
-def prom(prometheus_env: dict[str, str]) -> Iterator[Prometheus]:
-    server = Prometheus(
-        url=prometheus_env["PROMETHEUS_URL"],
-        rules_dir=Path(prometheus_env[prometheus.RULES_ENV]),
-        targets_dir=Path(prometheus_env[prometheus.TARGETS_ENV]),
-        promtool=prometheus_env["PROMTOOL"],
-    )
-    yield server
-    for path in server.written:
-        path.unlink(missing_ok=True)
-    if any(path.parent == server.rules_dir for path in server.written):
-        server.reload()
 
 
 @dataclass
