@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer
@@ -14,6 +17,21 @@ from confluent_kafka import Consumer
 from somabrain.delivery.publisher import Publisher
 
 T = TypeVar("T")
+SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
+
+
+def publisher_env(database_url: str, bootstrap: str, **settings: str) -> dict[str, str]:
+    """The environment of a `somabrain publisher run` process: connections, a short poll
+    interval, and `settings` as SOMABRAIN_<NAME> variables."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/"),
+        "SOMABRAIN_DATABASE_URL": database_url,
+        "SOMABRAIN_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "SOMABRAIN_POLL_INTERVAL_SECONDS": "0.2",
+    }
+    env |= {f"SOMABRAIN_{name.upper()}": value for name, value in settings.items()}
+    return env
 
 
 def read_committed(

@@ -488,6 +488,16 @@ class Delivered:
     offset: int
 
 
+_MARK_SENT = text(
+    "UPDATE outbox_events AS e SET status = 'sent', sent_at = now(),"
+    " kafka_partition = v.p, kafka_offset = v.o, last_error = NULL"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:partitions AS integer[]),"
+    " CAST(:offsets AS bigint[])) AS v(id, p, o)"
+    " WHERE e.id = v.id AND e.status = 'pending'"
+    " RETURNING extract(epoch FROM e.sent_at - e.created_at)"
+)
+
+
 def mark_sent(session: Session, delivered: Sequence[Delivered]) -> list[float]:
     """Mark confirmed rows sent with their partition and offset.
 
@@ -497,19 +507,15 @@ def mark_sent(session: Session, delivered: Sequence[Delivered]) -> list[float]:
     """
     if not delivered:
         return []
-    values = ", ".join(f"(:id{i}, :p{i}, :o{i})" for i in range(len(delivered)))
-    params: dict[str, int] = {}
-    for i, d in enumerate(delivered):
-        params |= {f"id{i}": d.id, f"p{i}": d.partition, f"o{i}": d.offset}
+    # Three array parameters, whatever the batch size: binding is cheap and the
+    # statement text is always the same (one plan).
     result = session.execute(
-        text(
-            "UPDATE outbox_events AS e SET status = 'sent', sent_at = now(),"
-            " kafka_partition = v.p, kafka_offset = v.o, last_error = NULL"
-            f" FROM (VALUES {values}) AS v(id, p, o)"
-            " WHERE e.id = v.id::bigint AND e.status = 'pending'"
-            " RETURNING extract(epoch FROM e.sent_at - e.created_at)"
-        ),
-        params,
+        _MARK_SENT,
+        {
+            "ids": [d.id for d in delivered],
+            "partitions": [d.partition for d in delivered],
+            "offsets": [d.offset for d in delivered],
+        },
     )
     return [float(age) for (age,) in result]
 
@@ -641,6 +647,57 @@ def backlog(session: Session, *, tenant_id: TenantId) -> tuple[int, float]:
         )
     ).one()
     return int(count), float(age)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PendingRow:
+    """A pending event as an operator sees it (no payload)."""
+
+    id: int
+    event_id: EventId
+    tenant_id: TenantId
+    topic: str
+    message_key: str | None
+    attempts: int
+    last_error: str | None
+    age_seconds: float
+
+
+def pending_events(
+    session: Session, *, tenant_id: TenantId | None = None, limit: int = 100
+) -> list[PendingRow]:
+    """The oldest `limit` pending events, of one tenant or of all, in id order. Reads
+    only: nothing is claimed."""
+    stmt = (
+        select(
+            OutboxEvent.id,
+            OutboxEvent.event_id,
+            OutboxEvent.tenant_id,
+            OutboxEvent.topic,
+            OutboxEvent.message_key,
+            OutboxEvent.attempts,
+            OutboxEvent.last_error,
+            func.extract("epoch", func.now() - OutboxEvent.created_at),
+        )
+        .where(OutboxEvent.status == EventStatus.PENDING.value)
+        .order_by(OutboxEvent.id)
+        .limit(limit)
+    )
+    if tenant_id is not None:
+        stmt = stmt.where(OutboxEvent.tenant_id == tenant_id)
+    return [
+        PendingRow(
+            id=r[0],
+            event_id=EventId(r[1]),
+            tenant_id=TenantId(r[2]),
+            topic=r[3],
+            message_key=r[4],
+            attempts=r[5],
+            last_error=r[6],
+            age_seconds=float(r[7]),
+        )
+        for r in session.execute(stmt)
+    ]
 
 
 def count_by_status(session: Session, *, tenant_id: TenantId | None = None) -> dict[str, int]:

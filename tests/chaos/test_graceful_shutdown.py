@@ -4,10 +4,8 @@ next delivers the rest, each event once."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,10 +15,9 @@ from sqlalchemy import Engine, text
 from somabrain.config.types import TenantId
 from somabrain.store.engine import make_engine
 from somabrain.store.outbox import advisory_lock_key
-from tests.support import event_id, read_committed, wait_for
+from tests.support import SOMABRAIN, event_id, publisher_env, read_committed, wait_for
 
 pytestmark = pytest.mark.integration
-SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
 PER_TENANT = 4_000
 GRACE_SECONDS = 5
 
@@ -69,15 +66,9 @@ def test_sigterm_mid_drain_exits_zero_in_grace_releases_locks_and_loses_nothing(
     engine = make_engine(database_url)
     for name in tenants:
         _seed(engine, name)
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/"),
-        "SOMABRAIN_DATABASE_URL": database_url,
-        "SOMABRAIN_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "SOMABRAIN_BATCH_SIZE": "200",
-        "SOMABRAIN_POLL_INTERVAL_SECONDS": "0.2",
-        "SOMABRAIN_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
-    }
+    env = publisher_env(
+        database_url, bootstrap, batch_size="200", shutdown_grace_seconds=str(GRACE_SECONDS)
+    )
     if shared:
         env |= {"SOMABRAIN_TENANTS": ",".join(tenants), "SOMABRAIN_POOL": "term"}
     else:

@@ -4,11 +4,9 @@ event exactly once, in order per key."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -21,12 +19,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import enqueue_event
 from somabrain.store.engine import make_engine, make_sessionmaker
-from tests.support import event_id, read_committed, wait_for
+from tests.support import SOMABRAIN, event_id, publisher_env, read_committed, wait_for
 
 pytestmark = pytest.mark.integration
 EVENTS = 20_000
 KILLS = 10
-SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
 
 
 def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -77,15 +74,7 @@ def test_publisher_killed_ten_times_loses_and_duplicates_nothing(
     admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(30)
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/"),
-        "SOMABRAIN_DATABASE_URL": database_url,
-        "SOMABRAIN_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "SOMABRAIN_TENANT": tenant,
-        "SOMABRAIN_BATCH_SIZE": "200",
-        "SOMABRAIN_POLL_INTERVAL_SECONDS": "0.2",
-    }
+    env = publisher_env(database_url, bootstrap, tenant=tenant, batch_size="200")
     log = tmp_path / "publisher.log"
     producer = threading.Thread(target=_enqueue_all, args=(sessions, tenant, topic))
     producer.start()

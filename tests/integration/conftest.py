@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from devenv import prometheus
+from somabrain.delivery.publisher import Publisher
 from somabrain.store.engine import make_engine, make_sessionmaker
+from tests.support import publishing
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +99,10 @@ def prom(prometheus_env: dict[str, str]) -> Iterator[Prometheus]:
         path.unlink(missing_ok=True)
     if any(path.parent == server.rules_dir for path in server.written):
         server.reload()
+
+
+@pytest.fixture
+def run_publisher() -> Iterator[Callable[[Publisher], Publisher]]:
+    """Start publishers in threads for the test; all are stopped, and waited for, after it."""
+    with contextlib.ExitStack() as running:
+        yield lambda publisher: running.enter_context(publishing(publisher))

@@ -3,9 +3,7 @@ under failure, poison events (cases O-3, O-11, O-12, O-13)."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
 from somabrain.delivery import metrics
 from somabrain.delivery.producer import TransactionalDelivery, build_config, transactional_id
-from somabrain.delivery.publisher import Publisher, build_publisher
+from somabrain.delivery.publisher import build_publisher
 from somabrain.delivery.recovery import ensure_checkpoint_topic
 from somabrain.store.outbox import claim_pending, record_failure
 from tests.support import read_committed, wait_for
@@ -49,20 +47,12 @@ def _incarnation(settings: PublisherSettings) -> TransactionalDelivery:
     )
 
 
-@pytest.fixture
-def run_publisher() -> Iterator[Any]:
-    started: list[tuple[Publisher, threading.Thread]] = []
-
-    def start(publisher: Publisher) -> Publisher:
-        thread = threading.Thread(target=publisher.run, daemon=True)
-        thread.start()
-        started.append((publisher, thread))
-        return publisher
-
-    yield start
-    for publisher, thread in started:
-        publisher.stopping.set()
-        thread.join(15)
+def _small_topic(bootstrap: str, topic: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    new = NewTopic(
+        topic, num_partitions=1, replication_factor=1, config={"max.message.bytes": "2048"}
+    )
+    admin.create_topics([new])[topic].result(30)
 
 
 def _statuses(engine: Engine, tenant: str) -> list[tuple[str | None, str, int]]:
@@ -174,11 +164,7 @@ def test_event_the_broker_refuses_goes_dead_and_other_keys_flow(
 ) -> None:
     # O-11 / O-13: the topic takes at most 2 KB; one event is over that, at the head.
     topic = f"{tenant}.small"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    new = NewTopic(
-        topic, num_partitions=1, replication_factor=1, config={"max.message.bytes": "2048"}
-    )
-    admin.create_topics([new])[topic].result(30)
+    _small_topic(bootstrap, topic)
     with sessions.begin() as session:
         enqueue_event(session, tenant_id=tenant, topic=topic, key="a", payload={"x": "y" * 5000})
         enqueue_event(session, tenant_id=tenant, topic=topic, key="a", payload={"after": 1})
@@ -197,14 +183,6 @@ def test_event_the_broker_refuses_goes_dead_and_other_keys_flow(
             {"t": tenant},
         ).scalar_one()
     assert "too large" in reason.lower() or "MSG_SIZE_TOO_LARGE" in reason
-
-
-def _small_topic(bootstrap: str, topic: str) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    new = NewTopic(
-        topic, num_partitions=1, replication_factor=1, config={"max.message.bytes": "2048"}
-    )
-    admin.create_topics([new])[topic].result(30)
 
 
 @pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])

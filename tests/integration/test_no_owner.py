@@ -4,10 +4,8 @@ tenant; a new publisher takes over without manual steps, and the alert clears.""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +17,10 @@ from somabrain import enqueue_event
 from somabrain.delivery.alerts import Thresholds, rule_group, rules_file
 from somabrain.store.engine import make_engine, make_sessionmaker
 from tests.integration.conftest import Prometheus
-from tests.support import wait_for
+from tests.support import SOMABRAIN, publisher_env, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
 
 
 def _alerts(prom: Prometheus, tenant: str) -> dict[str, str]:
@@ -77,15 +74,7 @@ def test_a_tenant_without_a_live_publisher_is_named_by_an_alert_until_one_takes_
         f"publisher-{tenant}",
         [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": "somabrain-publisher"}}],
     )
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/"),
-        "SOMABRAIN_DATABASE_URL": database_url,
-        "SOMABRAIN_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "SOMABRAIN_TENANT": tenant,
-        "SOMABRAIN_METRICS_PORT": str(port),
-        "SOMABRAIN_POLL_INTERVAL_SECONDS": "0.2",
-    }
+    env = publisher_env(database_url, bootstrap, tenant=tenant, metrics_port=str(port))
     log = tmp_path / "publisher.log"
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -30,21 +29,6 @@ def _publisher(engine: Engine, tenant: str, bootstrap: str, **overrides: Any) ->
     return build_publisher(settings, engine)
 
 
-@pytest.fixture
-def running() -> Iterator[list[tuple[Publisher, threading.Thread]]]:
-    started: list[tuple[Publisher, threading.Thread]] = []
-    yield started
-    for publisher, thread in started:
-        publisher.stopping.set()
-        thread.join(15)
-
-
-def _start(running: list[tuple[Publisher, threading.Thread]], publisher: Publisher) -> None:
-    thread = threading.Thread(target=publisher.run, daemon=True)
-    thread.start()
-    running.append((publisher, thread))
-
-
 def _rows(engine: Engine, tenant: str) -> list[tuple[str, str, int | None, int | None, int]]:
     with engine.connect() as conn:
         return [
@@ -66,7 +50,7 @@ def test_publisher_delivers_pending_events_and_records_their_offsets(
     sessions: sessionmaker[Session],
     bootstrap: str,
     tenant: str,
-    running: list[tuple[Publisher, threading.Thread]],
+    run_publisher: Callable[[Publisher], Publisher],
 ) -> None:
     topic = f"{tenant}.orders"
     with sessions.begin() as session:
@@ -74,7 +58,7 @@ def test_publisher_delivers_pending_events_and_records_their_offsets(
             enqueue_event(session, tenant_id=tenant, topic=topic, key=f"k{i % 3}", payload={"i": i})
         enqueue_event(session, tenant_id=tenant, topic=topic, key="gone", payload=None)
 
-    _start(running, _publisher(engine, tenant, bootstrap, delivery_mode=mode))
+    run_publisher(_publisher(engine, tenant, bootstrap, delivery_mode=mode))
     assert wait_for(lambda: all(r[1] == "sent" for r in _rows(engine, tenant)), 30)
     messages = read_committed(bootstrap, topic, expected=21)
 
@@ -93,7 +77,7 @@ def test_publisher_marks_nothing_sent_while_the_broker_is_unreachable(
     engine: Engine,
     sessions: sessionmaker[Session],
     tenant: str,
-    running: list[tuple[Publisher, threading.Thread]],
+    run_publisher: Callable[[Publisher], Publisher],
 ) -> None:
     # O-6 / O-19: produce() returning is not delivery; without a report, rows stay pending.
     with sessions.begin() as session:
@@ -108,7 +92,7 @@ def test_publisher_marks_nothing_sent_while_the_broker_is_unreachable(
         delivery_timeout_seconds=1.5,
         retry_backoff_seconds=60,
     )
-    _start(running, publisher)
+    run_publisher(publisher)
     assert wait_for(lambda: all(r[4] >= 1 for r in _rows(engine, tenant)), 30)
 
     assert {r[1] for r in _rows(engine, tenant)} == {"pending"}
@@ -124,7 +108,7 @@ def test_second_publisher_of_a_tenant_waits_until_the_first_lets_go(
     sessions: sessionmaker[Session],
     bootstrap: str,
     tenant: str,
-    running: list[tuple[Publisher, threading.Thread]],
+    run_publisher: Callable[[Publisher], Publisher],
 ) -> None:
     holder = engine.raw_connection()
     holder.detach()
@@ -133,7 +117,7 @@ def test_second_publisher_of_a_tenant_waits_until_the_first_lets_go(
     with sessions.begin() as session:
         enqueue_event(session, tenant_id=tenant, topic=f"{tenant}.orders", payload={})
 
-    _start(running, _publisher(engine, tenant, bootstrap))
+    run_publisher(_publisher(engine, tenant, bootstrap))
     time.sleep(2)
     assert [r[1] for r in _rows(engine, tenant)] == ["pending"]
 

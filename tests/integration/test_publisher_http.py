@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,9 +13,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import enqueue_event
-from tests.support import wait_for
-
-SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
+from tests.support import SOMABRAIN, publisher_env, wait_for
 
 
 def _free_port() -> int:
@@ -41,14 +37,7 @@ def spawn(database_url: str, bootstrap: str, tenant: str, tmp_path: Path) -> Ite
     started: list[subprocess.Popen[bytes]] = []
 
     def start(port: int) -> subprocess.Popen[bytes]:
-        env = {
-            "PATH": os.environ["PATH"],
-            "HOME": os.environ.get("HOME", "/"),
-            "SOMABRAIN_DATABASE_URL": database_url,
-            "SOMABRAIN_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "SOMABRAIN_METRICS_PORT": str(port),
-            "SOMABRAIN_POLL_INTERVAL_SECONDS": "0.2",
-        }
+        env = publisher_env(database_url, bootstrap, metrics_port=str(port))
         with (tmp_path / f"{port}.log").open("wb") as log:
             proc = subprocess.Popen(
                 [SOMABRAIN, "publisher", "run", "--tenant", tenant],

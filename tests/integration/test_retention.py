@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from somabrain import enqueue_event
 from somabrain.config.types import TenantId
 from somabrain.delivery.retention import purge_expired
-from somabrain.store.outbox import count_by_status
+from somabrain.store.outbox import count_by_status, pending_events
 
 
 def _seed(sessions: sessionmaker[Session], engine: Engine, tenant: str) -> None:
@@ -114,3 +114,22 @@ def test_count_by_status_counts_one_tenant_and_every_status(
         counts = count_by_status(session, tenant_id=TenantId(tenant))
 
     assert counts == {"pending": 2, "sent": 8, "dead": 1}
+
+
+def test_pending_events_lists_one_tenants_oldest_first_or_every_tenants(
+    engine: Engine, sessions: sessionmaker[Session], tenant: str
+) -> None:
+    other = f"{tenant}x"
+    _seed(sessions, engine, tenant)
+    _seed(sessions, engine, other)
+
+    with Session(engine) as session:
+        mine = pending_events(session, tenant_id=TenantId(tenant))
+        first = pending_events(session, tenant_id=TenantId(tenant), limit=1)
+        everyone = pending_events(session, limit=100_000)
+
+    assert [r.tenant_id for r in mine] == [tenant, tenant]
+    assert [r.id for r in mine] == sorted(r.id for r in mine)
+    assert first == mine[:1]
+    assert {tenant, other} <= {r.tenant_id for r in everyone}
+    assert all(r.age_seconds >= 0 for r in mine)
