@@ -154,6 +154,9 @@ def reencode_stored(stored_text: str | None) -> bytes | None:
     if stored_text is None:
         return None
     try:
+        fast = _reencode_without_fractions(stored_text)
+        if fast is not None:
+            return fast
         # Integers as Decimal too: int() refuses more than 4,300 digits; JSONB does not.
         value = json.loads(stored_text, parse_float=decimal.Decimal, parse_int=decimal.Decimal)
     except RecursionError:
@@ -161,6 +164,38 @@ def reencode_stored(stored_text: str | None) -> bytes | None:
             "stored payload nests deeper than Python can decode; it cannot be published"
         ) from None
     return encode_payload(value).encode()
+
+
+class _NeedsExactDigits(Exception):
+    """The stored payload holds a number json's C encoder would not write digit for digit."""
+
+
+def _refuse_fraction(text: str) -> float:
+    raise _NeedsExactDigits
+
+
+def _small_int(text: str) -> int:
+    if len(text) > 4000:  # int() refuses more than 4,300 digits
+        raise _NeedsExactDigits
+    return int(text)
+
+
+_INTEGERS_ONLY = json.JSONDecoder(parse_float=_refuse_fraction, parse_int=_small_int)
+
+
+def _reencode_without_fractions(stored_text: str) -> bytes | None:
+    """The canonical bytes through json's C encoder, for the common payload whose numbers
+    are all integers: the same bytes `encode_payload` writes (sorted keys, no spaces,
+    exact integers). None when a number needs the exact-digit path."""
+    try:
+        value = _INTEGERS_ONLY.decode(stored_text)
+    except _NeedsExactDigits:
+        return None
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return None  # the exact path names what is wrong
 
 
 def check_encodable(what: str, value: str) -> None:

@@ -4,6 +4,8 @@ import json
 import uuid
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from somabrain.config.errors import EventEncodingError
 from somabrain.store.codec import encode_payload, reencode_stored, validate_headers
@@ -114,3 +116,19 @@ def test_encode_payload_that_contains_itself_is_refused() -> None:
 def test_reencode_stored_payload_nested_too_deep_raises_encoding_error() -> None:
     with pytest.raises(EventEncodingError, match="cannot be published"):
         reencode_stored("[" * 5000 + "]" * 5000)
+
+
+_JSON_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | _JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_JSON_TEXT, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_JSON_VALUES)
+def test_reencode_stored_integer_payloads_give_the_bytes_enqueue_encoded(value: object) -> None:
+    # JSONB's text form: spaces after separators, keys in its own order.
+    stored = json.dumps(value, separators=(", ", ": "), ensure_ascii=False)
+
+    assert reencode_stored(stored) == encode_payload(value).encode()
