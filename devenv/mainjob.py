@@ -438,7 +438,7 @@ def _ready(obj: dict[str, Any]) -> bool:
 
 
 def _deployment_exists(apps: client.AppsV1Api, namespace: str, obj: dict[str, Any]) -> bool:
-    name = (obj.get("status") or {}).get("publisherDeployment")
+    name = ((obj.get("status") or {}).get("children") or {}).get("deployment")
     if not name:
         return False
     try:

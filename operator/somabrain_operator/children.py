@@ -6,12 +6,13 @@ manifests come out, which is what makes reconciliation level-based and testable.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
 
 from somabrain_operator.config import GROUP, VERSION, OperatorSettings
-from somabrain_operator.model import TenantSpec
+from somabrain_operator.resources import TenantSpec, defaults, resolve
 
 LABEL_TENANT = f"{GROUP}/tenant"
 LABEL_COMPONENT = "app.kubernetes.io/component"
@@ -55,7 +56,7 @@ def config_map(spec: TenantSpec, *, namespace: str, owner: dict[str, Any]) -> di
         },
         "data": {
             "SOMABRAIN_TENANT": spec.tenant_id,
-            "SOMABRAIN_BATCH_SIZE": str(spec.publisher.batch_size),
+            "SOMABRAIN_BATCH_SIZE": str(resolve(spec).quotas.batch_size),
         },
     }
 
@@ -74,7 +75,7 @@ def deployment(
     settings: OperatorSettings,
     config: dict[str, Any],
 ) -> dict[str, Any]:
-    """One publisher replica for the tenant; a second would only wait as a standby."""
+    """The tenant's publisher; a second replica only waits as a standby."""
     labels = _labels(spec)
     selector = {LABEL_TENANT: spec.tenant_id, LABEL_COMPONENT: "publisher"}
     secret = settings.connection_secret
@@ -88,7 +89,7 @@ def deployment(
             "ownerReferences": [owner],
         },
         "spec": {
-            "replicas": 1,
+            "replicas": resolve(spec).replicas,
             # Recreate: the old pod releases the tenant's lock before the new one starts.
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector},
@@ -114,10 +115,7 @@ def deployment(
                                     "KAFKA_BOOTSTRAP_SERVERS",
                                 ),
                             ],
-                            "resources": {
-                                "requests": {"cpu": "50m", "memory": "128Mi"},
-                                "limits": {"memory": "256Mi"},
-                            },
+                            "resources": _resources(spec),
                             "securityContext": {
                                 "runAsNonRoot": True,
                                 "allowPrivilegeEscalation": False,
@@ -130,6 +128,14 @@ def deployment(
             },
         },
     }
+
+
+def _resources(spec: TenantSpec) -> dict[str, Any]:
+    """The Tenant's requests and limits as written, or defaults when it sets none (never
+    a mix, which could put a default limit below the Tenant's request)."""
+    if spec.publisher is not None and spec.publisher.resources is not None:
+        return spec.publisher.resources.to_body()
+    return copy.deepcopy(defaults.PUBLISHER_RESOURCES)
 
 
 def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:

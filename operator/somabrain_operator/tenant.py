@@ -19,7 +19,7 @@ from kubernetes import client
 from somabrain_operator import children
 from somabrain_operator.apply import apply, controller_of
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION, OperatorSettings
-from somabrain_operator.model import TenantSpec
+from somabrain_operator.resources import TenantSpec, resolve
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,26 @@ def reconcile_tenant(
         ]
         raise kopf.PermanentError(f"Tenant {namespace}/{name} has an invalid spec: {exc}") from exc
 
+    mode = resolve(tenant).publisher_mode
+    patch.status["publisherMode"] = mode
+    if mode != "dedicated":
+        # Shared pools are not reconciled yet: a Deployment of its own would be wrong.
+        message = (
+            f"publisher mode {mode} is not reconciled by this operator version; "
+            "set spec.publisher.mode to dedicated, or run the pool's publisher yourself"
+        )
+        patch.status["conditions"] = [
+            condition(
+                "Ready",
+                ok=False,
+                reason="PublisherModeUnsupported",
+                message=message,
+                generation=generation,
+                previous=previous,
+            )
+        ]
+        raise kopf.PermanentError(f"Tenant {namespace}/{name}: {message}")
+
     settings = OperatorSettings()
     owner = children.owner_reference(name=name, uid=uid)
     config = children.config_map(tenant, namespace=namespace, owner=owner)
@@ -123,8 +143,10 @@ def reconcile_tenant(
         generation,
     )
     patch.status["observedGeneration"] = generation
-    patch.status["publisherDeployment"] = deployment["metadata"]["name"]
-    patch.status["configMap"] = config["metadata"]["name"]
+    patch.status["children"] = {
+        "deployment": deployment["metadata"]["name"],
+        "configMap": config["metadata"]["name"],
+    }
     patch.status["conditions"] = [
         condition(
             "Ready",

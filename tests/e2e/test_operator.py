@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from somabrain_operator.children import ANNOTATION_CONFIG_HASH
+from somabrain_operator.resources import TenantStatus
 
 from devenv.mainjob import MainJob
 from tests.support import wait_for
@@ -31,7 +32,7 @@ def _tenant(batch_size: int) -> dict[str, Any]:
         "apiVersion": "somabrain.io/v1alpha1",
         "kind": "Tenant",
         "metadata": {"name": "hooli", "namespace": NAMESPACE},
-        "spec": {"tenantId": "hooli", "publisher": {"batchSize": batch_size}},
+        "spec": {"tenantId": "hooli", "quotas": {"batchSize": batch_size}},
     }
 
 
@@ -52,6 +53,12 @@ def test_operator_creates_owned_children_and_rolls_them_on_spec_change(job: Main
     owners = [(o.kind, o.name, o.uid, o.controller) for o in deployment.metadata.owner_references]
     assert owners == [("Tenant", "hooli", tenant["metadata"]["uid"], True)]  # type: ignore[index]
     assert config.data == {"SOMABRAIN_TENANT": "hooli", "SOMABRAIN_BATCH_SIZE": "100"}
+    # Every status field the operator writes is declared, so none was pruned (K-1).
+    status = TenantStatus.from_body(tenant["status"])  # type: ignore[index]
+    assert status.observed_generation == tenant["metadata"]["generation"]  # type: ignore[index]
+    assert status.publisher_mode == "dedicated"
+    assert status.children is not None
+    assert (status.children.deployment, status.children.config_map) == (name, name)
     before = deployment.spec.template.metadata.annotations[ANNOTATION_CONFIG_HASH]
 
     job.apply_tenants([_tenant(250)])
@@ -91,3 +98,27 @@ def test_second_tenant_with_the_same_tenant_id_is_refused_with_a_condition(job: 
         "somabrain-publisher-piper", NAMESPACE
     )
     assert config.data["SOMABRAIN_BATCH_SIZE"] == "100"
+
+
+def test_shared_tenant_gets_a_condition_and_no_deployment(job: MainJob) -> None:
+    custom = client.CustomObjectsApi(job.api)
+    shared = _tenant(100)
+    shared["metadata"]["name"] = "pooled"
+    shared["spec"] = {"tenantId": "pooled", "publisher": {"mode": "shared", "pool": "small"}}
+
+    job.apply_tenants([shared])
+
+    def refused() -> Any:
+        obj = custom.get_namespaced_custom_object(
+            "somabrain.io", "v1alpha1", NAMESPACE, "tenants", "pooled"
+        )
+        conditions = (obj.get("status") or {}).get("conditions", [])  # type: ignore[union-attr]
+        return next((c for c in conditions if c.get("reason") == "PublisherModeUnsupported"), None)
+
+    ready = wait_for(refused, timeout=60)
+    assert ready is not None, "no PublisherModeUnsupported condition within 60 s"
+    assert ready["status"] == "False"
+    deployments = client.AppsV1Api(job.api).list_namespaced_deployment(
+        NAMESPACE, label_selector="somabrain.io/tenant=pooled"
+    )
+    assert deployments.items == []

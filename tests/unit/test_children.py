@@ -2,7 +2,9 @@ from typing import Any
 
 from somabrain_operator import children
 from somabrain_operator.config import OperatorSettings
-from somabrain_operator.model import TenantSpec
+from somabrain_operator.resources import TenantSpec
+
+from somabrain.config.settings import PublisherSettings
 
 OWNER = children.owner_reference(name="acme", uid="uid-1")
 
@@ -43,8 +45,8 @@ def test_deployment_takes_connection_settings_from_the_secret_only() -> None:
 
 
 def test_config_change_changes_the_pod_template_hash() -> None:
-    _, small = _build({"tenantId": "acme", "publisher": {"batchSize": 10}})
-    _, large = _build({"tenantId": "acme", "publisher": {"batchSize": 20}})
+    _, small = _build({"tenantId": "acme", "quotas": {"batchSize": 10}})
+    _, large = _build({"tenantId": "acme", "quotas": {"batchSize": 20}})
 
     def annotation(d: dict[str, Any]) -> str:
         return str(
@@ -56,3 +58,21 @@ def test_config_change_changes_the_pod_template_hash() -> None:
 
 def test_same_spec_gives_the_same_children() -> None:
     assert _build({"tenantId": "acme"}) == _build({"tenantId": "acme"})
+
+
+def test_deployment_uses_the_tenants_replicas_and_resources_as_written() -> None:
+    resources = {"requests": {"cpu": "1"}, "limits": {"cpu": "2", "memory": "1Gi"}}
+    _, deployment = _build(
+        {"tenantId": "acme", "publisher": {"replicas": 2, "resources": resources}}
+    )
+
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"] == resources
+
+
+def test_unset_batch_size_takes_the_publishers_default() -> None:
+    config, _ = _build({"tenantId": "acme"})
+
+    assert config["data"]["SOMABRAIN_BATCH_SIZE"] == str(
+        PublisherSettings.model_fields["batch_size"].default
+    )
