@@ -1,32 +1,36 @@
 """Enqueue throughput against a raw COPY of the same rows into the same table.
 
 - reference: PostgreSQL's COPY of the same rows (tenant, topic, key, dedupe key,
-  payload) into outbox_events, in chunks of the same size;
+  payload) into outbox_events, in chunks of the same size, one transaction per chunk,
+  the payloads encoded to JSON text inside the timed loop;
+- reference without encoding: the same COPY of rows whose payloads were encoded
+  beforehand (what the database alone takes to store them);
 - `enqueue_events`: the bulk API, one transaction per chunk;
 - `enqueue_event`: one call per event, one transaction per chunk (the common case).
 
-Results go to bench/results/enqueue.json. Run: `.venv/bin/python -m bench.enqueue`.
+Every round measures all four, one after the other on fresh rows, so each round's
+ratios compare figures taken under the same load; the medians over rounds are the
+headline. Results go to bench/results/enqueue.json. Run: `.venv/bin/python -m bench.enqueue`.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
+import statistics
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
 
-from devenv import stack
+from bench.common import ROOT, command_line, local_stack, machine, progress, write_result
 from somabrain import NewEvent, enqueue_event, enqueue_events
 from somabrain.store import migrate
 from somabrain.store.codec import encode_payload
 from somabrain.store.engine import make_engine, make_sessionmaker
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "enqueue.json"
 
 
@@ -44,15 +48,23 @@ def _events(tenant: str, count: int) -> list[NewEvent]:
     ]
 
 
-def copy_rows(engine: Engine, events: list[NewEvent], chunk: int) -> float:
+def _copy_line(e: NewEvent, payload: str) -> str:
+    # COPY's text format: tab-separated; a backslash in the JSON text is doubled.
+    escaped = payload.replace("\\", "\\\\")
+    return f"{e.tenant_id}\t{e.topic}\t{e.key}\t{e.dedupe_key}\t{escaped}\n"
+
+
+def _copy(engine: Engine, events: list[NewEvent], chunk: int, *, encode_first: bool) -> float:
+    encoded = [encode_payload(e.payload) for e in events] if encode_first else []
     raw: Any = engine.raw_connection()
     started = time.perf_counter()
     try:
         for start in range(0, len(events), chunk):
             buffer = io.StringIO()
-            for e in events[start : start + chunk]:
-                payload = encode_payload(e.payload).replace("\\", "\\\\")
-                buffer.write(f"{e.tenant_id}\t{e.topic}\t{e.key}\t{e.dedupe_key}\t{payload}\n")
+            for i in range(start, min(start + chunk, len(events))):
+                e = events[i]
+                payload = encoded[i] if encode_first else encode_payload(e.payload)
+                buffer.write(_copy_line(e, payload))
             buffer.seek(0)
             with raw.cursor() as cur:
                 cur.copy_expert(
@@ -64,6 +76,14 @@ def copy_rows(engine: Engine, events: list[NewEvent], chunk: int) -> float:
     finally:
         raw.close()
     return len(events) / (time.perf_counter() - started)
+
+
+def copy_rows(engine: Engine, events: list[NewEvent], chunk: int) -> float:
+    return _copy(engine, events, chunk, encode_first=False)
+
+
+def copy_encoded_rows(engine: Engine, events: list[NewEvent], chunk: int) -> float:
+    return _copy(engine, events, chunk, encode_first=True)
 
 
 def bulk(engine: Engine, events: list[NewEvent], chunk: int) -> float:
@@ -92,39 +112,62 @@ def one_by_one(engine: Engine, events: list[NewEvent], chunk: int) -> float:
     return len(events) / (time.perf_counter() - started)
 
 
+MEASURES: dict[str, Callable[[Engine, list[NewEvent], int], float]] = {
+    "copy_reference": copy_rows,
+    "copy_reference_without_encoding": copy_encoded_rows,
+    "enqueue_events": bulk,
+    "enqueue_event": one_by_one,
+}
+
+
+def _ratios(figures: dict[str, float]) -> dict[str, float]:
+    copy, raw_copy = figures["copy_reference"], figures["copy_reference_without_encoding"]
+    return {
+        "enqueue_events_vs_copy": round(figures["enqueue_events"] / copy, 3),
+        "enqueue_event_vs_copy": round(figures["enqueue_event"] / copy, 3),
+        "enqueue_events_vs_copy_without_encoding": round(figures["enqueue_events"] / raw_copy, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.enqueue", description=__doc__)
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--chunk", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    state_dir = ROOT / ".devenv" / "bench"
-    running = stack.up(state_dir, only=("postgres",))
-    try:
-        url = stack.environment(running)["DATABASE_URL"]
+    rounds: list[dict[str, Any]] = []
+    with local_stack(["postgres"]) as env:
+        url = env["DATABASE_URL"]
         migrate.upgrade(url)
         engine = make_engine(url)
-        figures = {
-            "copy_reference": copy_rows(engine, _events("bench-copy", args.events), args.chunk),
-            "enqueue_events": bulk(engine, _events("bench-bulk", args.events), args.chunk),
-            "enqueue_event": one_by_one(engine, _events("bench-one", args.events), args.chunk),
-        }
+        for number in range(1, args.rounds + 1):
+            figures: dict[str, float] = {}
+            for name, measure in MEASURES.items():
+                tenant = f"bench-{name.replace('_', '-')[:20]}-{number}"
+                figures[name] = measure(engine, _events(tenant, args.events), args.chunk)
+                progress(f"round {number}/{args.rounds}: {name} {figures[name]:,.0f} rows/s")
+            rounds.append(
+                {
+                    "rows_per_second": {k: round(v) for k, v in figures.items()},
+                    "ratios": _ratios(figures),
+                }
+            )
         engine.dispose()
-    finally:
-        stack.down(state_dir)
+    medians = {
+        name: round(statistics.median(r["ratios"][name] for r in rounds), 3)
+        for name in rounds[0]["ratios"]
+    }
     result = {
+        "command": command_line("bench.enqueue"),
         "events": args.events,
         "chunk": args.chunk,
-        "rows_per_second": {k: round(v) for k, v in figures.items()},
-        "ratios": {
-            "enqueue_events_vs_copy": round(
-                figures["enqueue_events"] / figures["copy_reference"], 3
-            ),
-            "enqueue_event_vs_copy": round(figures["enqueue_event"] / figures["copy_reference"], 3),
-        },
+        "payload_bytes": len(encode_payload({"n": 0, "pad": "x" * 200})),
+        "target": "enqueue_events >= 0.8 x copy_reference",
+        "median_ratios": medians,
+        "rounds": rounds,
+        "machine": machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(RESULTS, result)
     return 0
 
 
