@@ -7,6 +7,7 @@ same run and reports ratios; the facts here say what the run was made on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -62,9 +63,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """The bench stack: what clients need (DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, ...)
+    and the main process of each component, whose CPU time a bench may read."""
+
+    env: dict[str, str]
+    pids: dict[str, int]
+
+
 @contextlib.contextmanager
-def local_stack(components: Iterable[str]) -> Iterator[dict[str, str]]:
-    """The bench stack's environment (DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, ...).
+def local_stack(components: Iterable[str]) -> Iterator[Stack]:
+    """The stack in `.devenv/bench`, with the given components running.
 
     Starts the components in `.devenv/bench` when needed and stops the stack afterwards
     only if none was recorded there before, so a stack brought up by hand
@@ -73,10 +83,48 @@ def local_stack(components: Iterable[str]) -> Iterator[dict[str, str]]:
     started_here = not stack.load(STATE_DIR)
     running = stack.up(STATE_DIR, only=tuple(components))
     try:
-        yield stack.environment(running)
+        yield Stack(
+            env=stack.environment(running),
+            pids={name: r.pids[0] for name, r in running.items() if r.pids},
+        )
     finally:
         if started_here:
             stack.down(STATE_DIR)
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces; it ends at the last parenthesis.
+    return text.rsplit(")", 1)[1].split()
+
+
+def process_tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) used so far by a process and all its descendants, live
+    or already exited, from /proc (Linux): e.g. a PostgreSQL server with its backends,
+    WAL writer and autovacuum workers."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    total = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        # utime, stime, and cutime, cstime: children that exited and were waited for.
+        total += sum(int(f) for f in fields[11:15])
+        todo.extend(children.get(pid, []))
+    return total / _TICKS
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

@@ -10,7 +10,11 @@
 
 Every round measures all four, one after the other on fresh rows, so each round's
 ratios compare figures taken under the same load; the medians over rounds are the
-headline. Results go to bench/results/enqueue.json. Run: `.venv/bin/python -m bench.enqueue`.
+headline. Each measure also records the CPU time per row of this process and of the
+whole PostgreSQL server (backends and background processes): on a shared machine the
+wall clock also counts waiting for a CPU, the CPU time does not.
+
+Results go to bench/results/enqueue.json. Run: `.venv/bin/python -m bench.enqueue`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from bench.common import ROOT, command_line, local_stack, machine, progress, write_result
+from bench.common import (
+    ROOT,
+    command_line,
+    local_stack,
+    machine,
+    process_tree_cpu_seconds,
+    progress,
+    write_result,
+)
 from somabrain import NewEvent, enqueue_event, enqueue_events
 from somabrain.store import migrate
 from somabrain.store.codec import encode_payload
@@ -120,6 +132,18 @@ MEASURES: dict[str, Callable[[Engine, list[NewEvent], int], float]] = {
 }
 
 
+def _cpu_ratios(cpu: dict[str, dict[str, float]]) -> dict[str, float]:
+    def total(name: str) -> float:
+        return cpu[name]["client"] + cpu[name]["database"]
+
+    return {
+        "enqueue_events_vs_copy": round(total("copy_reference") / total("enqueue_events"), 3),
+        "enqueue_events_vs_copy_without_encoding": round(
+            total("copy_reference_without_encoding") / total("enqueue_events"), 3
+        ),
+    }
+
+
 def _ratios(figures: dict[str, float]) -> dict[str, float]:
     copy, raw_copy = figures["copy_reference"], figures["copy_reference_without_encoding"]
     return {
@@ -136,34 +160,58 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     rounds: list[dict[str, Any]] = []
-    with local_stack(["postgres"]) as env:
-        url = env["DATABASE_URL"]
+    with local_stack(["postgres"]) as running:
+        url = running.env["DATABASE_URL"]
         migrate.upgrade(url)
         engine = make_engine(url)
         for number in range(1, args.rounds + 1):
             figures: dict[str, float] = {}
+            cpu: dict[str, dict[str, float]] = {}
             for name, measure in MEASURES.items():
                 tenant = f"bench-{name.replace('_', '-')[:20]}-{number}"
-                figures[name] = measure(engine, _events(tenant, args.events), args.chunk)
-                progress(f"round {number}/{args.rounds}: {name} {figures[name]:,.0f} rows/s")
+                events = _events(tenant, args.events)
+                client, database = (
+                    time.process_time(),
+                    process_tree_cpu_seconds(running.pids["postgres"]),
+                )
+                figures[name] = measure(engine, events, args.chunk)
+                cpu[name] = {
+                    "client": (time.process_time() - client) / args.events * 1e6,
+                    "database": (process_tree_cpu_seconds(running.pids["postgres"]) - database)
+                    / args.events
+                    * 1e6,
+                }
+                progress(
+                    f"round {number}/{args.rounds}: {name} {figures[name]:,.0f} rows/s, "
+                    f"CPU per row {cpu[name]['client']:.0f} us here + "
+                    f"{cpu[name]['database']:.0f} us in PostgreSQL"
+                )
             rounds.append(
                 {
                     "rows_per_second": {k: round(v) for k, v in figures.items()},
                     "ratios": _ratios(figures),
+                    "cpu_us_per_row": {
+                        k: {part: round(us, 1) for part, us in v.items()} for k, v in cpu.items()
+                    },
+                    "rows_per_cpu_second_ratios": _cpu_ratios(cpu),
                 }
             )
         engine.dispose()
-    medians = {
-        name: round(statistics.median(r["ratios"][name] for r in rounds), 3)
-        for name in rounds[0]["ratios"]
-    }
+
+    def median(kind: str) -> dict[str, float]:
+        return {
+            name: round(statistics.median(r[kind][name] for r in rounds), 3)
+            for name in rounds[0][kind]
+        }
+
     result = {
         "command": command_line("bench.enqueue"),
         "events": args.events,
         "chunk": args.chunk,
         "payload_bytes": len(encode_payload({"n": 0, "pad": "x" * 200})),
         "target": "enqueue_events >= 0.8 x copy_reference",
-        "median_ratios": medians,
+        "median_ratios": median("ratios"),
+        "median_rows_per_cpu_second_ratios": median("rows_per_cpu_second_ratios"),
         "rounds": rounds,
         "machine": machine(),
     }
