@@ -19,9 +19,11 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import json
+import re
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Table,
@@ -55,6 +57,9 @@ _NOTIFIED = "somabrain.notified"
 
 # Room Kafka adds around key, value and headers in a record batch holding one record.
 _RECORD_OVERHEAD_BYTES = 128
+# What the publisher adds to every message, counted at its longest (tenant id, event id,
+# dedupe key, content type), so an event accepted here is never refused for its size.
+_PUBLISHER_HEADER_BYTES = sum(len(name) for name in RESERVED_HEADERS) + 40 + 36 + 200 + 16
 
 
 class EnqueueStatus(enum.StrEnum):
@@ -141,14 +146,15 @@ class NewEvent:
 def enqueue_events(
     session: Session, events: Sequence[NewEvent], *, max_message_bytes: int | None = None
 ) -> list[EnqueueResult]:
-    """Add many events in the caller's transaction with one INSERT per 1,000 events.
+    """Add many events in the caller's transaction, up to 1,000 per INSERT.
 
     All or nothing at validation: if any event is invalid, InvalidEvent names its
     position and nothing is written. Results come back in the order of `events`; a
     dedupe key repeated within the batch, or already in the outbox, is a DUPLICATE.
+    Rows get their ids in the order of `events`.
     """
     limit = max_message_bytes if max_message_bytes is not None else _default_max_bytes()
-    rows: list[dict[str, Any]] = []
+    rows: list[_Row] = []
     for position, event in enumerate(events):
         try:
             rows.append(_validated_row(event, limit))
@@ -158,15 +164,20 @@ def enqueue_events(
             raise InvalidEvent(f"event {position}: {exc}") from exc
 
     inserted: dict[tuple[str, str], uuid.UUID] = {}
-    for start in range(0, len(rows), 1000):
-        # One compiled statement, executed for many rows (SQLAlchemy's insertmanyvalues
-        # turns it into multi-row INSERTs with RETURNING).
-        for tenant, dedupe, event_id in session.execute(_INSERT, rows[start : start + 1000]):
+    for chunk in _statement_chunks(rows):
+        if len(chunk) == 1:
+            returned = session.execute(_INSERT_ONE, chunk[0]._asdict())
+        else:
+            # Many rows travel as one JSON array parameter, unpacked by the database:
+            # one short statement to parse and one value to send, whatever the count.
+            text_rows = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+            returned = session.execute(_INSERT_ROWS, {"rows": text_rows})
+        for tenant, dedupe, event_id in returned:
             inserted[(tenant, dedupe)] = event_id
 
     results: list[EnqueueResult] = []
     for row in rows:
-        tenant, dedupe = TenantId(row["tenant_id"]), row["dedupe_key"]
+        tenant, dedupe = TenantId(row.tenant_id), row.dedupe_key
         event_id = inserted.pop((tenant, dedupe), None)
         status = EnqueueStatus.DUPLICATE if event_id is None else EnqueueStatus.ENQUEUED
         results.append(
@@ -177,7 +188,19 @@ def enqueue_events(
     return results
 
 
-def _validated_row(event: NewEvent, limit: int) -> dict[str, Any]:
+class _Row(NamedTuple):
+    """A validated event as one row of the INSERT's JSON array (a tuple is a JSON array)."""
+
+    tenant_id: str
+    topic: str
+    message_key: str | None
+    dedupe_key: str
+    event_type: str | None
+    payload: str | None  # canonical JSON text; None is a tombstone
+    headers: dict[str, str]
+
+
+def _validated_row(event: NewEvent, limit: int) -> _Row:
     tenant = parse_tenant_id(event.tenant_id) if isinstance(event.tenant_id, str) else None
     if tenant is None:
         raise InvalidEvent(f"tenant_id must be a string, got {type(event.tenant_id).__name__}")
@@ -194,18 +217,31 @@ def _validated_row(event: NewEvent, limit: int) -> dict[str, Any]:
             f"headers {reserved} are set by the publisher on every message; use other names"
         )
     _check_size(encoded, event.key, event.event_type, clean_headers, limit)
-    return {
-        "tenant_id": tenant,
-        "topic": event.topic,
-        "message_key": event.key,
-        "dedupe_key": dedupe,
-        "event_type": event.event_type,
-        "payload": encoded,
-        "headers": clean_headers,
-    }
+    return _Row(tenant, event.topic, event.key, dedupe, event.event_type, encoded, clean_headers)
 
 
-_INSERT = (
+# Rows per INSERT, and payload characters per INSERT (so a chunk of large events stays
+# far below the 1 GB a statement and the 256 MB a jsonb value may hold); a single
+# event over the second limit goes alone.
+_STATEMENT_ROWS = 1000
+_STATEMENT_PAYLOAD_CHARS = 16 * 1024 * 1024
+
+
+def _statement_chunks(rows: Sequence[_Row]) -> Iterator[Sequence[_Row]]:
+    start, size = 0, 0
+    for end, row in enumerate(rows):
+        length = len(row.payload or "")
+        if end > start and (
+            end - start == _STATEMENT_ROWS or size + length > _STATEMENT_PAYLOAD_CHARS
+        ):
+            yield rows[start:end]
+            start, size = end, 0
+        size += length
+    if start < len(rows):
+        yield rows[start:]
+
+
+_INSERT_ONE = (
     insert(OUTBOX)
     .values(
         tenant_id=bindparam("tenant_id"),
@@ -219,6 +255,25 @@ _INSERT = (
     )
     .on_conflict_do_nothing(index_elements=["tenant_id", "dedupe_key"])
     .returning(OUTBOX.c.tenant_id, OUTBOX.c.dedupe_key, OUTBOX.c.event_id)
+)
+
+# The same for many rows (for one, the statement above costs the database less).
+# Element i of each array is field i of _Row. Ids are assigned in array order (ORDER BY
+# the ordinality), so a batch keeps its order per key; a dedupe key repeated within the
+# array inserts its first row only. The payload is cast from its canonical text, as
+# enqueue always stored it; a tombstone's null element becomes SQL NULL.
+_INSERT_ROWS = (
+    text(
+        "INSERT INTO outbox_events"
+        " (tenant_id, topic, message_key, dedupe_key, event_type, payload, headers)"
+        " SELECT r->>0, r->>1, r->>2, r->>3, r->>4, CAST(r->>5 AS jsonb), r->6"
+        " FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS a(r, n)"
+        " ORDER BY n"
+        " ON CONFLICT (tenant_id, dedupe_key) DO NOTHING"
+        " RETURNING tenant_id, dedupe_key, event_id"
+    )
+    .bindparams(bindparam("rows", type_=Text))
+    .columns(OUTBOX.c.tenant_id, OUTBOX.c.dedupe_key, OUTBOX.c.event_id)
 )
 
 
@@ -263,10 +318,13 @@ def _notify_once(session: Session, tenant: TenantId) -> None:
         marker[1].add(tenant)
 
 
+_TOPIC_CHARACTERS = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def _check_topic(topic: str) -> None:
     if not topic or len(topic) > 249 or topic in {".", ".."}:
         raise InvalidEvent(f"topic {topic!r}: must be 1-249 characters and not '.' or '..'")
-    if any(not (c.isascii() and (c.isalnum() or c in "._-")) for c in topic):
+    if not _TOPIC_CHARACTERS.fullmatch(topic):
         raise InvalidEvent(f"topic {topic!r}: use only ASCII letters, digits, '.', '_' or '-'")
 
 
@@ -277,15 +335,12 @@ def _check_size(
     headers: Mapping[str, str],
     limit: int,
 ) -> None:
-    # What the publisher adds to every message is counted at its longest, so an event
-    # accepted here can never be refused by the broker for its size.
-    added = sum(len(name) for name in RESERVED_HEADERS) + 40 + 36 + 200 + 16
     size = (
         len((encoded or "").encode())
         + len((key or "").encode())
         + len((event_type or "").encode())
         + sum(len(k.encode()) + len(v.encode()) for k, v in headers.items())
-        + added
+        + _PUBLISHER_HEADER_BYTES
         + _RECORD_OVERHEAD_BYTES
     )
     if size > limit:
