@@ -14,11 +14,15 @@ import platform
 import shlex
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import create_engine, text
+
 from devenv import stack
+from somabrain.store.engine import engine_url
 
 ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = ROOT / ".devenv" / "bench"
@@ -125,6 +129,24 @@ def process_tree_cpu_seconds(root: int) -> float:
         total += sum(int(f) for f in fields[11:15])
         todo.extend(children.get(pid, []))
     return total / _TICKS
+
+
+@contextlib.contextmanager
+def fresh_database(url: str) -> Iterator[str]:
+    """A new, empty database on the same server, dropped afterwards: what earlier runs
+    left in the stack's tables (and the plans they lead to) does not weigh on a measure."""
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(engine_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield engine_url(url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

@@ -16,7 +16,8 @@ producer settings, read by the same consumer, from the moment each group was due
     committed (what exactly-once mode does without the database).
 Ratios compare the publisher's percentiles with the reference of its mode.
 
-The first --warmup seconds of each measure are not counted. Results go to
+The run uses a database of its own on the stack's server, dropped at the end. The
+first --warmup seconds of each measure are not counted. Results go to
 bench/results/latency.json. Run: `.venv/bin/python -m bench.latency`.
 """
 
@@ -43,6 +44,7 @@ from bench.common import (
     ROOT,
     STATE_DIR,
     command_line,
+    fresh_database,
     local_stack,
     machine,
     process_tree_cpu_seconds,
@@ -502,10 +504,14 @@ def main(argv: list[str] | None = None) -> int:
         name, _, value = item.partition("=")
         extra_env[name] = value
     rounds: list[dict[str, Any]] = []
-    with local_stack(["postgres", "kafka"]) as running:
-        migrate.upgrade(running.env["DATABASE_URL"])
+    with (
+        local_stack(["postgres", "kafka"]) as running,
+        fresh_database(running.env["DATABASE_URL"]) as database_url,
+    ):
+        env = {**running.env, "DATABASE_URL": database_url}
+        migrate.upgrade(database_url)
         for number in range(1, args.rounds + 1):
-            rounds.append(one_round(running.env, args, extra_env, number))
+            rounds.append(one_round(env, args, extra_env, number))
     result = {
         "command": command_line("bench.latency"),
         "rate_events_per_second": args.rate,
