@@ -16,6 +16,9 @@ producer settings, read by the same consumer, from the moment each group was due
     committed (what exactly-once mode does without the database).
 Ratios compare the publisher's percentiles with the reference of its mode.
 
+With --steps the publisher runs under `bench.publisher_steps`, which also reports
+where its cycle's time goes (claim, Kafka, marking rows sent, waiting for NOTIFY).
+
 The run uses a database of its own on the stack's server, dropped at the end. The
 first --warmup seconds of each measure are not counted. Results go to
 bench/results/latency.json. Run: `.venv/bin/python -m bench.latency`.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -280,7 +284,9 @@ class MemoryWatch:
         }
 
 
-def _somabrain_command() -> list[str]:
+def _somabrain_command(steps_file: Path | None) -> list[str]:
+    if steps_file is not None:
+        return [sys.executable, "-m", "bench.publisher_steps", str(steps_file)]
     beside = Path(sys.executable).with_name("somabrain")
     found = str(beside) if beside.exists() else shutil.which("somabrain")
     if found is None:
@@ -290,7 +296,12 @@ def _somabrain_command() -> list[str]:
 
 @contextlib.contextmanager
 def publisher_process(
-    env: dict[str, str], tenant: str, mode: str, extra_env: dict[str, str], log: Path
+    env: dict[str, str],
+    tenant: str,
+    mode: str,
+    extra_env: dict[str, str],
+    log: Path,
+    steps_file: Path | None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`somabrain publisher run --tenant T` as its own process, stopped by SIGTERM."""
     process_env = {
@@ -302,7 +313,7 @@ def publisher_process(
     }
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [*_somabrain_command(), "publisher", "run", "--tenant", tenant],
+            [*_somabrain_command(steps_file), "publisher", "run", "--tenant", tenant],
             env=process_env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -327,6 +338,7 @@ def through_publisher(
     group: int,
     seconds: float,
     extra_env: dict[str, str],
+    steps: bool,
 ) -> dict[str, Any]:
     """The writer enqueues on schedule; the real publisher drains; the consumer times."""
     tenant = f"bench-lat-{mode.split('-')[0]}-{uuid.uuid4().hex[:6]}"
@@ -334,9 +346,12 @@ def through_publisher(
     sessions = make_sessionmaker(engine)
     run = uuid.uuid4().hex[:8]
     log = STATE_DIR / f"latency-publisher-{mode}.log"
+    steps_file = STATE_DIR / f"latency-steps-{mode}.json" if steps else None
+    if steps_file is not None:
+        steps_file.unlink(missing_ok=True)
     arrivals = Arrivals(env["KAFKA_BOOTSTRAP_SERVERS"], topic)
     ready: dict[int, float] = {}
-    with publisher_process(env, tenant, mode, extra_env, log) as process:
+    with publisher_process(env, tenant, mode, extra_env, log, steps_file) as process:
         memory = MemoryWatch(process.pid)
         _wait_until_active(log, process)
         schedule = Schedule(rate=rate, group=group, seconds=seconds)
@@ -377,13 +392,16 @@ def through_publisher(
             raise SystemExit(f"the publisher exited with {process.returncode}; see {log}")
     arrivals.stop()
     engine.dispose()
-    return {
+    result = {
         "ready": ready,
         "arrivals": arrivals,
         "schedule": schedule,
         "memory": used,
         "publisher_cpu_percent": round(100 * cpu_seconds / elapsed, 1),
     }
+    if steps_file is not None and steps_file.exists():
+        result["publisher_steps"] = json.loads(steps_file.read_text())
+    return result
 
 
 def _wait_until_active(log: Path, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -402,7 +420,7 @@ def _measured(result: dict[str, Any], warmup: float, rate: float) -> dict[str, A
     first = math.ceil(warmup * rate / schedule.group) * schedule.group
     last = schedule.groups * schedule.group
     summary = _summary(result["ready"], result["arrivals"], range(first, last), schedule.interval)
-    for extra in ("memory", "publisher_cpu_percent"):
+    for extra in ("memory", "publisher_cpu_percent", "publisher_steps"):
         if extra in result:
             summary[extra] = result[extra]
     return summary
@@ -439,7 +457,14 @@ def one_round(
 
     def publisher(mode: str) -> dict[str, Any]:
         return through_publisher(
-            env, topics[mode], mode, rate=rate, group=group, seconds=seconds, extra_env=extra_env
+            env,
+            topics[mode],
+            mode,
+            rate=rate,
+            group=group,
+            seconds=seconds,
+            extra_env=extra_env,
+            steps=args.steps,
         )
 
     measures: dict[str, Callable[[], dict[str, Any]]] = {
@@ -496,6 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME=VALUE",
         help="extra environment for the publisher (e.g. SOMABRAIN_BATCH_SIZE=100)",
+    )
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="time each step of the publisher's cycle (python -m bench.publisher_steps)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
