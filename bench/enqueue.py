@@ -8,7 +8,8 @@
 - `enqueue_events`: the bulk API, one transaction per chunk;
 - `enqueue_event`: one call per event, one transaction per chunk (the common case).
 
-Every round measures all four, one after the other on fresh rows, so each round's
+Every round measures all four, one after the other on fresh rows (each after a
+VACUUM ANALYZE and a CHECKPOINT, in a database of the run's own), so each round's
 ratios compare figures taken under the same load; the medians over rounds are the
 headline. Each measure also records the CPU time per row of this process and of the
 whole PostgreSQL server (backends and background processes): on a shared machine the
@@ -27,11 +28,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from bench.common import (
     ROOT,
     command_line,
+    fresh_database,
     local_stack,
     machine,
     process_tree_cpu_seconds,
@@ -124,6 +126,15 @@ def one_by_one(engine: Engine, events: list[NewEvent], chunk: int) -> float:
     return len(events) / (time.perf_counter() - started)
 
 
+def _settle(engine: Engine) -> None:
+    # Each measure starts from the same state: the previous one's dirty pages written
+    # and the table vacuumed and analysed, so no background work it caused (autovacuum
+    # after 50,000 inserts, a checkpoint) lands in the next one's figures.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM (ANALYZE) outbox_events"))
+        conn.execute(text("CHECKPOINT"))
+
+
 MEASURES: dict[str, Callable[[Engine, list[NewEvent], int], float]] = {
     "copy_reference": copy_rows,
     "copy_reference_without_encoding": copy_encoded_rows,
@@ -160,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     rounds: list[dict[str, Any]] = []
-    with local_stack(["postgres"]) as running:
-        url = running.env["DATABASE_URL"]
+    with (
+        local_stack(["postgres"]) as running,
+        fresh_database(running.env["DATABASE_URL"]) as url,
+    ):
         migrate.upgrade(url)
         engine = make_engine(url)
         for number in range(1, args.rounds + 1):
@@ -170,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, measure in MEASURES.items():
                 tenant = f"bench-{name.replace('_', '-')[:20]}-{number}"
                 events = _events(tenant, args.events)
+                _settle(engine)
                 client, database = (
                     time.process_time(),
                     process_tree_cpu_seconds(running.pids["postgres"]),
