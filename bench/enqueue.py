@@ -68,62 +68,77 @@ def _copy_line(e: NewEvent, payload: str) -> str:
     return f"{e.tenant_id}\t{e.topic}\t{e.key}\t{e.dedupe_key}\t{escaped}\n"
 
 
-def _copy(engine: Engine, events: list[NewEvent], chunk: int, *, encode_first: bool) -> float:
+class _Clock:
+    """Wall and CPU time (this process) of the measured part of a measure."""
+
+    def __enter__(self) -> _Clock:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+Measured = tuple[float, float]  # rows per second, client CPU seconds
+
+
+def _copy(engine: Engine, events: list[NewEvent], chunk: int, *, encode_first: bool) -> Measured:
     encoded = [encode_payload(e.payload) for e in events] if encode_first else []
     raw: Any = engine.raw_connection()
-    started = time.perf_counter()
     try:
-        for start in range(0, len(events), chunk):
-            buffer = io.StringIO()
-            for i in range(start, min(start + chunk, len(events))):
-                e = events[i]
-                payload = encoded[i] if encode_first else encode_payload(e.payload)
-                buffer.write(_copy_line(e, payload))
-            buffer.seek(0)
-            with raw.cursor() as cur:
-                cur.copy_expert(
-                    "COPY outbox_events (tenant_id, topic, message_key, dedupe_key, payload)"
-                    " FROM STDIN",
-                    buffer,
-                )
-            raw.commit()
+        with _Clock() as clock:
+            for start in range(0, len(events), chunk):
+                buffer = io.StringIO()
+                for i in range(start, min(start + chunk, len(events))):
+                    e = events[i]
+                    payload = encoded[i] if encode_first else encode_payload(e.payload)
+                    buffer.write(_copy_line(e, payload))
+                buffer.seek(0)
+                with raw.cursor() as cur:
+                    cur.copy_expert(
+                        "COPY outbox_events (tenant_id, topic, message_key, dedupe_key, payload)"
+                        " FROM STDIN",
+                        buffer,
+                    )
+                raw.commit()
     finally:
         raw.close()
-    return len(events) / (time.perf_counter() - started)
+    return len(events) / clock.wall, clock.cpu
 
 
-def copy_rows(engine: Engine, events: list[NewEvent], chunk: int) -> float:
+def copy_rows(engine: Engine, events: list[NewEvent], chunk: int) -> Measured:
     return _copy(engine, events, chunk, encode_first=False)
 
 
-def copy_encoded_rows(engine: Engine, events: list[NewEvent], chunk: int) -> float:
+def copy_encoded_rows(engine: Engine, events: list[NewEvent], chunk: int) -> Measured:
     return _copy(engine, events, chunk, encode_first=True)
 
 
-def bulk(engine: Engine, events: list[NewEvent], chunk: int) -> float:
+def bulk(engine: Engine, events: list[NewEvent], chunk: int) -> Measured:
     sessions = make_sessionmaker(engine)
-    started = time.perf_counter()
-    for start in range(0, len(events), chunk):
-        with sessions.begin() as session:
-            enqueue_events(session, events[start : start + chunk])
-    return len(events) / (time.perf_counter() - started)
+    with _Clock() as clock:
+        for start in range(0, len(events), chunk):
+            with sessions.begin() as session:
+                enqueue_events(session, events[start : start + chunk])
+    return len(events) / clock.wall, clock.cpu
 
 
-def one_by_one(engine: Engine, events: list[NewEvent], chunk: int) -> float:
+def one_by_one(engine: Engine, events: list[NewEvent], chunk: int) -> Measured:
     sessions = make_sessionmaker(engine)
-    started = time.perf_counter()
-    for start in range(0, len(events), chunk):
-        with sessions.begin() as session:
-            for e in events[start : start + chunk]:
-                enqueue_event(
-                    session,
-                    tenant_id=e.tenant_id,
-                    topic=e.topic,
-                    key=e.key,
-                    dedupe_key=e.dedupe_key,
-                    payload=e.payload,
-                )
-    return len(events) / (time.perf_counter() - started)
+    with _Clock() as clock:
+        for start in range(0, len(events), chunk):
+            with sessions.begin() as session:
+                for e in events[start : start + chunk]:
+                    enqueue_event(
+                        session,
+                        tenant_id=e.tenant_id,
+                        topic=e.topic,
+                        key=e.key,
+                        dedupe_key=e.dedupe_key,
+                        payload=e.payload,
+                    )
+    return len(events) / clock.wall, clock.cpu
 
 
 def _settle(engine: Engine) -> None:
@@ -135,7 +150,7 @@ def _settle(engine: Engine) -> None:
         conn.execute(text("CHECKPOINT"))
 
 
-MEASURES: dict[str, Callable[[Engine, list[NewEvent], int], float]] = {
+MEASURES: dict[str, Callable[[Engine, list[NewEvent], int], Measured]] = {
     "copy_reference": copy_rows,
     "copy_reference_without_encoding": copy_encoded_rows,
     "enqueue_events": bulk,
@@ -184,13 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                 tenant = f"bench-{name.replace('_', '-')[:20]}-{number}"
                 events = _events(tenant, args.events)
                 _settle(engine)
-                client, database = (
-                    time.process_time(),
-                    process_tree_cpu_seconds(running.pids["postgres"]),
-                )
-                figures[name] = measure(engine, events, args.chunk)
+                database = process_tree_cpu_seconds(running.pids["postgres"])
+                figures[name], client = measure(engine, events, args.chunk)
                 cpu[name] = {
-                    "client": (time.process_time() - client) / args.events * 1e6,
+                    "client": client / args.events * 1e6,
                     "database": (process_tree_cpu_seconds(running.pids["postgres"]) - database)
                     / args.events
                     * 1e6,
