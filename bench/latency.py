@@ -1,12 +1,20 @@
 """Commit-to-visible latency at a steady rate, and the publisher's memory while draining.
 
-A paced writer enqueues 1 KiB events at a fixed rate (default 1,000 events/s) through
-`enqueue_events`, in small transactions (default 10 events every 10 ms; see --group),
-and records when each transaction's commit returned. A `read_committed` consumer in the
-same process (same monotonic clock) records when each event reaches it. The publisher
-is the real one, `somabrain publisher run --tenant T`, a separate process, once in
-exactly-once mode and once in at-least-once mode; its resident memory is sampled while
-it drains (VmRSS every 100 ms, and VmHWM, the kernel's peak, at the end).
+Paced writers enqueue 1 KiB events at a fixed rate (default 1,000 events/s) through
+`enqueue_events`, 10 events per transaction with one transaction due every 10 ms
+(--group), from 2 threads with a connection each taking turns (--writers), as two
+application processes would; each records when its transaction's commit returned.
+Small groups rather than one transaction per event: one Python writer doing a
+transaction per event reached about 260 events/s here, and writers busy enough to do
+1,000 would take the CPU the publisher, database and broker need (--group 1 measures
+that case). Two writers because one did not keep up on this loaded 2-cpu machine
+(750 events/s: each transaction's round trips wait for a CPU), and four slowed
+everything down; the result gives the achieved rate and the writers' transaction
+times. A `read_committed` consumer in the same process (same monotonic clock)
+records when each event reaches it. The publisher is the real one, `somabrain
+publisher run --tenant T`, a separate process, once in exactly-once mode and once in
+at-least-once mode; its resident memory is sampled while it drains (VmRSS every
+100 ms, and VmHWM, the kernel's peak, at the end).
 
 Reference measured in the same run: the same messages (key, 1 KiB value, headers)
 produced straight to Kafka at the same rate in the same groups, with the publisher's
@@ -43,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
+from sqlalchemy.orm import Session, sessionmaker
 
 from bench.common import (
     ROOT,
@@ -159,7 +168,7 @@ class Schedule:
             time.sleep(delay)
 
 
-def _stats(latencies_ms: list[float]) -> dict[str, float]:
+def _stats(latencies_ms: list[float], *, over: bool = True) -> dict[str, float]:
     if not latencies_ms:
         return {}
     ordered = sorted(latencies_ms)
@@ -175,8 +184,11 @@ def _stats(latencies_ms: list[float]) -> dict[str, float]:
         "p99.9": rank(0.999),
         "max": round(ordered[-1], 2),
         "mean": round(sum(ordered) / len(ordered), 2),
-        "over_50ms_fraction": round(sum(x > 50 for x in ordered) / len(ordered), 4),
-    }
+    } | (
+        {"over_50ms_fraction": round(sum(x > 50 for x in ordered) / len(ordered), 4)}
+        if over
+        else {}
+    )
 
 
 def _summary(
@@ -339,10 +351,11 @@ def through_publisher(
     seconds: float,
     extra_env: dict[str, str],
     steps: bool,
+    writers: int,
 ) -> dict[str, Any]:
-    """The writer enqueues on schedule; the real publisher drains; the consumer times."""
+    """The writers enqueue on schedule; the real publisher drains; the consumer times."""
     tenant = f"bench-lat-{mode.split('-')[0]}-{uuid.uuid4().hex[:6]}"
-    engine = make_engine(env["DATABASE_URL"])
+    engine = make_engine(env["DATABASE_URL"], pool_size=writers)
     sessions = make_sessionmaker(engine)
     run = uuid.uuid4().hex[:8]
     log = STATE_DIR / f"latency-publisher-{mode}.log"
@@ -351,37 +364,25 @@ def through_publisher(
         steps_file.unlink(missing_ok=True)
     arrivals = Arrivals(env["KAFKA_BOOTSTRAP_SERVERS"], topic)
     ready: dict[int, float] = {}
+    timings: list[float] = []
     with publisher_process(env, tenant, mode, extra_env, log, steps_file) as process:
         memory = MemoryWatch(process.pid)
         _wait_until_active(log, process)
         schedule = Schedule(rate=rate, group=group, seconds=seconds)
         cpu_start = process_tree_cpu_seconds(process.pid)
-        for number in range(schedule.groups):
-            schedule.wait_until(schedule.due(number))
-            events = [
-                NewEvent(
-                    tenant_id=tenant,
-                    topic=topic,
-                    key=f"k{seq % 100}",
-                    dedupe_key=f"{run}-{seq}",
-                    payload=_payload(seq),
-                )
-                for seq in schedule.seqs(number)
-            ]
-            with sessions.begin() as session:
-                if group == 1:
-                    e = events[0]
-                    enqueue_event(
-                        session,
-                        tenant_id=e.tenant_id,
-                        topic=e.topic,
-                        key=e.key,
-                        dedupe_key=e.dedupe_key,
-                        payload=e.payload,
-                    )
-                else:
-                    enqueue_events(session, events)
-            ready.update(dict.fromkeys(schedule.seqs(number), time.monotonic()))
+        threads = [
+            threading.Thread(
+                target=_write,
+                args=(sessions, schedule, range(k, schedule.groups, writers), ready),
+                kwargs={"tenant": tenant, "topic": topic, "run": run, "timings": timings},
+                name=f"writer-{k}",
+            )
+            for k in range(writers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         cpu_seconds = process_tree_cpu_seconds(process.pid) - cpu_start
         elapsed = time.monotonic() - schedule.start
         all_seqs = range(schedule.groups * group)
@@ -398,10 +399,55 @@ def through_publisher(
         "schedule": schedule,
         "memory": used,
         "publisher_cpu_percent": round(100 * cpu_seconds / elapsed, 1),
+        "writer_transaction_ms": _stats(timings, over=False),
     }
     if steps_file is not None and steps_file.exists():
         result["publisher_steps"] = json.loads(steps_file.read_text())
     return result
+
+
+def _write(
+    sessions: sessionmaker[Session],
+    schedule: Schedule,
+    numbers: range,
+    ready: dict[int, float],
+    *,
+    tenant: str,
+    topic: str,
+    run: str,
+    timings: list[float],
+) -> None:
+    """One writer: its share of the groups, each in its own transaction when due."""
+    for number in numbers:
+        schedule.wait_until(schedule.due(number))
+        seqs = schedule.seqs(number)
+        events = [
+            NewEvent(
+                tenant_id=tenant,
+                topic=topic,
+                key=f"k{seq % 100}",
+                dedupe_key=f"{run}-{seq}",
+                payload=_payload(seq),
+            )
+            for seq in seqs
+        ]
+        started = time.monotonic()
+        with sessions.begin() as session:
+            if len(events) == 1:
+                e = events[0]
+                enqueue_event(
+                    session,
+                    tenant_id=e.tenant_id,
+                    topic=e.topic,
+                    key=e.key,
+                    dedupe_key=e.dedupe_key,
+                    payload=e.payload,
+                )
+            else:
+                enqueue_events(session, events)
+        committed = time.monotonic()
+        ready.update(dict.fromkeys(seqs, committed))
+        timings.append((committed - started) * 1000)
 
 
 def _wait_until_active(log: Path, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -420,7 +466,7 @@ def _measured(result: dict[str, Any], warmup: float, rate: float) -> dict[str, A
     first = math.ceil(warmup * rate / schedule.group) * schedule.group
     last = schedule.groups * schedule.group
     summary = _summary(result["ready"], result["arrivals"], range(first, last), schedule.interval)
-    for extra in ("memory", "publisher_cpu_percent", "publisher_steps"):
+    for extra in ("memory", "publisher_cpu_percent", "writer_transaction_ms", "publisher_steps"):
         if extra in result:
             summary[extra] = result[extra]
     return summary
@@ -465,6 +511,7 @@ def one_round(
             seconds=seconds,
             extra_env=extra_env,
             steps=args.steps,
+            writers=args.writers,
         )
 
     measures: dict[str, Callable[[], dict[str, Any]]] = {
@@ -512,6 +559,12 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help="events per writer transaction (1: one enqueue_event per transaction)",
     )
+    parser.add_argument(
+        "--writers",
+        type=int,
+        default=2,
+        help="writer threads, each with its own connection, taking turns on the schedule",
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds not counted")
     parser.add_argument("--rounds", type=int, default=1)
@@ -547,10 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         "rate_events_per_second": args.rate,
         "writer": (
             f"enqueue_events of {args.group} events per transaction, one transaction every "
-            f"{1000 * args.group / args.rate:g} ms; latency counted from the return of its commit"
+            f"{1000 * args.group / args.rate:g} ms"
             if args.group > 1
-            else "enqueue_event, one transaction per event; latency from its commit's return"
-        ),
+            else f"enqueue_event, one transaction per event every {1000 / args.rate:g} ms"
+        )
+        + f", {args.writers} writer threads taking turns, each with its own connection; "
+        "latency counted from the return of each commit",
         "payload_bytes": len(encode_payload(_payload(0))),
         "seconds_measured": args.seconds,
         "seconds_warmup": args.warmup,
