@@ -123,12 +123,70 @@ def _dump(value: Any) -> str:
 
 def encode_payload(payload: Any) -> str:
     """Encode a payload to canonical JSON text (sorted keys, no spaces), or refuse it."""
+    plain = _encode_plain(payload)
+    return plain if plain is not None else _encode_general(payload)
+
+
+def _encode_general(payload: Any) -> str:
+    # Every type the encoder knows, with the path of whatever it refuses.
     try:
         return _dump(_normalise(payload, ""))
     except RecursionError:
         raise EventEncodingError(
             "payload nests deeper than Python can encode, or contains itself; flatten it"
         ) from None
+
+
+_PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
+# Containers the plain path looks at before leaving the payload to the general path; only
+# a cycle gets near it (the general path then refuses it as a payload that contains itself).
+_PLAIN_CONTAINER_BUDGET = 100_000
+
+
+def _encode_plain(payload: Any) -> str | None:
+    """The canonical text of a payload made only of dicts with str keys, lists, str,
+    int, bool and None (exact types), written by the json module's C encoder in one
+    call; None when the payload holds anything else or anything `_encode_general`
+    would refuse, which then decides. Both write the same text for such payloads:
+    keys sorted, no spaces, non-ASCII kept, strings escaped by the same function."""
+    stack = [payload]
+    budget = _PLAIN_CONTAINER_BUDGET
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is dict:
+            for key, item in value.items():
+                if type(key) is not str:
+                    return None
+                if type(item) is dict or type(item) is list:
+                    stack.append(item)
+                elif type(item) not in _PLAIN_SCALARS:
+                    return None
+        elif kind is list:
+            for item in value:
+                if type(item) is dict or type(item) is list:
+                    stack.append(item)
+                elif type(item) not in _PLAIN_SCALARS:
+                    return None
+        elif kind not in _PLAIN_SCALARS:
+            return None
+        budget -= 1
+        if budget == 0:
+            return None
+    try:
+        text = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    except (ValueError, RecursionError):  # a cycle, an int too long to print, deep nesting
+        return None
+    # A NUL is written as \u0000 (this also matches an escaped backslash followed by
+    # "u0000", which the general path then accepts); a lone surrogate cannot be UTF-8.
+    if "\\u0000" in text:
+        return None
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return None
+    return text
 
 
 def validate_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:

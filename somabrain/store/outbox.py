@@ -20,12 +20,17 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import json
+import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
+    BigInteger,
+    Integer,
+    String,
     Table,
     Text,
     and_,
@@ -40,8 +45,9 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql import Executable
 
 from somabrain.config.errors import BacklogOverCap, EventTooLarge, InvalidEvent, InvalidTenantId
 from somabrain.config.settings import Settings
@@ -57,6 +63,9 @@ _NOTIFIED = "somabrain.notified"
 
 # Room Kafka adds around key, value and headers in a record batch holding one record.
 _RECORD_OVERHEAD_BYTES = 128
+# What the publisher adds to every message, counted at its longest (tenant id, event id,
+# dedupe key, content type), so an event accepted here is never refused for its size.
+_PUBLISHER_HEADER_BYTES = sum(len(name) for name in RESERVED_HEADERS) + 40 + 36 + 200 + 16
 
 
 class EnqueueStatus(enum.StrEnum):
@@ -146,17 +155,17 @@ class NewEvent:
 def enqueue_events(
     session: Session, events: Sequence[NewEvent], *, max_message_bytes: int | None = None
 ) -> list[EnqueueResult]:
-    """Add many events in the caller's transaction with one INSERT per 1,000 events.
+    """Add many events in the caller's transaction, up to 1,000 per INSERT.
 
     All or nothing at validation: if any event is invalid, the error `enqueue_event`
     would raise for it (InvalidEvent or one of its kinds, or InvalidTenantId) names its
     position in `events`, and nothing is written; if a tenant's backlog would go over
     its cap, BacklogOverCap says so and nothing is written. Results come back in the
     order of `events`; a dedupe key repeated within the batch, or already in the outbox,
-    is a DUPLICATE.
+    is a DUPLICATE. Rows get their ids in the order of `events`.
     """
     limit = max_message_bytes if max_message_bytes is not None else _default_max_bytes()
-    rows: list[dict[str, Any]] = []
+    rows: list[_Row] = []
     for position, event in enumerate(events):
         try:
             rows.append(_validated_row(event, limit))
@@ -167,20 +176,25 @@ def enqueue_events(
                 exc.args = (f"event {position}: {exc}",)
             raise
 
-    adding = collections.Counter(row["tenant_id"] for row in rows)
+    adding = collections.Counter(row.tenant_id for row in rows)
     for tenant, count in adding.items():
         check_backlog(session, tenant, adding=count)
 
     inserted: dict[tuple[str, str], uuid.UUID] = {}
-    for start in range(0, len(rows), 1000):
-        # One compiled statement, executed for many rows (SQLAlchemy's insertmanyvalues
-        # turns it into multi-row INSERTs with RETURNING).
-        for tenant, dedupe, event_id in session.execute(_INSERT, rows[start : start + 1000]):
+    for chunk in _statement_chunks(rows):
+        if len(chunk) == 1:
+            returned = session.execute(_INSERT_ONE, chunk[0]._asdict())
+        else:
+            # Many rows travel as one JSON array parameter, unpacked by the database:
+            # one short statement to parse and one value to send, whatever the count.
+            text_rows = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))
+            returned = session.execute(_INSERT_ROWS, {"rows": text_rows})
+        for tenant, dedupe, event_id in returned:
             inserted[(tenant, dedupe)] = event_id
 
     results: list[EnqueueResult] = []
     for row in rows:
-        tenant, dedupe = TenantId(row["tenant_id"]), row["dedupe_key"]
+        tenant, dedupe = TenantId(row.tenant_id), row.dedupe_key
         event_id = inserted.pop((tenant, dedupe), None)
         status = EnqueueStatus.DUPLICATE if event_id is None else EnqueueStatus.ENQUEUED
         results.append(
@@ -191,7 +205,19 @@ def enqueue_events(
     return results
 
 
-def _validated_row(event: NewEvent, limit: int) -> dict[str, Any]:
+class _Row(NamedTuple):
+    """A validated event as one row of the INSERT's JSON array (a tuple is a JSON array)."""
+
+    tenant_id: str
+    topic: str
+    message_key: str | None
+    dedupe_key: str
+    event_type: str | None
+    payload: str | None  # canonical JSON text; None is a tombstone
+    headers: dict[str, str]
+
+
+def _validated_row(event: NewEvent, limit: int) -> _Row:
     tenant = parse_tenant_id(event.tenant_id) if isinstance(event.tenant_id, str) else None
     if tenant is None:
         raise InvalidEvent(f"tenant_id must be a string, got {type(event.tenant_id).__name__}")
@@ -208,18 +234,31 @@ def _validated_row(event: NewEvent, limit: int) -> dict[str, Any]:
             f"headers {reserved} are set by the publisher on every message; use other names"
         )
     _check_size(encoded, event.key, event.event_type, clean_headers, limit)
-    return {
-        "tenant_id": tenant,
-        "topic": event.topic,
-        "message_key": event.key,
-        "dedupe_key": dedupe,
-        "event_type": event.event_type,
-        "payload": encoded,
-        "headers": clean_headers,
-    }
+    return _Row(tenant, event.topic, event.key, dedupe, event.event_type, encoded, clean_headers)
 
 
-_INSERT = (
+# Rows per INSERT, and payload characters per INSERT (so a chunk of large events stays
+# far below the 1 GB a statement and the 256 MB a jsonb value may hold); a single
+# event over the second limit goes alone.
+_STATEMENT_ROWS = 1000
+_STATEMENT_PAYLOAD_CHARS = 16 * 1024 * 1024
+
+
+def _statement_chunks(rows: Sequence[_Row]) -> Iterator[Sequence[_Row]]:
+    start, size = 0, 0
+    for end, row in enumerate(rows):
+        length = len(row.payload or "")
+        if end > start and (
+            end - start == _STATEMENT_ROWS or size + length > _STATEMENT_PAYLOAD_CHARS
+        ):
+            yield rows[start:end]
+            start, size = end, 0
+        size += length
+    if start < len(rows):
+        yield rows[start:]
+
+
+_INSERT_ONE = (
     insert(OUTBOX)
     .values(
         tenant_id=bindparam("tenant_id"),
@@ -233,6 +272,25 @@ _INSERT = (
     )
     .on_conflict_do_nothing(index_elements=["tenant_id", "dedupe_key"])
     .returning(OUTBOX.c.tenant_id, OUTBOX.c.dedupe_key, OUTBOX.c.event_id)
+)
+
+# The same for many rows (for one, the statement above costs the database less).
+# Element i of each array is field i of _Row. Ids are assigned in array order (ORDER BY
+# the ordinality), so a batch keeps its order per key; a dedupe key repeated within the
+# array inserts its first row only. The payload is cast from its canonical text, as
+# enqueue always stored it; a tombstone's null element becomes SQL NULL.
+_INSERT_ROWS = (
+    text(
+        "INSERT INTO outbox_events"
+        " (tenant_id, topic, message_key, dedupe_key, event_type, payload, headers)"
+        " SELECT r->>0, r->>1, r->>2, r->>3, r->>4, CAST(r->>5 AS jsonb), r->6"
+        " FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS a(r, n)"
+        " ORDER BY n"
+        " ON CONFLICT (tenant_id, dedupe_key) DO NOTHING"
+        " RETURNING tenant_id, dedupe_key, event_id"
+    )
+    .bindparams(bindparam("rows", type_=Text))
+    .columns(OUTBOX.c.tenant_id, OUTBOX.c.dedupe_key, OUTBOX.c.event_id)
 )
 
 
@@ -375,10 +433,13 @@ def _notify_once(session: Session, tenant: TenantId) -> None:
         marker[1].add(tenant)
 
 
+_TOPIC_CHARACTERS = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def _check_topic(topic: str) -> None:
     if not topic or len(topic) > 249 or topic in {".", ".."}:
         raise InvalidEvent(f"topic {topic!r}: must be 1-249 characters and not '.' or '..'")
-    if any(not (c.isascii() and (c.isalnum() or c in "._-")) for c in topic):
+    if not _TOPIC_CHARACTERS.fullmatch(topic):
         raise InvalidEvent(f"topic {topic!r}: use only ASCII letters, digits, '.', '_' or '-'")
 
 
@@ -389,15 +450,12 @@ def _check_size(
     headers: Mapping[str, str],
     limit: int,
 ) -> None:
-    # What the publisher adds to every message is counted at its longest, so an event
-    # accepted here can never be refused by the broker for its size.
-    added = sum(len(name) for name in RESERVED_HEADERS) + 40 + 36 + 200 + 16
     size = (
         len((encoded or "").encode())
         + len((key or "").encode())
         + len((event_type or "").encode())
         + sum(len(k.encode()) + len(v.encode()) for k, v in headers.items())
-        + added
+        + _PUBLISHER_HEADER_BYTES
         + _RECORD_OVERHEAD_BYTES
     )
     if size > limit:
@@ -415,6 +473,31 @@ def claim_pending(
     Rows without a key are never blocked. Rows are read through the partial index on
     pending rows, so sent rows cost nothing however many there are.
     """
+    rows = session.execute(
+        _claim_statement(dead_blocks_key), {"tenant_id": tenant_id, "limit": limit}
+    )
+    return [
+        PendingEvent(
+            id=row.id,
+            event_id=EventId(row.event_id),
+            tenant_id=TenantId(row.tenant_id),
+            topic=row.topic,
+            message_key=row.message_key,
+            dedupe_key=row.dedupe_key,
+            event_type=row.event_type,
+            payload_json=row.payload_json,
+            headers=dict(row.headers),
+            attempts=row.attempts,
+            dispatched=row.dispatched,
+        )
+        for row in rows
+    ]
+
+
+@functools.cache
+def _claim_statement(dead_blocks_key: bool) -> Executable:
+    # Built once per policy, with the tenant and the limit bound at execution: building
+    # it (the ORM adapts every column of the alias) cost more than running it.
     earlier = aliased(OutboxEvent)
     blocking = and_(
         earlier.status == EventStatus.PENDING.value,
@@ -438,7 +521,7 @@ def claim_pending(
         )
         .exists()
     )
-    stmt = (
+    return (
         select(
             OutboxEvent.id,
             OutboxEvent.event_id,
@@ -453,30 +536,14 @@ def claim_pending(
             OutboxEvent.dispatched_at.is_not(None).label("dispatched"),
         )
         .where(
-            OutboxEvent.tenant_id == tenant_id,
+            OutboxEvent.tenant_id == bindparam("tenant_id", type_=String),
             OutboxEvent.status == EventStatus.PENDING.value,
             OutboxEvent.next_attempt_at <= func.now(),
             ~blocked,
         )
         .order_by(OutboxEvent.id)
-        .limit(limit)
+        .limit(bindparam("limit", type_=Integer))
     )
-    return [
-        PendingEvent(
-            id=row.id,
-            event_id=EventId(row.event_id),
-            tenant_id=TenantId(row.tenant_id),
-            topic=row.topic,
-            message_key=row.message_key,
-            dedupe_key=row.dedupe_key,
-            event_type=row.event_type,
-            payload_json=row.payload_json,
-            headers=dict(row.headers),
-            attempts=row.attempts,
-            dispatched=row.dispatched,
-        )
-        for row in session.execute(stmt)
-    ]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -488,16 +555,6 @@ class Delivered:
     offset: int
 
 
-_MARK_SENT = text(
-    "UPDATE outbox_events AS e SET status = 'sent', sent_at = now(),"
-    " kafka_partition = v.p, kafka_offset = v.o, last_error = NULL"
-    " FROM unnest(CAST(:ids AS bigint[]), CAST(:partitions AS integer[]),"
-    " CAST(:offsets AS bigint[])) AS v(id, p, o)"
-    " WHERE e.id = v.id AND e.status = 'pending'"
-    " RETURNING extract(epoch FROM e.sent_at - e.created_at)"
-)
-
-
 def mark_sent(session: Session, delivered: Sequence[Delivered]) -> list[float]:
     """Mark confirmed rows sent with their partition and offset.
 
@@ -507,8 +564,6 @@ def mark_sent(session: Session, delivered: Sequence[Delivered]) -> list[float]:
     """
     if not delivered:
         return []
-    # Three array parameters, whatever the batch size: binding is cheap and the
-    # statement text is always the same (one plan).
     result = session.execute(
         _MARK_SENT,
         {
@@ -528,6 +583,22 @@ def mark_dispatched(session: Session, row_ids: Sequence[int]) -> None:
         .where(OutboxEvent.id.in_(row_ids), OutboxEvent.status == EventStatus.PENDING.value)
         .values(dispatched_at=func.now())
     )
+
+
+# One statement text whatever the batch size (three array parameters), so it is
+# compiled once and PostgreSQL parses three values instead of three per row.
+_MARK_SENT = text(
+    "UPDATE outbox_events AS e SET status = 'sent', sent_at = now(),"
+    " kafka_partition = v.p, kafka_offset = v.o, last_error = NULL"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:partitions AS integer[]),"
+    " CAST(:offsets AS bigint[])) AS v(id, p, o)"
+    " WHERE e.id = v.id AND e.status = 'pending'"
+    " RETURNING extract(epoch FROM e.sent_at - e.created_at)"
+).bindparams(
+    bindparam("ids", type_=ARRAY(BigInteger)),
+    bindparam("partitions", type_=ARRAY(Integer)),
+    bindparam("offsets", type_=ARRAY(BigInteger)),
+)
 
 
 def record_failure(

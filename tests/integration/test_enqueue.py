@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import enum
 import select
 import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -343,3 +348,146 @@ def test_enqueue_events_with_one_invalid_event_writes_nothing_and_names_it(
 
     assert [r.status for r in results] == [EnqueueStatus.ENQUEUED] * 4
     assert _count(engine, tenant) == 4
+
+
+def _stored(engine: Engine, tenant: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [
+            tuple(row)
+            for row in conn.execute(
+                text(
+                    "SELECT event_id, topic, message_key, dedupe_key, event_type,"
+                    " payload::text, headers, status"
+                    " FROM outbox_events WHERE tenant_id = :t ORDER BY id"
+                ),
+                {"t": tenant},
+            )
+        ]
+
+
+class Nothing(enum.Enum):
+    NONE = None
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["one-statement", "row-by-row"])
+def test_enqueue_events_stores_each_field_as_given_in_the_order_given(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str, one_at_a_time: bool
+) -> None:
+    # A batch goes in one INSERT of a JSON array; a single event in an INSERT of its
+    # own values. Both store the same row.
+    odd = "tab\there, new\nline, cr\r, quote \" ' back\\slash \\u0000, é, 🙂, \u2028"
+    batch = [
+        NewEvent(tenant_id=tenant, topic="t.b", payload={"n": 1}, key="k", dedupe_key=odd),
+        NewEvent(
+            tenant_id=tenant,
+            topic="t.b",
+            payload={"text": odd, "d": decimal.Decimal("1.50")},
+            key=odd,
+            event_type=odd,
+            headers={odd: odd, "trace": "x"},
+        ),
+        NewEvent(tenant_id=tenant, topic="t.b", payload=None, key="k"),  # tombstone
+        NewEvent(tenant_id=tenant, topic="t.b", payload=Nothing.NONE, key="k"),  # JSON null
+        NewEvent(tenant_id=tenant, topic="t.b", payload="", key=""),
+    ]
+
+    with sessions.begin() as session:
+        if one_at_a_time:
+            results = [enqueue_events(session, [e])[0] for e in batch]
+        else:
+            results = enqueue_events(session, batch)
+
+    rows = _stored(engine, tenant)
+    assert [r[0] for r in rows] == [r.event_id for r in results]
+    assert all(isinstance(r.event_id, uuid.UUID) for r in results)
+    for row, sent in zip(rows, batch, strict=True):
+        _, topic, key, dedupe, event_type, payload, headers, status = row
+        assert (topic, key, event_type, headers, status) == (
+            sent.topic,
+            sent.key,
+            sent.event_type,
+            dict(sent.headers or {}),
+            "pending",
+        )
+        assert sent.dedupe_key is None or dedupe == sent.dedupe_key
+        expected = None if sent.payload is None else encode_payload(sent.payload).encode()
+        assert reencode_stored(payload) == expected
+    assert rows[3][5] == "null"  # a payload encoded as JSON null is not a tombstone
+
+
+def test_enqueue_events_ids_follow_the_batch_order_across_statements(
+    sessions: sessionmaker[Session],
+    engine: Engine,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Statements of at most 3 rows: a dedupe key repeated in a later statement is a
+    # duplicate there too, and ids still follow the batch.
+    monkeypatch.setattr(outbox, "_STATEMENT_ROWS", 3)
+    keys = [f"d{i}" for i in range(10)] + ["d1", "d8", "d10"]
+    batch = [
+        NewEvent(tenant_id=tenant, topic="t.b", payload={"i": i}, key="same", dedupe_key=d)
+        for i, d in enumerate(keys)
+    ]
+
+    with sessions.begin() as session:
+        results = enqueue_events(session, batch)
+
+    assert [r.status for r in results] == [EnqueueStatus.ENQUEUED] * 10 + [
+        EnqueueStatus.DUPLICATE,
+        EnqueueStatus.DUPLICATE,
+        EnqueueStatus.ENQUEUED,
+    ]
+    assert [r[3] for r in _stored(engine, tenant)] == [f"d{i}" for i in range(11)]
+
+
+def test_enqueue_events_large_batch_is_split_by_payload_size(
+    sessions: sessionmaker[Session],
+    engine: Engine,
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(outbox, "_STATEMENT_PAYLOAD_CHARS", 5000)
+    statements: list[int] = []
+    chunks = outbox._statement_chunks
+
+    def counting(rows: Sequence[outbox._Row]) -> Iterator[Sequence[outbox._Row]]:
+        for chunk in chunks(rows):
+            statements.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setattr(outbox, "_statement_chunks", counting)
+    batch = [
+        NewEvent(tenant_id=tenant, topic="t.b", payload={"pad": "x" * 2000}) for _ in range(7)
+    ] + [NewEvent(tenant_id=tenant, topic="t.b", payload={"pad": "y" * 9000})]
+
+    with sessions.begin() as session:
+        results = enqueue_events(session, batch)
+
+    assert statements == [2, 2, 2, 1, 1]
+    assert all(r.status is EnqueueStatus.ENQUEUED for r in results)
+    assert _count(engine, tenant) == 8
+
+
+def test_enqueue_events_notifies_once_per_tenant_and_rolls_back_with_the_caller(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    other = f"{tenant}-b"
+    batch = [NewEvent(tenant_id=t, topic="t.b", payload={}) for t in (tenant, other, tenant)]
+    statements: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    sqlalchemy_event.listen(engine, "before_cursor_execute", record)
+    try:
+        with sessions() as session:
+            enqueue_events(session, batch)
+            session.rollback()
+    finally:
+        sqlalchemy_event.remove(engine, "before_cursor_execute", record)
+
+    assert sum("INSERT INTO outbox_events" in s for s in statements) == 1
+    assert sum("pg_notify" in s for s in statements) == 2
+    assert _count(engine, tenant) == 0
+    assert _count(engine, other) == 0

@@ -1,14 +1,26 @@
 import datetime as dt
 import decimal
+import enum
 import json
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from somabrain.config.errors import EventEncodingError
+from somabrain.store import codec
 from somabrain.store.codec import encode_payload, reencode_stored, validate_headers
+
+
+class Colour(enum.StrEnum):
+    RED = "red"
+
+
+class Size(enum.IntEnum):
+    BIG = 2
 
 
 def test_encode_payload_decimal_keeps_exact_digits() -> None:
@@ -132,3 +144,83 @@ def test_reencode_stored_integer_payloads_give_the_bytes_enqueue_encoded(value: 
     stored = json.dumps(value, separators=(", ", ": "), ensure_ascii=False)
 
     assert reencode_stored(stored) == encode_payload(value).encode()
+
+
+# Payloads of plain types take a faster path through the C encoder; it must write the
+# same text, and refuse the same things with the same message, as the general encoder.
+_TEXT = st.text(alphabet=st.characters(codec=None), max_size=12) | st.sampled_from(
+    ["", "a\x00b", "\\u0000", "a\udc80", "\u2028", "é", '"', "\\", "\n\t"]
+)
+_PLAIN = st.recursive(
+    st.none() | st.booleans() | st.integers() | _TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_TEXT, children, max_size=4),
+    max_leaves=16,
+)
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | _TEXT
+    | st.floats()
+    | st.decimals()
+    | st.sampled_from([Colour.RED, Size.BIG, uuid.UUID(int=7), dt.date(2026, 1, 2)])
+)
+_PAYLOADS = st.recursive(
+    _SCALARS,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=3).map(tuple)
+        | st.dictionaries(_TEXT, children, max_size=4)
+        | st.dictionaries(st.integers(0, 3) | st.none(), children, min_size=1, max_size=2)
+    ),
+    max_leaves=16,
+)
+
+
+def _outcome(encode: Callable[[Any], str], value: Any) -> tuple[str, str]:
+    try:
+        return ("text", encode(value))
+    except Exception as exc:  # the kind and message are what is compared
+        return (type(exc).__name__, str(exc))
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=_PLAIN | _PAYLOADS)
+def test_encode_payload_plain_path_writes_what_the_general_encoder_writes(value: Any) -> None:
+    assert _outcome(encode_payload, value) == _outcome(codec._encode_general, value)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ({"b": [1, True, None], "a": "é\n"}, '{"a":"é\\n","b":[1,true,null]}'),
+        ({"a": "\\u0000"}, '{"a":"\\\\u0000"}'),
+        ("\u2028", '"\u2028"'),
+        ({"s": Colour.RED, "n": Size.BIG}, '{"n":2,"s":"red"}'),
+    ],
+)
+def test_encode_payload_plain_and_enum_values(value: Any, text: str) -> None:
+    assert encode_payload(value) == text
+
+
+def test_encode_payload_shared_and_cyclic_containers() -> None:
+    shared = {"x": 1}
+    assert encode_payload({"a": shared, "b": shared}) == '{"a":{"x":1},"b":{"x":1}}'
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(EventEncodingError, match="contains itself"):
+        encode_payload(cycle)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"k\x00": 1}, "NUL"),
+        ({"a": ["x", "y\x00"]}, r"payload\.a\[1\]: string holds a NUL"),
+        ({"a": {"b": "\ud800"}}, r"payload\.a\.b holds a character that is not valid"),
+        ({"a": {None: 1}}, "key None is not a string"),
+    ],
+)
+def test_encode_payload_plain_values_are_refused_with_their_path(value: Any, message: str) -> None:
+    with pytest.raises(EventEncodingError, match=message):
+        encode_payload(value)
