@@ -102,7 +102,7 @@ def database_ceiling(engine: Engine, tenant: str, count: int, batch: int) -> flo
         if not rows:
             break
         with Session(engine) as session, session.begin():
-            mark_sent(session, [Delivered(r.id, 0, r.id) for r in rows])
+            mark_sent(session, [Delivered(r.id, 0, r.id) for r in rows], tenant_id=tenant)
         done += len(rows)
     return done / (time.perf_counter() - started)
 

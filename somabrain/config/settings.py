@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         description="Largest encoded message (value, key and headers) enqueue accepts; keep "
         "it at or under the broker's message.max.bytes.",
     )
+    checkpoint_topic: str = Field(
+        default="somabrain.publisher-checkpoints",
+        description="Compacted topic holding each publisher's last committed batch "
+        "(exactly-once mode).",
+    )
     max_pending: int | None = Field(
         default=1_000_000,
         gt=0,
@@ -102,11 +107,6 @@ class PublisherSettings(Settings):
         description="exactly-once: Kafka transactions, no duplicates for read_committed "
         "consumers (needs a broker with transactions); at-least-once: idempotent producer, "
         "a crash may republish a batch with the same event-id headers.",
-    )
-    checkpoint_topic: str = Field(
-        default="somabrain.publisher-checkpoints",
-        description="Compacted topic holding each publisher's last committed batch "
-        "(exactly-once mode).",
     )
     max_attempts: int = Field(
         default=10, ge=1, le=1000, description="Failed attempts before an event goes dead."
@@ -212,6 +212,12 @@ class _TenantConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tenants: dict[str, TenantOverrides] = Field(default_factory=dict)
+
+
+def reserved_topic(topic: str, checkpoint_topic: str) -> bool:
+    """Topics no event may go to: Kafka's internal ones and the publishers' checkpoints
+    (an event there could pass for a checkpoint and mark another event sent)."""
+    return topic.startswith("__") or topic == checkpoint_topic
 
 
 def load_tenant_overrides(path: Path) -> dict[str, TenantOverrides]:

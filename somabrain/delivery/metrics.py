@@ -110,3 +110,15 @@ REPUBLISHED = Counter(
     ["tenant"],
     registry=REGISTRY,
 )
+
+# Counters labelled by tenant, created at 0 for each tenant a publisher serves.
+TENANT_COUNTERS = (
+    PUBLISHED,
+    DELIVERY_FAILURES,
+    KEY_ORDER_BREAKS,
+    PURGED,
+    DEAD,
+    THROTTLED,
+    DEAD_LETTERED,
+    REPUBLISHED,
+)

@@ -77,7 +77,13 @@ class BatchResult:
 
 
 class Delivery(Protocol):
-    def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult: ...
+    def deliver(
+        self,
+        events: Sequence[PendingEvent],
+        *,
+        timeout: float,
+        before_commit: Callable[[], None] | None = None,
+    ) -> BatchResult: ...
 
     def dead_letter(
         self, copies: Sequence[tuple[PendingEvent, str]], *, topic: str, timeout: float
@@ -240,7 +246,13 @@ class IdempotentDelivery:
         self._config = dict(config)
         self._producer = Producer(self._config)
 
-    def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult:
+    def deliver(
+        self,
+        events: Sequence[PendingEvent],
+        *,
+        timeout: float,
+        before_commit: Callable[[], None] | None = None,
+    ) -> BatchResult:
         reports = _Reports()
         for event in events:
             _produce(self._producer, event, reports)
@@ -298,7 +310,17 @@ class TransactionalDelivery:
                 raise ProducerFenced(f"publisher of {owner} cannot start: {error}") from exc
             raise KafkaUnavailable(f"cannot start a transactional producer: {error}") from exc
 
-    def deliver(self, events: Sequence[PendingEvent], *, timeout: float) -> BatchResult:
+    def deliver(
+        self,
+        events: Sequence[PendingEvent],
+        *,
+        timeout: float,
+        before_commit: Callable[[], None] | None = None,
+    ) -> BatchResult:
+        """One Kafka transaction for the batch and its checkpoint. `before_commit` runs
+        just before the commit and may raise to abort it (the publisher checks there
+        that it still holds the tenant's lock, so a publisher paused mid-batch while
+        another took over does not commit a second copy)."""
         # A batch is one tenant's: its checkpoint is keyed by that tenant, so whichever
         # publisher serves the tenant next finds it.
         tenant = events[0].tenant_id
@@ -321,6 +343,12 @@ class TransactionalDelivery:
             value=encode_checkpoint(self.owner, reports.result.delivered),
             on_delivery=checkpoint.callback(0),
         )
+        if before_commit is not None:
+            try:
+                before_commit()
+            except BaseException:
+                self._abort(timeout)
+                raise
         self._commit(timeout)
         if not checkpoint.result.delivered:
             raise FatalError("transaction committed without a report for its checkpoint")

@@ -151,6 +151,8 @@ class Publisher:
         self.delivery: Delivery | None = None
         self.heartbeat = time.monotonic()
         self.next_lock_try = 0.0
+        self.next_poll_tick = 0.0
+        self.lock_session: Any = None
         self.overrides: Mapping[str, TenantOverrides] = {}
         self.overrides_mtime: float | None = None
         self._load_overrides(initial=True)
@@ -232,6 +234,10 @@ class Publisher:
         for lane in self.lanes.values():
             metrics.LOCK_HELD.labels(lane.tenant).set(0)
             metrics.CIRCUIT_STATE.labels(lane.tenant).set(lane.circuit.state)
+            # Counters exist from the start at 0, so rate() and increase() see their
+            # first increment (a series born at 1 shows no increase).
+            for counter in metrics.TENANT_COUNTERS:
+                counter.labels(lane.tenant)
         try:
             while not self.stopping.is_set():
                 try:
@@ -253,6 +259,7 @@ class Publisher:
         # A connection of its own, outside the pool: the locks live exactly as long as
         # this session, and closing it releases them instead of parking them in the pool.
         raw.detach()
+        self.lock_session = raw
         try:
             self._listen(raw)
             self.next_lock_try = 0.0
@@ -267,6 +274,10 @@ class Publisher:
                 with raw.cursor() as cur:
                     cur.execute("SELECT 1")
                 self._housekeeping()
+                # Notifications that arrived during the last turn mark their tenants
+                # due now, not when the publisher next runs out of work: a busy
+                # neighbour must not hide a quiet tenant's new event.
+                self._collect_notifications(raw)
                 if self._turn() == 0:
                     self._wait_for_notify(raw, self._idle_seconds())
         finally:
@@ -276,6 +287,7 @@ class Publisher:
                 lane.holds_lock = lane.recovered = False
             # A batch Kafka committed may not have been marked sent when the session
             # broke: the next session starts a new producer and runs recovery first.
+            self.lock_session = None
             self._close()
             with contextlib.suppress(Exception):
                 raw.close()
@@ -301,7 +313,9 @@ class Publisher:
     def _may_take_turn(self, lane: Lane) -> bool:
         if not (lane.holds_lock and lane.due):
             return False
-        if not lane.circuit.allow():
+        allowed = lane.circuit.allow()  # open -> half-open once the pause is over
+        metrics.CIRCUIT_STATE.labels(lane.tenant).set(lane.circuit.state)
+        if not allowed:
             return False
         if lane.bucket is not None and lane.bucket.available() < 1:
             metrics.THROTTLED.labels(lane.tenant).inc()
@@ -467,7 +481,11 @@ class Publisher:
 
         metrics.IN_FLIGHT.labels(lane.tenant).set(len(events))
         try:
-            result = delivery.deliver(events, timeout=self.settings.delivery_timeout_seconds)
+            result = delivery.deliver(
+                events,
+                timeout=self.settings.delivery_timeout_seconds,
+                before_commit=self._check_lock_session,
+            )
         finally:
             metrics.IN_FLIGHT.labels(lane.tenant).set(0)
         for key in order_breaks(events, result):
@@ -492,7 +510,7 @@ class Publisher:
         kept = self._dead_letter(lane, events, result, delivery)
         dead = 0
         with Session(self.engine) as session, session.begin():
-            latencies = mark_sent(session, result.delivered)
+            latencies = mark_sent(session, result.delivered, tenant_id=lane.tenant)
             if result.checkpoint is not None:
                 save_checkpoint_position(
                     session,
@@ -579,7 +597,17 @@ class Publisher:
             log.warning("tenant %s: dead-letter copy failed: %s", lane.tenant, exc)
             copied = set()
         metrics.DEAD_LETTERED.labels(lane.tenant).inc(len(copied))
-        return {event.id for event, _ in dying if event.id not in copied}
+        kept = {event.id for event, _ in dying if event.id not in copied}
+        if kept:
+            log.warning(
+                "tenant %s: dead-letter topic %s did not confirm copies of %d events; they "
+                "stay pending (retried with backoff) until a copy lands",
+                lane.tenant,
+                lane.dead_letter_topic,
+                len(kept),
+                extra=lane.log_extra(),
+            )
+        return kept
 
     def _attribute(
         self, lane: Lane, events: list[PendingEvent], result: BatchResult
@@ -681,6 +709,28 @@ class Publisher:
             )
             cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
 
+    def _check_lock_session(self) -> None:
+        """Raise if the session holding the tenants' locks is gone (then so are the locks,
+        and another publisher may be serving them)."""
+        if self.lock_session is None:
+            return  # driven batch by batch, outside `run` (tests, benchmarks)
+        with self.lock_session.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    def _collect_notifications(self, raw: Any) -> None:
+        dbapi = raw.dbapi_connection
+        dbapi.poll()
+        for notification in dbapi.notifies:
+            lane = self.lanes.get(TenantId(notification.payload))
+            if lane is not None:
+                lane.due = True
+        dbapi.notifies.clear()
+        # The polling fallback runs on time even while some tenant always has work.
+        if time.monotonic() >= self.next_poll_tick:
+            self.next_poll_tick = time.monotonic() + self.settings.poll_interval_seconds
+            for lane in self.lanes.values():
+                lane.due = True
+
     def _wait_for_notify(self, raw: Any, seconds: float) -> None:
         """Wait up to `seconds` for a notification naming one of our tenants.
 
@@ -723,7 +773,11 @@ def build_publisher(
         )
     tenants = [parse_tenant_id(t) for t in served]
     owner = settings.owner
-    overrides = producer_overrides or {}
+    # The producer must take every message enqueue accepted (SOMABRAIN_MAX_MESSAGE_BYTES).
+    overrides = {
+        "message.max.bytes": max(1_000_000, settings.max_message_bytes + 4096),
+        **(producer_overrides or {}),
+    }
     timeout = settings.delivery_timeout_seconds
     servers = settings.kafka_bootstrap_servers
 

@@ -50,7 +50,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql import Executable
 
 from somabrain.config.errors import BacklogOverCap, EventTooLarge, InvalidEvent, InvalidTenantId
-from somabrain.config.settings import Settings
+from somabrain.config.settings import Settings, reserved_topic
 from somabrain.config.types import EventId, TenantId, parse_tenant_id
 from somabrain.store.codec import check_encodable, encode_payload, refuse_nul, validate_headers
 from somabrain.store.models import EventStatus, OutboxEvent, OutboxTenant, PublisherCheckpoint
@@ -437,10 +437,22 @@ _TOPIC_CHARACTERS = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def _check_topic(topic: str) -> None:
+    if not isinstance(topic, str):
+        raise InvalidEvent(f"topic must be a string, got {type(topic).__name__}")
     if not topic or len(topic) > 249 or topic in {".", ".."}:
         raise InvalidEvent(f"topic {topic!r}: must be 1-249 characters and not '.' or '..'")
     if not _TOPIC_CHARACTERS.fullmatch(topic):
         raise InvalidEvent(f"topic {topic!r}: use only ASCII letters, digits, '.', '_' or '-'")
+    if reserved_topic(topic, _checkpoint_topic()):
+        raise InvalidEvent(
+            f"topic {topic!r} is reserved (Kafka's internal topics start with '__'; "
+            "SOMABRAIN_CHECKPOINT_TOPIC holds the publishers' checkpoints)"
+        )
+
+
+@functools.cache
+def _checkpoint_topic() -> str:
+    return Settings().checkpoint_topic
 
 
 def _check_size(
@@ -555,11 +567,12 @@ class Delivered:
     offset: int
 
 
-def mark_sent(session: Session, delivered: Sequence[Delivered]) -> list[float]:
-    """Mark confirmed rows sent with their partition and offset.
+def mark_sent(session: Session, delivered: Sequence[Delivered], *, tenant_id: str) -> list[float]:
+    """Mark confirmed rows of `tenant_id` sent with their partition and offset.
 
-    Only rows still pending change, so a confirmation can never resurrect or rewrite
-    a row some other path already settled. Returns, for each row changed, the seconds
+    Only the tenant's rows still pending change, so a confirmation can never resurrect
+    or rewrite a row some other path already settled, nor touch another tenant's
+    rows whatever a checkpoint record claims. Returns, for each row changed, the seconds
     from its insert to now by the database's clock (the commit-to-ack latency).
     """
     if not delivered:
@@ -570,6 +583,7 @@ def mark_sent(session: Session, delivered: Sequence[Delivered]) -> list[float]:
             "ids": [d.id for d in delivered],
             "partitions": [d.partition for d in delivered],
             "offsets": [d.offset for d in delivered],
+            "tenant_id": tenant_id,
         },
     )
     return [float(age) for (age,) in result]
@@ -592,7 +606,7 @@ _MARK_SENT = text(
     " kafka_partition = v.p, kafka_offset = v.o, last_error = NULL"
     " FROM unnest(CAST(:ids AS bigint[]), CAST(:partitions AS integer[]),"
     " CAST(:offsets AS bigint[])) AS v(id, p, o)"
-    " WHERE e.id = v.id AND e.status = 'pending'"
+    " WHERE e.id = v.id AND e.status = 'pending' AND e.tenant_id = :tenant_id"
     " RETURNING extract(epoch FROM e.sent_at - e.created_at)"
 ).bindparams(
     bindparam("ids", type_=ARRAY(BigInteger)),

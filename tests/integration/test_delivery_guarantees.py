@@ -264,8 +264,8 @@ class _CrashAfterConfirmation:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
 
-    def deliver(self, events: Any, *, timeout: float) -> Any:
-        self.inner.deliver(events, timeout=timeout)
+    def deliver(self, events: Any, *, timeout: float, before_commit: Any = None) -> Any:
+        self.inner.deliver(events, timeout=timeout, before_commit=before_commit)
         raise _Crash
 
     def close(self, timeout: float) -> int:

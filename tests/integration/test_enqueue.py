@@ -491,3 +491,16 @@ def test_enqueue_events_notifies_once_per_tenant_and_rolls_back_with_the_caller(
     assert sum("pg_notify" in s for s in statements) == 2
     assert _count(engine, tenant) == 0
     assert _count(engine, other) == 0
+
+
+@pytest.mark.parametrize(
+    "topic", ["__consumer_offsets", "__transaction_state", "somabrain.publisher-checkpoints"]
+)
+def test_enqueue_refuses_internal_and_checkpoint_topics(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str, topic: str
+) -> None:
+    # An event on the checkpoint topic could pass for a checkpoint of another tenant.
+    with sessions.begin() as session, pytest.raises(InvalidEvent, match="reserved"):
+        enqueue_event(session, tenant_id=tenant, topic=topic, payload={})
+
+    assert _count(engine, tenant) == 0

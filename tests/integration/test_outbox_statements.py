@@ -55,11 +55,12 @@ def test_mark_sent_records_partition_and_offset_of_pending_rows_only(
                 Delivered(rows[1].id, 1, 7),
                 Delivered(rows[2].id, 0, 9),
             ],
+            tenant_id=tenant,
         )
     with sessions.begin() as session:
-        again = mark_sent(session, [Delivered(rows[0].id, 0, 1)])
+        again = mark_sent(session, [Delivered(rows[0].id, 0, 1)], tenant_id=tenant)
 
-    assert (changed, again) == (2, 0)
+    assert (len(changed), len(again)) == (2, 0)
     with engine.connect() as conn:
         stored = conn.execute(
             text(
@@ -73,3 +74,27 @@ def test_mark_sent_records_partition_and_offset_of_pending_rows_only(
         ("sent", 1, 7, True),
         ("dead", None, None, False),
     ]
+
+
+def test_mark_sent_never_touches_another_tenants_rows(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str
+) -> None:
+    # A forged checkpoint naming another tenant's row ids must not mark them sent.
+    _enqueue(sessions, tenant, 2)
+    with sessions() as session:
+        rows = claim_pending(session, tenant_id=TenantId(tenant), limit=10)
+
+    with sessions.begin() as session:
+        changed = mark_sent(session, [Delivered(r.id, 0, 1) for r in rows], tenant_id="other")
+
+    assert changed == []
+    with engine.connect() as conn:
+        statuses = (
+            conn.execute(
+                text("SELECT DISTINCT status FROM outbox_events WHERE tenant_id = :t"),
+                {"t": tenant},
+            )
+            .scalars()
+            .all()
+        )
+    assert statuses == ["pending"]
