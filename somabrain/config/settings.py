@@ -100,6 +100,7 @@ class PublisherSettings(Settings):
     delivery_timeout_seconds: float = Field(
         default=30.0,
         gt=0,
+        le=86_400,
         description="How long Kafka may take to confirm a message before it counts as failed.",
     )
     delivery_mode: Literal["exactly-once", "at-least-once"] = Field(
@@ -117,16 +118,22 @@ class PublisherSettings(Settings):
         "replayed; skip: later events of its key go ahead once it is dead.",
     )
     retry_backoff_seconds: float = Field(
-        default=1.0, gt=0, description="First wait before retrying a failed event."
+        default=1.0, gt=0, le=86_400, description="First wait before retrying a failed event."
     )
     circuit_failure_threshold: int = Field(
         default=5, ge=1, description="Consecutive failed batches that open the circuit."
     )
     circuit_open_seconds: float = Field(
-        default=30.0, gt=0, description="Pause of an open circuit before one probe batch."
+        default=30.0,
+        gt=0,
+        le=86_400,
+        description="Pause of an open circuit before one probe batch.",
     )
     retry_backoff_max_seconds: float = Field(
-        default=300.0, gt=0, description="Longest wait between two attempts of one event."
+        default=300.0,
+        gt=0,
+        le=86_400,
+        description="Longest wait between two attempts of one event.",
     )
     dead_letter_topic: str = Field(
         default="",
@@ -140,19 +147,25 @@ class PublisherSettings(Settings):
         default=7 * 24 * 3600.0, gt=0, description="Age after which sent rows are purged."
     )
     retention_interval_seconds: float = Field(
-        default=60.0, gt=0, description="How often the publisher purges expired sent rows."
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="How often the publisher purges expired sent rows.",
     )
     retention_chunk: int = Field(
         default=1000, ge=1, le=100_000, description="Rows deleted per purge transaction."
     )
     retention_budget_seconds: float = Field(
-        default=1.0, gt=0, description="Longest time one purge round may take."
+        default=1.0, gt=0, le=86_400, description="Longest time one purge round may take."
     )
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Port serving /metrics; 0 turns it off."
     )
     shutdown_grace_seconds: float = Field(
-        default=20.0, gt=0, description="Time allowed to finish the in-flight batch on SIGTERM."
+        default=20.0,
+        gt=0,
+        le=86_400,
+        description="Time allowed to finish the in-flight batch on SIGTERM.",
     )
 
     @field_validator("tenants", mode="before")

@@ -55,7 +55,8 @@ def _configure_logging(level: str) -> None:
 def _settings_help() -> str:
     lines = ["Settings (environment variables):\n\n"]
     for name, field in PublisherSettings.model_fields.items():
-        default = "" if field.default in ("", None) else f" (default: {field.default})"
+        shown = field.get_default(call_default_factory=True)
+        default = "" if shown in ("", None, []) else f" (default: {shown})"
         lines.append(f"SOMABRAIN_{name.upper()}: {field.description}{default}\n\n")
     return "".join(lines)
 
@@ -164,9 +165,13 @@ def main() -> None:
     except pydantic.ValidationError as exc:
         problems = "; ".join(
             f"SOMABRAIN_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            if e["loc"]
+            else str(e["msg"]).removeprefix("Value error, ")
             for e in exc.errors()
         )
         _fail(f"invalid settings: {problems}")
+    except (sqlalchemy.exc.NoSuchModuleError, ModuleNotFoundError) as exc:
+        _fail(f"SOMABRAIN_DATABASE_URL: not a PostgreSQL URL ({exc})")
     except sqlalchemy.exc.ArgumentError as exc:
         _fail(f"SOMABRAIN_DATABASE_URL is not a database URL ({exc})")
     except sqlalchemy.exc.OperationalError as exc:

@@ -57,7 +57,18 @@ from somabrain.store.models import EventStatus, OutboxEvent, OutboxTenant, Publi
 
 NOTIFY_CHANNEL = "somabrain_outbox"
 # Set by the publisher on every message; callers may not set them (no spoofed ids).
-RESERVED_HEADERS = frozenset({"tenant-id", "event-id", "dedupe-key", "content-type", "event-type"})
+RESERVED_HEADERS = frozenset(
+    {
+        "tenant-id",
+        "event-id",
+        "dedupe-key",
+        "content-type",
+        "event-type",
+        # set on dead-letter copies
+        "dead-reason",
+        "original-topic",
+    }
+)
 OUTBOX: Table = OutboxEvent.__table__  # type: ignore[assignment]
 _NOTIFIED = "somabrain.notified"
 

@@ -504,3 +504,13 @@ def test_enqueue_refuses_internal_and_checkpoint_topics(
         enqueue_event(session, tenant_id=tenant, topic=topic, payload={})
 
     assert _count(engine, tenant) == 0
+
+
+@pytest.mark.parametrize("header", ["event-id", "dead-reason", "original-topic"])
+def test_enqueue_refuses_headers_the_publisher_sets(
+    sessions: sessionmaker[Session], engine: Engine, tenant: str, header: str
+) -> None:
+    with sessions.begin() as session, pytest.raises(InvalidEvent, match=header):
+        enqueue_event(session, tenant_id=tenant, topic="t.a", payload={}, headers={header: "x"})
+
+    assert _count(engine, tenant) == 0
