@@ -293,22 +293,26 @@ class Publisher:
                 raw.close()
 
     def _turn(self) -> int:
-        """Give the next able lane one batch; return how many rows it claimed."""
-        lane = self.turns.next(self._may_take_turn)
-        if lane is None:
-            return 0
-        try:
-            if self.delivery is None:
-                self.delivery = self.connect()
-                for each in self.lanes.values():
-                    each.recovered = False
-            self._recover_lanes()
-            claimed = self.drain_once(self.delivery, lane)
-        except (RetriableError, KafkaException) as exc:
-            self._kafka_session_failed(exc, lane)
-            return 0
-        lane.due = claimed > 0
-        return claimed
+        """Give the next able lane one batch; return how many rows it claimed.
+
+        A lane whose claim comes back empty stops being due, and the next able lane
+        gets the turn: 0 means no lane had anything to send.
+        """
+        while (lane := self.turns.next(self._may_take_turn)) is not None:
+            try:
+                if self.delivery is None:
+                    self.delivery = self.connect()
+                    for each in self.lanes.values():
+                        each.recovered = False
+                self._recover_lanes()
+                claimed = self.drain_once(self.delivery, lane)
+            except (RetriableError, KafkaException) as exc:
+                self._kafka_session_failed(exc, lane)
+                return 0
+            lane.due = claimed > 0
+            if claimed:
+                return claimed
+        return 0
 
     def _may_take_turn(self, lane: Lane) -> bool:
         if not (lane.holds_lock and lane.due):

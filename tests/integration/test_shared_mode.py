@@ -22,12 +22,8 @@ from tests.support import event_id, read_committed, wait_for
 
 
 def _settings(bootstrap: str, **values: Any) -> PublisherSettings:
-    return PublisherSettings(
-        kafka_bootstrap_servers=bootstrap,
-        poll_interval_seconds=0.2,
-        shutdown_grace_seconds=2,
-        **values,
-    )
+    defaults: dict[str, Any] = {"poll_interval_seconds": 0.2, "shutdown_grace_seconds": 2}
+    return PublisherSettings(kafka_bootstrap_servers=bootstrap, **(defaults | values))
 
 
 def _pool(engine: Engine, bootstrap: str, tenants: list[str], **values: Any) -> Publisher:
@@ -252,3 +248,26 @@ def test_a_batch_a_crashed_pool_committed_is_not_published_again_by_a_dedicated_
 
     assert wait_for(lambda: _status(engine, tenant) == {"sent": 20}, timeout=60)
     _assert_once_in_key_order(bootstrap, f"{tenant}.x", engine, tenant)
+
+
+def test_a_quiet_tenants_notification_is_heard_while_a_neighbour_always_has_work(
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    bootstrap: str,
+    run_publisher: Callable[[Publisher], Publisher],
+) -> None:
+    """The pool never runs out of work (A's flood), and B has been found idle: B's new
+    event must still get the next turn, from its NOTIFY, not after A's backlog."""
+    flooding, quiet = _tenants(2)
+    _flood(engine, flooding, f"{flooding}.flood", 100_000)
+    pool = run_publisher(
+        _pool(engine, bootstrap, [flooding, quiet], batch_size=200, poll_interval_seconds=60)
+    )
+    assert wait_for(lambda: _status(engine, flooding).get("sent", 0) >= 1_000, timeout=60)
+    assert wait_for(lambda: not pool.lane(quiet).due, timeout=30)
+
+    with sessions.begin() as session:
+        enqueue_event(session, tenant_id=quiet, topic=f"{quiet}.orders", key="k", payload={})
+
+    assert wait_for(lambda: _status(engine, quiet) == {"sent": 1}, timeout=30)
+    assert _status(engine, flooding).get("pending", 0) >= 80_000
