@@ -64,6 +64,13 @@ OLDEST_PENDING_AGE = Gauge(
     ["tenant"],
     registry=REGISTRY,
 )
+BLOCKED_KEYS = Gauge(
+    "somabrain_blocked_keys",
+    "Keys of the tenant whose pending events wait behind an earlier event of the same key "
+    "that is backing off or (poison policy block) dead; a dead one blocks until replayed.",
+    ["tenant"],
+    registry=REGISTRY,
+)
 LAST_PUBLISH = Gauge(
     "somabrain_last_publish_timestamp_seconds",
     "Unix time of the tenant's last batch Kafka confirmed.",

@@ -398,19 +398,24 @@ class Publisher:
         if report is not None:
             report.next_backlog_at = now + BACKLOG_REPORT_SECONDS
             with Session(self.engine) as session, session.begin():
-                pending, oldest_age = backlog(session, tenant_id=report.tenant)
+                current = backlog(
+                    session,
+                    tenant_id=report.tenant,
+                    dead_blocks_key=report.poison_policy == "block",
+                )
                 # Enqueue reads the cap and this count (see check_backlog).
                 report_tenant(
                     session,
                     tenant_id=report.tenant,
-                    pending=pending,
+                    pending=current.pending,
                     max_pending=report.max_pending,
                     publisher=self.owner,
-                    oldest_pending_age=oldest_age,
+                    oldest_pending_age=current.oldest_age_seconds,
                     circuit=report.circuit.state.name.lower().replace("_", "-"),
                 )
-            metrics.PENDING.labels(report.tenant).set(pending)
-            metrics.OLDEST_PENDING_AGE.labels(report.tenant).set(oldest_age)
+            metrics.PENDING.labels(report.tenant).set(current.pending)
+            metrics.OLDEST_PENDING_AGE.labels(report.tenant).set(current.oldest_age_seconds)
+            metrics.BLOCKED_KEYS.labels(report.tenant).set(current.blocked_keys)
         purge = next(
             (x for x in self.lanes.values() if x.holds_lock and now >= x.next_purge_at), None
         )

@@ -517,10 +517,10 @@ def claim_pending(
     ]
 
 
-@functools.cache
-def _claim_statement(dead_blocks_key: bool) -> Executable:
-    # Built once per policy, with the tenant and the limit bound at execution: building
-    # it (the ORM adapts every column of the alias) cost more than running it.
+def _blocked(row: type[OutboxEvent], *, dead_blocks_key: bool) -> Any:
+    """True for a row of `row` that an earlier undelivered row of its key holds back:
+    one retrying (pending, failed at least once, backing off) or, with
+    `dead_blocks_key` (poison policy `block`), one dead."""
     earlier = aliased(OutboxEvent)
     blocking = and_(
         earlier.status == EventStatus.PENDING.value,
@@ -529,12 +529,12 @@ def _claim_statement(dead_blocks_key: bool) -> Executable:
     )
     if dead_blocks_key:
         blocking = or_(blocking, earlier.status == EventStatus.DEAD.value)
-    blocked = (
+    return (
         select(literal(1))
         .where(
-            earlier.tenant_id == OutboxEvent.tenant_id,
-            earlier.message_key == OutboxEvent.message_key,
-            earlier.id < OutboxEvent.id,
+            earlier.tenant_id == row.tenant_id,
+            earlier.message_key == row.message_key,
+            earlier.id < row.id,
             # The partial index's own predicate, so the planner uses it.
             or_(
                 earlier.status == EventStatus.DEAD.value,
@@ -544,6 +544,13 @@ def _claim_statement(dead_blocks_key: bool) -> Executable:
         )
         .exists()
     )
+
+
+@functools.cache
+def _claim_statement(dead_blocks_key: bool) -> Executable:
+    # Built once per policy, with the tenant and the limit bound at execution: building
+    # it (the ORM adapts every column of the alias) cost more than running it.
+    blocked = _blocked(OutboxEvent, dead_blocks_key=dead_blocks_key)
     return (
         select(
             OutboxEvent.id,
@@ -731,8 +738,17 @@ def purge_sent(
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def backlog(session: Session, *, tenant_id: TenantId) -> tuple[int, float]:
-    """Pending events of the tenant and the age in seconds of the oldest (0 when none)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Backlog:
+    """What a tenant's publisher reports about its pending events."""
+
+    pending: int
+    oldest_age_seconds: float  # 0 when nothing is pending
+    blocked_keys: int  # keys whose pending events wait behind an undelivered earlier one
+
+
+def backlog(session: Session, *, tenant_id: TenantId, dead_blocks_key: bool = True) -> Backlog:
+    """The tenant's pending events, the age of the oldest, and its blocked keys."""
     count, age = session.execute(
         select(
             func.count(),
@@ -742,7 +758,22 @@ def backlog(session: Session, *, tenant_id: TenantId) -> tuple[int, float]:
             OutboxEvent.status == EventStatus.PENDING.value,
         )
     ).one()
-    return int(count), float(age)
+    blocked_keys = 0
+    if count:
+        blocked_keys = session.execute(
+            _blocked_keys_statement(dead_blocks_key), {"tenant_id": tenant_id}
+        ).scalar_one()
+    return Backlog(pending=int(count), oldest_age_seconds=float(age), blocked_keys=blocked_keys)
+
+
+@functools.cache
+def _blocked_keys_statement(dead_blocks_key: bool) -> Executable:
+    return select(func.count(func.distinct(OutboxEvent.message_key))).where(
+        OutboxEvent.tenant_id == bindparam("tenant_id", type_=String),
+        OutboxEvent.status == EventStatus.PENDING.value,
+        OutboxEvent.message_key.is_not(None),
+        _blocked(OutboxEvent, dead_blocks_key=dead_blocks_key),
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

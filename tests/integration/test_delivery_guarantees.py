@@ -18,7 +18,7 @@ from somabrain.delivery import metrics
 from somabrain.delivery.producer import TransactionalDelivery, build_config, transactional_id
 from somabrain.delivery.publisher import build_publisher
 from somabrain.delivery.recovery import ensure_checkpoint_topic
-from somabrain.store.outbox import claim_pending, record_failure
+from somabrain.store.outbox import backlog, claim_pending, record_failure
 from tests.support import read_committed, wait_for
 
 
@@ -126,8 +126,11 @@ def test_retrying_event_blocks_later_events_of_its_key_only(
 
     with Session(engine) as session:
         claimed = claim_pending(session, tenant_id=TenantId(tenant), limit=10)
+        reported = backlog(session, tenant_id=TenantId(tenant))
 
     assert [e.message_key for e in claimed] == ["b", "b", None]
+    assert reported.blocked_keys == 1, "key a waits behind its retrying event"
+    assert reported.pending == 5
 
 
 @pytest.mark.parametrize(("policy", "later_a"), [("block", False), ("skip", True)])
@@ -148,8 +151,10 @@ def test_dead_event_blocks_its_key_under_block_and_not_under_skip(
         claimed = claim_pending(
             session, tenant_id=TenantId(tenant), limit=10, dead_blocks_key=policy == "block"
         )
+        reported = backlog(session, tenant_id=TenantId(tenant), dead_blocks_key=policy == "block")
 
     assert ("a" in [e.message_key for e in claimed]) is later_a
+    assert reported.blocked_keys == (0 if later_a else 1)
     assert "b" in [e.message_key for e in claimed]
 
 
@@ -177,6 +182,13 @@ def test_event_the_broker_refuses_goes_dead_and_other_keys_flow(
     time.sleep(1)
     statuses = _statuses(engine, tenant)
     assert statuses[1][1] == "pending", "later event of the dead key must wait (policy block)"
+    # O-11: a metric shows the key held back (reported with the backlog, every 5 s).
+    assert wait_for(
+        lambda: (
+            metrics.REGISTRY.get_sample_value("somabrain_blocked_keys", {"tenant": tenant}) == 1
+        ),
+        timeout=15,
+    )
     with engine.connect() as conn:
         reason = conn.execute(
             text("SELECT last_error FROM outbox_events WHERE tenant_id = :t AND status = 'dead'"),
