@@ -91,6 +91,8 @@ def test_publisher_killed_ten_times_loses_and_duplicates_nothing(
     producer.join()
 
     publisher = _spawn(env, log)
+    # SIGTERM is handled once the publisher runs; before that it ends the process.
+    assert wait_for(lambda: _activations(log) > KILLS, timeout=120), log.read_text()
     deadline = time.monotonic() + 300
     while _pending(sessions, tenant) and time.monotonic() < deadline:
         time.sleep(0.5)
