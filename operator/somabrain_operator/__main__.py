@@ -5,43 +5,134 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from typing import Any
 
 import kopf
+import pydantic
+from kubernetes import client
 from kubernetes import config as kube_config
+from prometheus_client import start_http_server
 
-from somabrain_operator import tenant  # noqa: F401 - registers the handlers
+# Importing the handler modules registers them with Kopf.
+from somabrain_operator import policies, tenant, watch  # noqa: F401
+from somabrain_operator.config import GROUP, POLICY_PLURAL, TENANT_PLURAL, OperatorSettings
+from somabrain_operator.loop import Loop
+from somabrain_operator.metrics import REGISTRY
+from somabrain_operator.state import KNOWN
 
 log = logging.getLogger(__name__)
 
+# Watches end and are re-established every 5 minutes; a connection that goes silent
+# without closing is given up after 5.5 (case K-9), then Kopf re-lists.
+WATCH_SERVER_TIMEOUT = 300
+WATCH_CLIENT_TIMEOUT = 330
+
+
+class MissingCRDs(Exception):
+    pass
+
+
+def check_own_crds(api: client.ApiClient) -> None:
+    """Stop at once, saying what to do, when the operator's own CRDs are not installed
+    (case K-11): without them it could only wait forever."""
+    extensions = client.ApiextensionsV1Api(api)
+    missing = []
+    for plural in (TENANT_PLURAL, POLICY_PLURAL):
+        try:
+            extensions.read_custom_resource_definition(f"{plural}.{GROUP}")
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            missing.append(f"{plural}.{GROUP}")
+    if missing:
+        raise MissingCRDs(
+            f"the CustomResourceDefinitions {', '.join(missing)} are not installed; "
+            "apply them first: kubectl apply -f crds/"
+        )
+
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Watches that end on their own are re-established; a silent dead connection is not.
-    settings.watching.server_timeout = 300
-    settings.watching.client_timeout = 330
+def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
+    settings.watching.server_timeout = WATCH_SERVER_TIMEOUT
+    settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT
     settings.posting.level = logging.WARNING
+    # Kopf's own progress records go into annotations; nothing else of Kopf's in status.
+    settings.persistence.finalizer = f"{GROUP}/cleanup"
     try:
         kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kube_config.ConfigException:
         kube_config.load_kube_config()  # type: ignore[no-untyped-call]
+    with client.ApiClient() as api:
+        try:
+            check_own_crds(api)
+        except MissingCRDs as exc:
+            raise kopf.PermanentError(str(exc)) from exc
+    # Kopf passes every index to every handler, by the indexing function's name.
+    KNOWN.tenants = indices["tenant_bodies"]
+    KNOWN.by_policy = indices["tenants_by_policy"]
+    KNOWN.policies = indices["policy_bodies"]
+    Loop(KNOWN.settings).start()
+    log.info(
+        "operator started: backlog from %s every %g s",
+        "the outbox database" if KNOWN.settings.database_url else "nowhere (no database access)",
+        KNOWN.settings.status_interval_seconds,
+    )
+
+
+@kopf.on.cleanup()
+def stop(**_: Any) -> None:
+    KNOWN.stop.set()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the operator for all namespaces until SIGTERM."""
     parser = argparse.ArgumentParser(
         prog="somabrain-operator",
-        description="Reconcile somabrain.io Tenants into publisher Deployments and ConfigMaps "
-        "in every namespace. Uses the in-cluster service account, else $KUBECONFIG.",
-        epilog="settings: SOMABRAIN_OPERATOR_PUBLISHER_IMAGE (image of publisher pods), "
-        "SOMABRAIN_OPERATOR_CONNECTION_SECRET (Secret with DATABASE_URL and "
-        "KAFKA_BOOTSTRAP_SERVERS in each Tenant's namespace). example: "
-        "KUBECONFIG=~/.kube/config somabrain-operator",
+        description="Reconcile somabrain.io Tenants and OutboxPolicies into publisher "
+        "Deployments, ConfigMaps, Services, PrometheusRules and ResourceQuotas in every "
+        "namespace. Uses the in-cluster service account, else $KUBECONFIG.",
+        epilog="settings (environment): "
+        + "; ".join(
+            f"SOMABRAIN_OPERATOR_{name.upper()}: {field.description}"
+            for name, field in OperatorSettings.model_fields.items()
+        )
+        + ". example: KUBECONFIG=~/.kube/config somabrain-operator --metrics-port 8080",
     )
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve the operator's metrics on this port (0: off, the default)",
+    )
+    parser.add_argument(
+        "--peering",
+        metavar="NAME",
+        default=None,
+        help="run with Kopf peering under NAME (a ClusterKopfPeering object), so that only "
+        "the replica of highest --priority acts and the others stand by",
+    )
+    parser.add_argument(
+        "--priority", type=int, default=0, help="this replica's priority in peering"
+    )
+    args = parser.parse_args(argv)
+    try:
+        KNOWN.settings = OperatorSettings()
+    except pydantic.ValidationError as exc:
+        sys.stderr.write(f"FAILED: invalid operator settings: {exc}\n")
+        raise SystemExit(2) from exc
+    if args.metrics_port:
+        start_http_server(args.metrics_port, registry=REGISTRY)
     # Kopf's formatter prefixes each line about an object with its namespace/name.
     kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
-    asyncio.run(kopf.operator(clusterwide=True, standalone=True))
+    asyncio.run(
+        kopf.operator(
+            clusterwide=True,
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            priority=args.priority,
+        )
+    )
 
 
 if __name__ == "__main__":

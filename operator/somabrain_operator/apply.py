@@ -1,45 +1,175 @@
-"""Server-side apply of the children the operator owns, under one field manager."""
+"""Server-side apply of the children the operator owns, under one field manager.
+
+Applying is tried without `force` first (case K-14): fields another manager took (a
+person's `kubectl edit`, a GitOps tool) conflict instead of being silently taken over.
+A conflict on an object this Tenant controls is then re-applied with force, which is
+what repairs a hand edit of a child; the manager that lost its fields is logged. An
+object controlled by someone else is never forced.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client
 
-from somabrain_operator.config import FIELD_MANAGER
+from somabrain_operator.config import FIELD_MANAGER, RULE_GROUP, RULE_PLURAL, RULE_VERSION
+
+log = logging.getLogger(__name__)
 
 APPLY = "application/apply-patch+yaml"
 
 
-def apply(api: client.ApiClient, obj: dict[str, Any]) -> None:
-    """Converge one object on `obj`: created if missing, our fields set, others' left alone."""
-    kind = obj["kind"]
-    name = obj["metadata"]["name"]
-    namespace = obj["metadata"]["namespace"]
-    options: dict[str, Any] = {
-        "field_manager": FIELD_MANAGER,
-        "force": True,
-        "_content_type": APPLY,
-    }
+# resourceVersion of each object as the operator's last apply left it: a watch event
+# carrying that version is the operator's own write.
+_own_versions: dict[tuple[str, str, str], str] = {}
+_MAX_REMEMBERED = 100_000
+
+
+def _key(obj: Any) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return (str(obj.get("kind")), str(meta.get("namespace")), str(meta.get("name")))
+
+
+def _remember(obj: dict[str, Any], result: Any) -> None:
+    version = (
+        result.get("metadata", {}).get("resourceVersion")
+        if isinstance(result, dict)
+        else getattr(getattr(result, "metadata", None), "resource_version", None)
+    )
+    if version is None:
+        return
+    if len(_own_versions) >= _MAX_REMEMBERED:
+        _own_versions.clear()
+    _own_versions[_key(obj)] = str(version)
+
+
+def is_own_write(body: Any) -> bool:
+    """Whether a watched object is exactly as the operator's last apply left it."""
+    version = body.get("metadata", {}).get("resourceVersion")
+    return version is not None and _own_versions.get(_key(body)) == str(version)
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object another controller owns."""
+
+    def __init__(self, kind: str, name: str, holder: str | None) -> None:
+        self.kind, self.name, self.holder = kind, name, holder
+        by = f"controller uid {holder}" if holder else "no controller of ours"
+        super().__init__(f"{kind} {name} exists and is owned by {by}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verbs:
+    patch: Callable[..., Any]
+    read: Callable[..., Any]
+    delete: Callable[..., Any]
+
+
+def _verbs(api: client.ApiClient, kind: str) -> _Verbs:
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     if kind == "ConfigMap":
-        client.CoreV1Api(api).patch_namespaced_config_map(name, namespace, obj, **options)
-    elif kind == "Deployment":
-        client.AppsV1Api(api).patch_namespaced_deployment(name, namespace, obj, **options)
-    else:
-        raise ValueError(f"the operator does not apply objects of kind {kind}")
-
-
-def controller_of(api: client.ApiClient, obj: dict[str, Any]) -> str | None:
-    """The uid of the controller owning the live copy of `obj`, if it exists."""
-    if obj["kind"] != "Deployment":
-        raise ValueError(f"cannot look up the controller of a {obj['kind']}")
-    try:
-        live = client.AppsV1Api(api).read_namespaced_deployment(
-            obj["metadata"]["name"], obj["metadata"]["namespace"]
+        return _Verbs(
+            core.patch_namespaced_config_map,
+            core.read_namespaced_config_map,
+            core.delete_namespaced_config_map,
         )
+    if kind == "Service":
+        return _Verbs(
+            core.patch_namespaced_service,
+            core.read_namespaced_service,
+            core.delete_namespaced_service,
+        )
+    if kind == "ResourceQuota":
+        return _Verbs(
+            core.patch_namespaced_resource_quota,
+            core.read_namespaced_resource_quota,
+            core.delete_namespaced_resource_quota,
+        )
+    if kind == "Deployment":
+        return _Verbs(
+            apps.patch_namespaced_deployment,
+            apps.read_namespaced_deployment,
+            apps.delete_namespaced_deployment,
+        )
+    if kind == "PrometheusRule":
+        custom = client.CustomObjectsApi(api)
+        where = (RULE_GROUP, RULE_VERSION)
+
+        def patch(name: str, namespace: str, body: Any, **kw: Any) -> Any:
+            return custom.patch_namespaced_custom_object(
+                *where, namespace, RULE_PLURAL, name, body, **kw
+            )
+
+        def read(name: str, namespace: str) -> Any:
+            return custom.get_namespaced_custom_object(*where, namespace, RULE_PLURAL, name)
+
+        def delete(name: str, namespace: str, **kw: Any) -> Any:
+            return custom.delete_namespaced_custom_object(
+                *where, namespace, RULE_PLURAL, name, **kw
+            )
+
+        return _Verbs(patch, read, delete)
+    raise ValueError(f"the operator does not manage objects of kind {kind}")
+
+
+def controller_uid(live: Any) -> str | None:
+    """The uid of the controller in a live object's ownerReferences (typed or dict)."""
+    if isinstance(live, dict):
+        owners = live.get("metadata", {}).get("ownerReferences") or []
+        return next((str(o["uid"]) for o in owners if o.get("controller")), None)
+    owners = (live.metadata.owner_references if live.metadata else None) or []
+    return next((str(o.uid) for o in owners if o.controller), None)
+
+
+def read(api: client.ApiClient, kind: str, *, name: str, namespace: str) -> Any | None:
+    """The live object, or None when it does not exist."""
+    try:
+        return _verbs(api, kind).read(name, namespace)
     except client.ApiException as exc:
         if exc.status == 404:
             return None
         raise
-    owners = (live.metadata.owner_references if live.metadata else None) or []
-    return next((str(o.uid) for o in owners if o.controller), None)
+
+
+def apply(api: client.ApiClient, obj: dict[str, Any], *, controller: str) -> None:
+    """Converge one object on `obj`: created if missing, our fields set, others' left
+    alone; `controller` is the uid of the Tenant that must control it."""
+    kind, meta = obj["kind"], obj["metadata"]
+    verbs = _verbs(api, kind)
+    options: dict[str, Any] = {"field_manager": FIELD_MANAGER, "_content_type": APPLY}
+    try:
+        _remember(obj, verbs.patch(meta["name"], meta["namespace"], obj, **options))
+        return
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+        conflict = exc
+    live = read(api, kind, name=meta["name"], namespace=meta["namespace"])
+    holder = controller_uid(live) if live is not None else None
+    if holder != controller:
+        raise ChildConflict(kind, meta["name"], holder) from conflict
+    log.warning(
+        "%s %s/%s had fields changed by another manager; restoring them: %s",
+        kind,
+        meta["namespace"],
+        meta["name"],
+        (conflict.body or "")[:300],
+    )
+    _remember(obj, verbs.patch(meta["name"], meta["namespace"], obj, force=True, **options))
+
+
+def delete(api: client.ApiClient, kind: str, *, name: str, namespace: str, controller: str) -> bool:
+    """Delete a child no longer wanted, if it exists and `controller` controls it."""
+    live = read(api, kind, name=name, namespace=namespace)
+    if live is None or controller_uid(live) != controller:
+        return False
+    try:
+        _verbs(api, kind).delete(name, namespace)
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+    return True

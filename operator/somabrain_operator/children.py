@@ -1,7 +1,15 @@
-"""Desired children of a Tenant, computed by pure functions from its spec.
+"""Desired children of a Tenant, computed by pure functions from what is in effect for it.
 
-Nothing here talks to the API server: given the same Tenant and settings, the same
-manifests come out, which is what makes reconciliation level-based and testable.
+Nothing here talks to the API server: given the same Tenant, policy and settings, the
+same manifests come out, which is what makes reconciliation level-based and testable.
+
+The tenant's ConfigMap holds two kinds of settings:
+- environment variables the publisher reads once at start (tenant, delivery mode,
+  retries, retention, port); their hash is in the pod template, so a change rolls the
+  publisher;
+- `tenants.yaml`, the per-tenant file the publisher re-reads when it changes (quotas,
+  circuit, poison policy, dead-letter topic): mounted as a volume, so such a change
+  reaches the running publisher without a restart.
 """
 
 from __future__ import annotations
@@ -11,16 +19,34 @@ import hashlib
 import json
 from typing import Any
 
-from somabrain_operator.config import GROUP, VERSION, OperatorSettings
-from somabrain_operator.resources import TenantSpec, defaults, resolve
+import yaml
+
+from somabrain.delivery.alerts import Thresholds, rule_group
+from somabrain_operator.config import (
+    GROUP,
+    RULE_GROUP,
+    RULE_VERSION,
+    VERSION,
+    OperatorSettings,
+)
+from somabrain_operator.resources import ResolvedTenant, TenantSpec, defaults
 
 LABEL_TENANT = f"{GROUP}/tenant"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "somabrain-operator"
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
+TENANT_FILE = "tenants.yaml"
+TENANT_FILE_DIR = "/etc/somabrain/tenant"
+PORT_NAME = "metrics"
 
 
 def publisher_name(tenant_id: str) -> str:
     return f"somabrain-publisher-{tenant_id}"
+
+
+def rule_name(tenant_id: str) -> str:
+    return f"somabrain-tenant-{tenant_id}"
 
 
 def owner_reference(*, name: str, uid: str) -> dict[str, Any]:
@@ -34,41 +60,101 @@ def owner_reference(*, name: str, uid: str) -> dict[str, Any]:
     }
 
 
-def _labels(spec: TenantSpec) -> dict[str, str]:
+def labels(tenant_id: str, component: str = "publisher") -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "somabrain-publisher",
-        "app.kubernetes.io/managed-by": "somabrain-operator",
-        LABEL_COMPONENT: "publisher",
-        LABEL_TENANT: spec.tenant_id,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_COMPONENT: component,
+        LABEL_TENANT: tenant_id,
     }
 
 
-def config_map(spec: TenantSpec, *, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
-    """The tenant's publisher settings, read by the publisher as environment variables."""
+def _metadata(
+    name: str, *, namespace: str, owner: dict[str, Any], tenant_id: str, component: str
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": labels(tenant_id, component),
+        "ownerReferences": [owner],
+    }
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def tenant_file(spec: TenantSpec, resolved: ResolvedTenant) -> str:
+    """The publisher's per-tenant settings file for this tenant (see
+    `somabrain.config.settings.load_tenant_overrides`)."""
+    q = resolved.quotas
+    entry: dict[str, Any] = {
+        "batch_size": q.batch_size,
+        "max_in_flight": q.max_in_flight,
+        "circuit_failure_threshold": resolved.circuit_failure_threshold,
+        "circuit_open_seconds": resolved.circuit_open_seconds,
+        "poison_policy": resolved.poison_policy,
+        "dead_letter_topic": resolved.dead_letter_topic or "",
+    }
+    if q.events_per_second is not None:
+        entry["events_per_second"] = q.events_per_second
+    if q.max_pending is not None:
+        entry["max_pending"] = q.max_pending
+    return yaml.safe_dump({"tenants": {spec.tenant_id: entry}}, sort_keys=True)
+
+
+def publisher_environment(
+    spec: TenantSpec, resolved: ResolvedTenant, settings: OperatorSettings
+) -> dict[str, str]:
+    """What the publisher reads once at start; a change restarts it."""
+    return {
+        "SOMABRAIN_TENANT": spec.tenant_id,
+        "SOMABRAIN_DELIVERY_MODE": resolved.delivery_mode,
+        "SOMABRAIN_MAX_ATTEMPTS": str(resolved.max_attempts),
+        "SOMABRAIN_RETRY_BACKOFF_SECONDS": _number(resolved.retry_backoff_seconds),
+        "SOMABRAIN_RETRY_BACKOFF_MAX_SECONDS": _number(resolved.retry_backoff_max_seconds),
+        "SOMABRAIN_RETENTION_SECONDS": _number(resolved.retention_seconds),
+        "SOMABRAIN_METRICS_PORT": str(settings.publisher_metrics_port),
+        "SOMABRAIN_TENANT_CONFIG_FILE": f"{TENANT_FILE_DIR}/{TENANT_FILE}",
+    }
+
+
+def config_map(
+    spec: TenantSpec,
+    resolved: ResolvedTenant,
+    *,
+    namespace: str,
+    owner: dict[str, Any],
+    settings: OperatorSettings,
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": publisher_name(spec.tenant_id),
-            "namespace": namespace,
-            "labels": _labels(spec),
-            "ownerReferences": [owner],
-        },
+        "metadata": _metadata(
+            publisher_name(spec.tenant_id),
+            namespace=namespace,
+            owner=owner,
+            tenant_id=spec.tenant_id,
+            component="publisher",
+        ),
         "data": {
-            "SOMABRAIN_TENANT": spec.tenant_id,
-            "SOMABRAIN_BATCH_SIZE": str(resolve(spec).quotas.batch_size),
+            **publisher_environment(spec, resolved, settings),
+            TENANT_FILE: tenant_file(spec, resolved),
         },
     }
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """Content hash of a ConfigMap's data; in the pod template so a change rolls the pods."""
-    canonical = json.dumps(config["data"], sort_keys=True, separators=(",", ":"))
+    """Hash of the settings a publisher reads only at start (not the re-read file); in
+    the pod template, so a change of those rolls the pods."""
+    data = {k: v for k, v in config["data"].items() if k != TENANT_FILE}
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def deployment(
     spec: TenantSpec,
+    resolved: ResolvedTenant,
     *,
     namespace: str,
     owner: dict[str, Any],
@@ -76,57 +162,172 @@ def deployment(
     config: dict[str, Any],
 ) -> dict[str, Any]:
     """The tenant's publisher; a second replica only waits as a standby."""
-    labels = _labels(spec)
+    tenant_labels = labels(spec.tenant_id)
     selector = {LABEL_TENANT: spec.tenant_id, LABEL_COMPONENT: "publisher"}
     secret = settings.connection_secret
+    config_name = config["metadata"]["name"]
+    env = [
+        {"name": name, "valueFrom": {"configMapKeyRef": {"name": config_name, "key": name}}}
+        for name in sorted(publisher_environment(spec, resolved, settings))
+    ]
+    env += [
+        _secret_env("SOMABRAIN_DATABASE_URL", secret, "DATABASE_URL"),
+        _secret_env("SOMABRAIN_KAFKA_BOOTSTRAP_SERVERS", secret, "KAFKA_BOOTSTRAP_SERVERS"),
+    ]
+
+    def probe(path: str, period: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": path, "port": PORT_NAME},
+            "periodSeconds": period,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        }
+
+    container = {
+        "name": "publisher",
+        "image": settings.publisher_image,
+        "command": ["somabrain", "publisher", "run"],
+        "args": ["--tenant", spec.tenant_id],
+        "env": env,
+        "ports": [
+            {"name": PORT_NAME, "containerPort": settings.publisher_metrics_port, "protocol": "TCP"}
+        ],
+        # Liveness: the drain loop runs. Readiness: this pod is the active publisher
+        # (a standby replica is alive and not ready).
+        "livenessProbe": probe("/healthz", 10),
+        "readinessProbe": probe("/readyz", 5),
+        "resources": _resources(spec),
+        "volumeMounts": [{"name": "tenant-config", "mountPath": TENANT_FILE_DIR, "readOnly": True}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {
-            "name": publisher_name(spec.tenant_id),
-            "namespace": namespace,
-            "labels": labels,
-            "ownerReferences": [owner],
-        },
+        "metadata": _metadata(
+            publisher_name(spec.tenant_id),
+            namespace=namespace,
+            owner=owner,
+            tenant_id=spec.tenant_id,
+            component="publisher",
+        ),
         "spec": {
-            "replicas": resolve(spec).replicas,
+            "replicas": resolved.replicas,
             # Recreate: the old pod releases the tenant's lock before the new one starts.
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {
-                    "labels": labels,
+                    "labels": tenant_labels,
                     "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config)},
                 },
                 "spec": {
                     "terminationGracePeriodSeconds": 30,
-                    "containers": [
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                    "containers": [container],
+                    "volumes": [
                         {
-                            "name": "publisher",
-                            "image": settings.publisher_image,
-                            "command": ["somabrain", "publisher", "run"],
-                            "args": ["--tenant", spec.tenant_id],
-                            "envFrom": [{"configMapRef": {"name": config["metadata"]["name"]}}],
-                            "env": [
-                                _secret_env("SOMABRAIN_DATABASE_URL", secret, "DATABASE_URL"),
-                                _secret_env(
-                                    "SOMABRAIN_KAFKA_BOOTSTRAP_SERVERS",
-                                    secret,
-                                    "KAFKA_BOOTSTRAP_SERVERS",
-                                ),
-                            ],
-                            "resources": _resources(spec),
-                            "securityContext": {
-                                "runAsNonRoot": True,
-                                "allowPrivilegeEscalation": False,
-                                "readOnlyRootFilesystem": True,
-                                "capabilities": {"drop": ["ALL"]},
+                            "name": "tenant-config",
+                            "configMap": {
+                                "name": config_name,
+                                "items": [{"key": TENANT_FILE, "path": TENANT_FILE}],
                             },
                         }
                     ],
                 },
             },
         },
+    }
+
+
+def service(
+    spec: TenantSpec, *, namespace: str, owner: dict[str, Any], settings: OperatorSettings
+) -> dict[str, Any]:
+    """The publisher's metrics and health endpoints, for Prometheus and people."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(
+            publisher_name(spec.tenant_id),
+            namespace=namespace,
+            owner=owner,
+            tenant_id=spec.tenant_id,
+            component="publisher",
+        ),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {LABEL_TENANT: spec.tenant_id, LABEL_COMPONENT: "publisher"},
+            "ports": [
+                {
+                    "name": PORT_NAME,
+                    "port": settings.publisher_metrics_port,
+                    "targetPort": PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def prometheus_rule(
+    spec: TenantSpec,
+    resolved: ResolvedTenant,
+    *,
+    namespace: str,
+    owner: dict[str, Any],
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    """The tenant's alerts, with its thresholds, and its labels on every alert and on
+    the object (with the operator's configured labels, for Prometheus's rule selector)."""
+    t = resolved.alert_thresholds
+    thresholds = Thresholds(
+        backlog_warning=t.backlog_warning,
+        backlog_critical=t.backlog_critical,
+        oldest_pending_seconds=t.oldest_pending_seconds,
+        publisher_down_for=t.publisher_down_for,
+        backlog_for=t.backlog_for,
+        circuit_open_for=t.circuit_open_for,
+    )
+    group = rule_group(tenant=spec.tenant_id, thresholds=thresholds)
+    for rule in group["rules"]:
+        rule["labels"] = {**resolved.alert_labels, **rule["labels"]}
+    metadata = _metadata(
+        rule_name(spec.tenant_id),
+        namespace=namespace,
+        owner=owner,
+        tenant_id=spec.tenant_id,
+        component="alerts",
+    )
+    metadata["labels"] = {**settings.rule_labels, **resolved.alert_labels, **metadata["labels"]}
+    return {
+        "apiVersion": f"{RULE_GROUP}/{RULE_VERSION}",
+        "kind": "PrometheusRule",
+        "metadata": metadata,
+        "spec": {"groups": [group]},
+    }
+
+
+def resource_quota(
+    spec: TenantSpec, *, namespace: str, owner: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The ResourceQuota the Tenant asks for, if it asks for one."""
+    if spec.resource_quota is None:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": _metadata(
+            f"somabrain-tenant-{spec.tenant_id}",
+            namespace=namespace,
+            owner=owner,
+            tenant_id=spec.tenant_id,
+            component="quota",
+        ),
+        "spec": {"hard": dict(spec.resource_quota.hard)},
     }
 
 

@@ -1,159 +1,228 @@
-"""Reconciliation of Tenant resources: one level-based function for every trigger.
+"""Kopf handlers of the Tenant kind: reconcile on every change, clean up on deletion.
 
-Create, update and resume all run `reconcile_tenant`, which computes the desired
-children from the spec and applies them; applying what already matches changes nothing.
-The Tenant's status gets a `Ready` condition with the generation it describes.
+Create, update and resume all run `reconcile.reconcile_tenant`. Deletion honours
+`deletionPolicy`: `Retain` needs nothing beyond the ownerReferences of the children,
+so such a Tenant carries no finalizer (case K-5); `Drain` and `Delete` reach outside
+the cluster (the outbox), so Kopf puts its finalizer on those Tenants only, and the
+cleanup runs before the Tenant disappears (case K-6).
+
+If the operator is down while a Drain or Delete Tenant is deleted, the Tenant waits
+in Terminating until the operator returns; to let it go without cleanup, remove the
+finalizer by hand (see README, "Deleting a Tenant").
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
 import pydantic
 from kubernetes import client
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
+from somabrain.config.types import TenantId
+from somabrain.store.engine import make_engine
+from somabrain.store.outbox import advisory_lock_key, backlog, delete_tenant_events
 from somabrain_operator import children
-from somabrain_operator.apply import apply, controller_of
-from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION, OperatorSettings
-from somabrain_operator.resources import TenantSpec, resolve
+from somabrain_operator.apply import delete
+from somabrain_operator.conditions import READY, condition, merge, post_event
+from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION
+from somabrain_operator.metrics import observe
+from somabrain_operator.reconcile import forget, reconcile_tenant
+from somabrain_operator.resources import TenantSpec
+from somabrain_operator.state import KNOWN, snapshot
 
-log = logging.getLogger(__name__)
+DELETE_CHUNK = 5_000
+DELETE_BUDGET_SECONDS = 10.0
 
 
-def condition(
-    kind: str,
-    *,
-    ok: bool,
-    reason: str,
-    message: str,
-    generation: int,
-    previous: list[Mapping[str, Any]],
-) -> dict[str, Any]:
-    """A status condition whose lastTransitionTime moves only when its status changes."""
-    status = "True" if ok else "False"
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    before = next((c for c in previous if c.get("type") == kind), None)
-    since = before["lastTransitionTime"] if before and before.get("status") == status else now
-    return {
-        "type": kind,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation,
-        "lastTransitionTime": since,
-    }
+@kopf.index(GROUP, VERSION, TENANT_PLURAL)
+def tenant_bodies(uid: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+    return {uid: snapshot(body)}
+
+
+@kopf.index(GROUP, VERSION, TENANT_PLURAL)
+def tenants_by_policy(
+    uid: str, namespace: str | None, spec: kopf.Spec, **_: Any
+) -> dict[tuple[str, str], str]:
+    ref = (spec.get("policyRef") or {}).get("name")
+    return {(str(namespace), str(ref)): uid} if ref else {}
 
 
 @kopf.on.resume(GROUP, VERSION, TENANT_PLURAL)
 @kopf.on.create(GROUP, VERSION, TENANT_PLURAL)
 @kopf.on.update(GROUP, VERSION, TENANT_PLURAL, field="spec")
-def reconcile_tenant(
-    spec: kopf.Spec,
-    meta: kopf.Meta,
-    status: kopf.Status,
-    name: str,
-    namespace: str | None,
-    uid: str,
-    patch: kopf.Patch,
-    logger: kopf.Logger,
-    **_: Any,
+def reconcile(
+    body: kopf.Body, patch: kopf.Patch, name: str, namespace: str | None, **_: Any
 ) -> None:
-    assert namespace is not None, "Tenant is a namespaced resource"
-    generation = int(meta.get("generation", 0))
-    previous = list(status.get("conditions", []))
-    try:
-        tenant = TenantSpec.from_body(spec)
-    except pydantic.ValidationError as exc:
-        patch.status["conditions"] = [
-            condition(
-                "Ready",
-                ok=False,
-                reason="InvalidSpec",
-                message=str(exc).replace("\n", "; "),
-                generation=generation,
-                previous=previous,
-            )
-        ]
-        raise kopf.PermanentError(f"Tenant {namespace}/{name} has an invalid spec: {exc}") from exc
-
-    mode = resolve(tenant).publisher_mode
-    patch.status["publisherMode"] = mode
-    if mode != "dedicated":
-        # Shared pools are not reconciled yet: a Deployment of its own would be wrong.
-        message = (
-            f"publisher mode {mode} is not reconciled by this operator version; "
-            "set spec.publisher.mode to dedicated, or run the pool's publisher yourself"
-        )
-        patch.status["conditions"] = [
-            condition(
-                "Ready",
-                ok=False,
-                reason="PublisherModeUnsupported",
-                message=message,
-                generation=generation,
-                previous=previous,
-            )
-        ]
-        raise kopf.PermanentError(f"Tenant {namespace}/{name}: {message}")
-
-    settings = OperatorSettings()
-    owner = children.owner_reference(name=name, uid=uid)
-    config = children.config_map(tenant, namespace=namespace, owner=owner)
-    deployment = children.deployment(
-        tenant, namespace=namespace, owner=owner, settings=settings, config=config
+    with client.ApiClient() as api, observe("Tenant", "change"):
+        outcome = reconcile_tenant(api, body, policy_of=KNOWN.policy, settings=KNOWN.settings)
+    patch.status.update(outcome.status)
+    if outcome.error is None:
+        return
+    if outcome.retry_after is None:
+        raise kopf.PermanentError(f"Tenant {namespace}/{name}: {outcome.error}")
+    raise kopf.TemporaryError(
+        f"Tenant {namespace}/{name}: {outcome.error}", delay=outcome.retry_after
     )
-    try:
-        with client.ApiClient() as api:
-            holder = controller_of(api, deployment)
-            if holder is not None and holder != uid:
-                message = (
-                    f"tenant id {tenant.tenant_id} is already served by another Tenant in "
-                    f"{namespace} (its Deployment {deployment['metadata']['name']}); "
-                    "give this Tenant another tenantId or delete one of the two"
-                )
-                patch.status["conditions"] = [
-                    condition(
-                        "Ready",
-                        ok=False,
-                        reason="TenantIdConflict",
-                        message=message,
-                        generation=generation,
-                        previous=previous,
-                    )
-                ]
-                raise kopf.TemporaryError(message, delay=60)
-            apply(api, config)
-            apply(api, deployment)
-    except client.ApiException as exc:
-        raise kopf.TemporaryError(
-            f"applying children of Tenant {namespace}/{name} failed ({exc.status} {exc.reason});"
-            " will retry in 10 s",
-            delay=10,
-        ) from exc
 
-    logger.info(
-        "tenant %s: publisher Deployment %s and ConfigMap %s applied (generation %d)",
-        tenant.tenant_id,
-        deployment["metadata"]["name"],
-        config["metadata"]["name"],
-        generation,
-    )
-    patch.status["observedGeneration"] = generation
-    patch.status["children"] = {
-        "deployment": deployment["metadata"]["name"],
-        "configMap": config["metadata"]["name"],
-    }
-    patch.status["conditions"] = [
-        condition(
-            "Ready",
-            ok=True,
-            reason="ChildrenApplied",
-            message=f"publisher Deployment {deployment['metadata']['name']} applied",
-            generation=generation,
-            previous=previous,
+
+def _cleans_up(spec: kopf.Spec, **_: Any) -> bool:
+    return spec.get("deletionPolicy") in ("Drain", "Delete")
+
+
+@kopf.on.delete(GROUP, VERSION, TENANT_PLURAL, when=_cleans_up)
+def clean_up(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, retry: int, **_: Any) -> None:
+    """Drain the backlog, or delete the tenant's events, before the Tenant goes."""
+    try:
+        spec = TenantSpec.from_body(body.get("spec") or {})
+    except pydantic.ValidationError:
+        return  # never reconciled, nothing of ours outside the cluster
+    policy = spec.deletion_policy
+    tenant = TenantId(spec.tenant_id)
+    with client.ApiClient() as api, observe("Tenant", "delete"):
+        if KNOWN.settings.database_url is None:
+            post_event(
+                api,
+                body,
+                warning=True,
+                reason="CleanupSkipped",
+                message=f"deletionPolicy {policy} needs the operator's database access "
+                "(SOMABRAIN_OPERATOR_DATABASE_URL); the tenant's events are left in the outbox",
+            )
+            return
+        engine = _engine()
+        if policy == "Drain":
+            _drain(api, engine, body, meta, patch, tenant)
+        else:
+            _delete_events(api, engine, body, meta, patch, tenant, retry=retry)
+    forget(str(meta["uid"]))
+
+
+def _drain(
+    api: client.ApiClient,
+    engine: Engine,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    patch: kopf.Patch,
+    tenant: TenantId,
+) -> None:
+    with Session(engine) as session:
+        pending = backlog(session, tenant_id=tenant).pending
+    waited = _since_deletion(meta)
+    limit = KNOWN.settings.drain_timeout_seconds
+    if pending == 0:
+        post_event(
+            api, body, warning=False, reason="Drained", message="no pending events; deleting"
         )
-    ]
+        return
+    if waited >= limit:
+        post_event(
+            api,
+            body,
+            warning=True,
+            reason="DrainTimedOut",
+            message=f"{pending} events still pending after {limit:g} s; deleting the Tenant "
+            "and its publisher, the events stay in the outbox",
+        )
+        return
+    message = (
+        f"draining: {pending} events pending; the publisher keeps running until they are "
+        f"delivered or {limit - waited:.0f} s more have passed"
+    )
+    _set_ready(patch, body, reason="Draining", message=message)
+    post_event(api, body, warning=False, reason="Draining", message=message)
+    raise kopf.TemporaryError(message, delay=5)
+
+
+def _delete_events(
+    api: client.ApiClient,
+    engine: Engine,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    patch: kopf.Patch,
+    tenant: TenantId,
+    *,
+    retry: int,
+) -> None:
+    # The publisher must be gone first: the operator then takes the tenant's lock, so
+    # none can start while the rows go.
+    delete(
+        api,
+        "Deployment",
+        name=children.publisher_name(tenant),
+        namespace=str(meta["namespace"]),
+        controller=str(meta["uid"]),
+    )
+    deleted = 0
+    with _tenant_lock(engine, tenant) as locked:
+        if not locked:
+            message = "deleting: waiting for the tenant's publisher to stop"
+            _set_ready(patch, body, reason="Deleting", message=message)
+            raise kopf.TemporaryError(message, delay=5)
+        deadline = time.monotonic() + DELETE_BUDGET_SECONDS
+        while True:
+            with Session(engine) as session, session.begin():
+                chunk = delete_tenant_events(session, tenant_id=tenant, chunk=DELETE_CHUNK)
+            deleted += chunk
+            if chunk == 0:
+                break
+            if time.monotonic() >= deadline:
+                message = f"deleting: {deleted} more events deleted, continuing"
+                _set_ready(patch, body, reason="Deleting", message=message)
+                raise kopf.TemporaryError(message, delay=0.1)
+    post_event(
+        api,
+        body,
+        warning=False,
+        reason="EventsDeleted",
+        message=f"the tenant's events are deleted from the outbox (last pass {deleted}, "
+        f"after {retry} earlier passes)",
+    )
+
+
+@contextlib.contextmanager
+def _tenant_lock(engine: Engine, tenant: TenantId) -> Iterator[bool]:
+    with engine.connect() as conn:
+        key = advisory_lock_key(tenant)
+        locked = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+        conn.commit()
+        try:
+            yield locked
+        finally:
+            if locked:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+
+
+def _since_deletion(meta: kopf.Meta) -> float:
+    stamp = meta.get("deletionTimestamp")
+    if not stamp:
+        return 0.0
+    started = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    return (dt.datetime.now(dt.UTC) - started).total_seconds()
+
+
+def _set_ready(patch: kopf.Patch, body: kopf.Body, *, reason: str, message: str) -> None:
+    previous = list((body.get("status") or {}).get("conditions") or [])
+    generation = int(body["metadata"].get("generation", 0))
+    cond = condition(
+        READY, ok=False, reason=reason, message=message, generation=generation, previous=previous
+    )
+    patch.status["conditions"] = merge(previous, [cond])
+
+
+_engines: dict[str, Engine] = {}
+
+
+def _engine() -> Engine:
+    url = KNOWN.settings.database_url
+    assert url is not None
+    if url not in _engines:
+        _engines[url] = make_engine(url, pool_size=2)
+    return _engines[url]

@@ -8,6 +8,8 @@ Guarantees:
 - Pending rows are claimed in id order; ids are assigned by the database.
 - A row becomes `sent` only through `mark_sent`, which requires Kafka's partition and
   offset; nothing else in the package sets that status.
+- Rows other than sent ones are deleted only by `delete_tenant_events`, for a tenant
+  removed on purpose.
 
 Limits: one publisher per tenant is assumed to call `claim_pending` (the publisher holds
 the tenant's advisory lock); claiming takes no row locks.
@@ -774,6 +776,70 @@ def _blocked_keys_statement(dead_blocks_key: bool) -> Executable:
         OutboxEvent.message_key.is_not(None),
         _blocked(OutboxEvent, dead_blocks_key=dead_blocks_key),
     )
+
+
+def delete_tenant_events(session: Session, *, tenant_id: TenantId, chunk: int) -> int:
+    """Delete up to `chunk` of the tenant's rows, whatever their status; once none are
+    left, also what its publishers recorded (report, checkpoint position). Only for a
+    tenant that is being removed on purpose (a Tenant with deletionPolicy Delete) and
+    that no publisher serves any more. Returns the rows deleted."""
+    doomed = (
+        select(OutboxEvent.id)
+        .where(OutboxEvent.tenant_id == tenant_id)
+        .order_by(OutboxEvent.id)
+        .limit(chunk)
+        .cte("doomed")
+        .prefix_with("MATERIALIZED")
+    )
+    deleted = int(
+        session.execute(delete(OutboxEvent).where(OutboxEvent.id == doomed.c.id)).rowcount  # type: ignore[attr-defined]
+    )
+    if deleted == 0:
+        session.execute(delete(OutboxTenant).where(OutboxTenant.tenant_id == tenant_id))
+        session.execute(
+            delete(PublisherCheckpoint).where(PublisherCheckpoint.tenant_id == tenant_id)
+        )
+    return deleted
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TenantReport:
+    """What a tenant's active publisher last recorded (see `report_tenant`)."""
+
+    tenant_id: TenantId
+    pending: int
+    oldest_pending_seconds: float | None
+    circuit: str | None
+    publisher: str | None
+    seen_seconds_ago: float | None
+
+
+def tenant_reports(session: Session, tenant_ids: Sequence[str]) -> dict[TenantId, TenantReport]:
+    """The latest report of each of `tenant_ids` that has one, in one query."""
+    if not tenant_ids:
+        return {}
+    rows = session.execute(
+        select(
+            OutboxTenant.tenant_id,
+            OutboxTenant.pending,
+            func.extract("epoch", func.now() - OutboxTenant.oldest_pending_at),
+            OutboxTenant.circuit,
+            OutboxTenant.publisher,
+            func.extract("epoch", func.now() - OutboxTenant.publisher_seen_at),
+        ).where(OutboxTenant.tenant_id == func.any(bindparam("ids", type_=ARRAY(String)))),
+        {"ids": list(tenant_ids)},
+    )
+    return {
+        TenantId(r[0]): TenantReport(
+            tenant_id=TenantId(r[0]),
+            pending=int(r[1]),
+            oldest_pending_seconds=None if r[2] is None else max(0.0, float(r[2])),
+            circuit=r[3],
+            publisher=r[4],
+            seen_seconds_ago=None if r[5] is None else max(0.0, float(r[5])),
+        )
+        for r in rows
+    }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

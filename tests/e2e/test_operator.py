@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
-from somabrain_operator.children import ANNOTATION_CONFIG_HASH
+from somabrain_operator.children import ANNOTATION_CONFIG_HASH, TENANT_FILE
 from somabrain_operator.resources import TenantStatus
 
 from devenv.mainjob import MainJob
@@ -36,6 +37,11 @@ def _tenant(batch_size: int) -> dict[str, Any]:
     }
 
 
+def _batch_size(config: Any, tenant_id: str = "hooli") -> int:
+    entries = yaml.safe_load(config.data[TENANT_FILE])["tenants"]
+    return int(entries[tenant_id]["batch_size"])
+
+
 def test_operator_creates_owned_children_and_rolls_them_on_spec_change(job: MainJob) -> None:
     apps = client.AppsV1Api(job.api)
     core = client.CoreV1Api(job.api)
@@ -49,25 +55,44 @@ def test_operator_creates_owned_children_and_rolls_them_on_spec_change(job: Main
     )
     deployment = apps.read_namespaced_deployment(name, NAMESPACE)
     config = core.read_namespaced_config_map(name, NAMESPACE)
+    service = core.read_namespaced_service(name, NAMESPACE)
 
-    owners = [(o.kind, o.name, o.uid, o.controller) for o in deployment.metadata.owner_references]
-    assert owners == [("Tenant", "hooli", tenant["metadata"]["uid"], True)]  # type: ignore[index]
-    assert config.data == {"SOMABRAIN_TENANT": "hooli", "SOMABRAIN_BATCH_SIZE": "100"}
+    uid = tenant["metadata"]["uid"]  # type: ignore[index]
+    for child in (deployment, config, service):
+        owners = [(o.kind, o.name, o.uid, o.controller) for o in child.metadata.owner_references]
+        assert owners == [("Tenant", "hooli", uid, True)]
+    assert config.data["SOMABRAIN_TENANT"] == "hooli"
+    assert _batch_size(config) == 100
     # Every status field the operator writes is declared, so none was pruned (K-1).
     status = TenantStatus.from_body(tenant["status"])  # type: ignore[index]
     assert status.observed_generation == tenant["metadata"]["generation"]  # type: ignore[index]
     assert status.publisher_mode == "dedicated"
     assert status.children is not None
     assert (status.children.deployment, status.children.config_map) == (name, name)
+    assert status.children.service == name
+    assert status.resolved is not None
+    assert status.resolved.quotas.batch_size == 100
     before = deployment.spec.template.metadata.annotations[ANNOTATION_CONFIG_HASH]
 
+    # A quota reaches the running publisher through its mounted file: no restart.
     job.apply_tenants([_tenant(250)])
+    assert wait_for(
+        lambda: _batch_size(core.read_namespaced_config_map(name, NAMESPACE)) == 250, timeout=60
+    )
     job.wait_ready(["hooli"], timeout=60)
-
-    config = core.read_namespaced_config_map(name, NAMESPACE)
-    assert config.data["SOMABRAIN_BATCH_SIZE"] == "250"
     after = apps.read_namespaced_deployment(name, NAMESPACE)
-    assert after.spec.template.metadata.annotations[ANNOTATION_CONFIG_HASH] != before
+    assert after.spec.template.metadata.annotations[ANNOTATION_CONFIG_HASH] == before
+
+    # What the publisher reads only at start rolls it.
+    changed = _tenant(250)
+    changed["spec"]["deliveryMode"] = "at-least-once"
+    job.apply_tenants([changed])
+
+    def rolled() -> bool:
+        d = apps.read_namespaced_deployment(name, NAMESPACE)
+        return bool(d.spec.template.metadata.annotations[ANNOTATION_CONFIG_HASH] != before)
+
+    assert wait_for(rolled, timeout=60)
 
 
 def test_second_tenant_with_the_same_tenant_id_is_refused_with_a_condition(job: MainJob) -> None:
@@ -97,7 +122,7 @@ def test_second_tenant_with_the_same_tenant_id_is_refused_with_a_condition(job: 
     config = client.CoreV1Api(job.api).read_namespaced_config_map(
         "somabrain-publisher-piper", NAMESPACE
     )
-    assert config.data["SOMABRAIN_BATCH_SIZE"] == "100"
+    assert _batch_size(config, "piper") == 100
 
 
 def test_shared_tenant_gets_a_condition_and_no_deployment(job: MainJob) -> None:

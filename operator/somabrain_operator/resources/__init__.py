@@ -18,7 +18,7 @@ from somabrain_operator.resources.policy import (
     OutboxPolicyStatus,
 )
 from somabrain_operator.resources.resolve import resolve
-from somabrain_operator.resources.tenant import TENANT, TenantSpec, TenantStatus
+from somabrain_operator.resources.tenant import TENANT, ResolvedTenant, TenantSpec, TenantStatus
 
 KINDS: tuple[Kind, ...] = (TENANT, OUTBOX_POLICY)
 
@@ -29,6 +29,7 @@ __all__ = [
     "Kind",
     "OutboxPolicySpec",
     "OutboxPolicyStatus",
+    "ResolvedTenant",
     "TenantSpec",
     "TenantStatus",
     "resolve",

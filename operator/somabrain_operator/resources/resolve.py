@@ -51,6 +51,7 @@ def resolve(
     replicas = 0 if mode == "shared" else _field("replicas", publisher, default=defaults.REPLICAS)
     quotas = (spec.quotas, policy.quotas if policy else None)
     retry = policy.retry if policy else None
+    circuit = policy.circuit if policy else None
     dead_letter = spec.dead_letter_topic
 
     return ResolvedTenant(
@@ -73,11 +74,30 @@ def resolve(
             defaults.publisher("poison_policy"),
         ),
         max_attempts=_field("max_attempts", retry, default=defaults.publisher("max_attempts")),
+        retry_backoff_seconds=_field(
+            "backoff_seconds", retry, default=defaults.publisher("retry_backoff_seconds")
+        ),
+        retry_backoff_max_seconds=_field(
+            "backoff_max_seconds", retry, default=defaults.publisher("retry_backoff_max_seconds")
+        ),
+        circuit_failure_threshold=_field(
+            "failure_threshold", circuit, default=defaults.publisher("circuit_failure_threshold")
+        ),
+        circuit_open_seconds=_field(
+            "open_seconds", circuit, default=defaults.publisher("circuit_open_seconds")
+        ),
+        retention_seconds=first(
+            policy.retention_seconds if policy else None, defaults.publisher("retention_seconds")
+        ),
         dead_letter_topic=dead_letter.replace("{tenant}", spec.tenant_id) if dead_letter else None,
         feature_flags={
             **((policy.feature_flags or {}) if policy else {}),
             **(rollout_flags or {}),
             **(spec.feature_flags or {}),
+        },
+        alert_labels={
+            **((policy.alerts.labels or {}) if policy and policy.alerts else {}),
+            **((spec.alerts.labels or {}) if spec.alerts else {}),
         },
         alert_thresholds=_thresholds(spec, policy),
         deletion_policy=first(spec.deletion_policy, defaults.DELETION_POLICY),

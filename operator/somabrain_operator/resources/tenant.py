@@ -22,6 +22,7 @@ from somabrain_operator.resources.common import (
     MAX_ROLLOUTS,
     MAX_TOPICS,
     TOPIC_MAX_LENGTH,
+    AlertLabels,
     Alerts,
     Conditions,
     Duration,
@@ -360,12 +361,23 @@ class ResolvedTenant(ResourceModel):
     delivery_mode: DeliveryMode = Field(description="Delivery mode in effect.")
     poison_policy: PoisonPolicy = Field(description="Poison policy in effect.")
     max_attempts: int = Field(ge=1, description="Failed attempts before an event goes dead.")
+    retry_backoff_seconds: float = Field(gt=0, description="First wait before a retry.")
+    retry_backoff_max_seconds: float = Field(gt=0, description="Longest wait between attempts.")
+    circuit_failure_threshold: int = Field(
+        ge=1, description="Consecutive failed batches that open the circuit."
+    )
+    circuit_open_seconds: float = Field(gt=0, description="Pause of an open circuit.")
+    retention_seconds: float = Field(gt=0, description="Age after which sent events are purged.")
     dead_letter_topic: DeadLetterTopic | None = Field(
         default=None, description="Dead-letter topic (with {tenant} expanded); unset: none."
     )
     feature_flags: dict[str, bool] = Field(
         max_length=2 * MAX_FEATURE_FLAGS + MAX_ROLLOUTS,
         description="Every flag set for the tenant, by name, after rollouts.",
+    )
+    alert_labels: AlertLabels = Field(
+        description="Labels on the tenant's PrometheusRule and alerts: the Tenant's over "
+        "the OutboxPolicy's."
     )
     alert_thresholds: ResolvedThresholds = Field(description="Alert thresholds in effect.")
     deletion_policy: DeletionPolicy = Field(description="Deletion policy in effect.")

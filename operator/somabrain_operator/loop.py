@@ -1,0 +1,184 @@
+"""The operator's background loop: each tenant's backlog into its status, and the
+periodic repair.
+
+Source of the backlog: the `outbox_tenants` table, where each tenant's active
+publisher records its backlog, oldest pending age, circuit and identity every 5 s.
+One query reads every tenant's row, whatever the number of tenants, and needs no
+network path to the publisher pods (their /metrics may be unreachable from the
+operator, and a dead publisher has no metrics at all, while its stale row says just
+that). A Tenant's status is written only when what it shows changed, at most once per
+`status_interval_seconds`.
+
+`PublisherAvailable` is True while a publisher's report is younger than
+`publisher_report_max_age_seconds`, False when it is older or missing, Unknown when
+the operator has no database access.
+
+The repair pass reconciles every Tenant once per `REPAIR_SECONDS`, a slice per tick,
+so that drift the watches missed is repaired within a bounded time. Applying what
+already matches writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from somabrain.store.engine import make_engine
+from somabrain.store.outbox import TenantReport, tenant_reports
+from somabrain_operator.conditions import PUBLISHER, condition, merge, now
+from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
+from somabrain_operator.metrics import STATUS_WRITES, observe
+from somabrain_operator.state import KNOWN, each, reconcile_known, write_status
+
+log = logging.getLogger(__name__)
+
+REPAIR_SECONDS = 600.0
+
+
+def backlog_status(
+    body: Mapping[str, Any], report: TenantReport | None, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The status fields the loop owns, for one Tenant, from its publisher's report."""
+    status = body.get("status") or {}
+    previous = list(status.get("conditions") or [])
+    generation = int(body["metadata"].get("generation", 0))
+    fresh = (
+        report is not None
+        and report.seen_seconds_ago is not None
+        and report.seen_seconds_ago <= settings.publisher_report_max_age_seconds
+    )
+    if report is None:
+        available = condition(
+            PUBLISHER,
+            ok=False,
+            reason="NoReport",
+            message="no publisher has reported for this tenant yet",
+            generation=generation,
+            previous=previous,
+        )
+    elif not fresh:
+        available = condition(
+            PUBLISHER,
+            ok=False,
+            reason="ReportStale",
+            message=f"the last publisher report ({report.publisher}) is older than "
+            f"{settings.publisher_report_max_age_seconds:g} s: no publisher is active",
+            generation=generation,
+            previous=previous,
+        )
+    else:
+        available = condition(
+            PUBLISHER,
+            ok=True,
+            reason="Reporting",
+            message=f"publisher {report.publisher} is active",
+            generation=generation,
+            previous=previous,
+        )
+    fields: dict[str, Any] = {"conditions": merge(previous, [available])}
+    if report is not None:
+        shown = {
+            "pending": report.pending,
+            "circuit": report.circuit or "closed",
+        }
+        if report.oldest_pending_seconds is not None and report.pending:
+            shown["oldestPendingSeconds"] = float(math.floor(report.oldest_pending_seconds))
+        before = status.get("backlog") or {}
+        if {k: v for k, v in before.items() if k != "updatedAt"} != shown:
+            fields["backlog"] = {**shown, "updatedAt": now()}
+    return fields
+
+
+def no_database_status(body: Mapping[str, Any]) -> dict[str, Any]:
+    previous = list((body.get("status") or {}).get("conditions") or [])
+    unknown = condition(
+        PUBLISHER,
+        ok=None,
+        reason="NoDatabaseAccess",
+        message="the operator has no database access (SOMABRAIN_OPERATOR_DATABASE_URL), so "
+        "it cannot see the tenant's publisher or backlog",
+        generation=int(body["metadata"].get("generation", 0)),
+        previous=previous,
+    )
+    return {"conditions": merge(previous, [unknown])}
+
+
+class Loop:
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.engine: Engine | None = (
+            make_engine(settings.database_url, pool_size=1) if settings.database_url else None
+        )
+        self.repair_cursor = 0
+        self.thread = threading.Thread(target=self.run, name="somabrain-status", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        interval = self.settings.status_interval_seconds
+        while not KNOWN.stop.wait(interval):
+            try:
+                with client.ApiClient() as api:
+                    self.tick(api, interval)
+            except (client.ApiException, SQLAlchemyError, OSError) as exc:
+                log.warning("status loop: %s; trying again in %g s", exc, interval)
+
+    def tick(self, api: client.ApiClient, interval: float) -> None:
+        bodies = list(each(KNOWN.tenant_bodies()))
+        reports: dict[Any, TenantReport] = {}
+        if self.engine is not None:
+            ids = [str((b.get("spec") or {}).get("tenantId")) for b in bodies]
+            with Session(self.engine) as session:
+                reports = tenant_reports(session, ids)
+        for body in bodies:
+            tenant = (body.get("spec") or {}).get("tenantId")
+            fields = (
+                backlog_status(body, reports.get(tenant), self.settings)
+                if self.engine is not None
+                else no_database_status(body)
+            )
+            if write_status(api, body, fields):
+                STATUS_WRITES.labels("Tenant").inc()
+        self._count_policies(api)
+        self._repair_slice(api, bodies, interval)
+
+    def _count_policies(self, api: client.ApiClient) -> None:
+        if KNOWN.policies is None:
+            return
+        custom = client.CustomObjectsApi(api)
+        for (namespace, name), store in list(KNOWN.policies.items()):
+            body = next(iter(store), None)
+            if body is None:
+                continue
+            count = len(KNOWN.tenants_of_policy(namespace, name))
+            if (body.get("status") or {}).get("tenants") == count:
+                continue
+            try:
+                custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, POLICY_PLURAL, name, {"status": {"tenants": count}}
+                )
+                STATUS_WRITES.labels("OutboxPolicy").inc()
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+    def _repair_slice(
+        self, api: client.ApiClient, bodies: list[Mapping[str, Any]], interval: float
+    ) -> None:
+        if not bodies:
+            return
+        share = max(1, math.ceil(len(bodies) * interval / REPAIR_SECONDS))
+        start = self.repair_cursor % len(bodies)
+        for body in (bodies + bodies)[start : start + min(share, len(bodies))]:
+            with observe("Tenant", "repair"):
+                reconcile_known(api, body)
+        self.repair_cursor = start + share

@@ -1,0 +1,45 @@
+"""The operator's own Prometheus metrics, defined once; served on
+`SOMABRAIN_OPERATOR_METRICS_PORT` when it is set."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+RECONCILES = Counter(
+    "somabrain_operator_reconciles",
+    "Reconciles run, by kind, trigger and outcome (ok or error).",
+    ["kind", "trigger", "outcome"],
+    registry=REGISTRY,
+)
+RECONCILE_SECONDS = Histogram(
+    "somabrain_operator_reconcile_seconds",
+    "Time one reconcile took, by kind.",
+    ["kind"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+STATUS_WRITES = Counter(
+    "somabrain_operator_status_writes",
+    "Status writes of the background loop (backlog and publisher availability).",
+    ["kind"],
+    registry=REGISTRY,
+)
+
+
+@contextlib.contextmanager
+def observe(kind: str, trigger: str) -> Iterator[None]:
+    """Count and time one reconcile; an exception counts as an error and goes on."""
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        yield
+        outcome = "ok"
+    finally:
+        RECONCILES.labels(kind, trigger, outcome).inc()
+        RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)

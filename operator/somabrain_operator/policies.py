@@ -1,0 +1,88 @@
+"""Kopf handlers of the OutboxPolicy kind.
+
+A policy has no children of its own: a change to it re-reconciles exactly the Tenants
+that reference it, found through the `tenants_by_policy` index (no list call per
+event). Its status counts those Tenants.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+import pydantic
+from kubernetes import client
+
+from somabrain_operator.conditions import READY, condition
+from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION
+from somabrain_operator.metrics import observe
+from somabrain_operator.resources import OutboxPolicySpec
+from somabrain_operator.state import KNOWN, each, reconcile_known, snapshot
+
+log = logging.getLogger(__name__)
+
+
+@kopf.index(GROUP, VERSION, POLICY_PLURAL)
+def policy_bodies(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], Any]:
+    return {(str(namespace), name): snapshot(body)}
+
+
+def _tenants_follow(namespace: str, name: str) -> int:
+    """Reconcile the policy's Tenants; return how many there are."""
+    tenants = KNOWN.tenants_of_policy(namespace, name)
+    with client.ApiClient() as api:
+        for body in each(tenants):
+            with observe("Tenant", "policy"):
+                reconcile_known(api, body)
+    log.info("OutboxPolicy %s/%s: %d referencing Tenants reconciled", namespace, name, len(tenants))
+    return len(tenants)
+
+
+@kopf.on.resume(GROUP, VERSION, POLICY_PLURAL)
+@kopf.on.create(GROUP, VERSION, POLICY_PLURAL)
+@kopf.on.update(GROUP, VERSION, POLICY_PLURAL, field="spec")
+def reconcile_policy(
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    name: str,
+    namespace: str | None,
+    **_: Any,
+) -> None:
+    generation = int(meta.get("generation", 0))
+    previous = list(status.get("conditions") or [])
+    try:
+        OutboxPolicySpec.from_body(spec)
+        ready = condition(
+            READY,
+            ok=True,
+            reason="Valid",
+            message="the policy applies to the Tenants that reference it",
+            generation=generation,
+            previous=previous,
+        )
+    except pydantic.ValidationError as exc:
+        ready = condition(
+            READY,
+            ok=False,
+            reason="InvalidSpec",
+            message=str(exc).replace("\n", "; "),
+            generation=generation,
+            previous=previous,
+        )
+    with observe("OutboxPolicy", "change"):
+        count = _tenants_follow(str(namespace), name)
+    patch.status["observedGeneration"] = generation
+    patch.status["tenants"] = count
+    patch.status["conditions"] = [ready]
+
+
+@kopf.on.delete(GROUP, VERSION, POLICY_PLURAL, optional=True)
+def policy_deleted(name: str, namespace: str | None, **_: Any) -> None:
+    """Its Tenants report PolicyNotFound (and keep their children as they are)."""
+    _tenants_follow(str(namespace), name)

@@ -1,0 +1,108 @@
+"""Repairs triggered by the world changing under the operator.
+
+- A child edited or deleted by someone else: its owning Tenant is reconciled, which
+  restores it. Changes the operator made itself are recognised by the resourceVersion
+  its apply returned, so they trigger nothing.
+- The PrometheusRule CRD appearing (case K-11): every Tenant still waiting for it is
+  reconciled and gets its rules.
+
+These are event handlers: Kopf stores nothing on the objects they watch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from kubernetes import client
+
+from somabrain_operator.apply import controller_uid, is_own_write
+from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY
+from somabrain_operator.conditions import ALERTS
+from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
+from somabrain_operator.metrics import observe
+from somabrain_operator.state import KNOWN, each, reconcile_known
+
+log = logging.getLogger(__name__)
+
+OURS = {LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
+    if change not in ("MODIFIED", "DELETED"):
+        return
+    if change == "MODIFIED" and is_own_write(body):
+        return
+    owner = controller_uid(dict(body))
+    tenant = KNOWN.tenant(owner) if owner else None
+    if tenant is None or tenant["metadata"].get("deletionTimestamp"):
+        return
+    meta = body["metadata"]
+    log.warning(
+        "%s %s/%s was %s by someone else; restoring it from Tenant %s",
+        kind,
+        meta.get("namespace"),
+        meta.get("name"),
+        "deleted" if change == "DELETED" else "changed",
+        tenant["metadata"]["name"],
+    )
+    with client.ApiClient() as api, observe("Tenant", "child"):
+        reconcile_known(api, tenant)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=OURS)
+def deployment_changed(body: kopf.Body, **kwargs: Any) -> None:
+    _repair("Deployment", kwargs["type"], body)
+
+
+@kopf.on.event("", "v1", "configmaps", labels=OURS)
+def config_map_changed(body: kopf.Body, **kwargs: Any) -> None:
+    _repair("ConfigMap", kwargs["type"], body)
+
+
+@kopf.on.event("", "v1", "services", labels=OURS)
+def service_changed(body: kopf.Body, **kwargs: Any) -> None:
+    _repair("Service", kwargs["type"], body)
+
+
+@kopf.on.event("", "v1", "resourcequotas", labels=OURS)
+def resource_quota_changed(body: kopf.Body, **kwargs: Any) -> None:
+    _repair("ResourceQuota", kwargs["type"], body)
+
+
+@kopf.on.event(RULE_GROUP, RULE_VERSION, RULE_PLURAL, labels=OURS)
+def rule_changed(body: kopf.Body, **kwargs: Any) -> None:
+    _repair("PrometheusRule", kwargs["type"], body)
+
+
+def _established(body: kopf.Body) -> bool:
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+
+@kopf.on.event(
+    "apiextensions.k8s.io",
+    "v1",
+    "customresourcedefinitions",
+    when=lambda name, **_: name == RULE_CRD,
+)
+def rule_crd_changed(body: kopf.Body, **kwargs: Any) -> None:
+    if kwargs["type"] == "DELETED" or not _established(body):
+        return
+    waiting = [
+        t
+        for t in each(KNOWN.tenant_bodies())
+        if any(
+            c.get("type") == ALERTS and c.get("reason") == "PrometheusRuleCRDMissing"
+            for c in (t.get("status") or {}).get("conditions") or []
+        )
+    ]
+    if waiting:
+        log.info(
+            "the PrometheusRule CRD is installed; applying the rules of %d Tenants", len(waiting)
+        )
+    with client.ApiClient() as api:
+        for tenant in waiting:
+            with observe("Tenant", "crd"):
+                reconcile_known(api, tenant)
