@@ -120,15 +120,22 @@ class MainJob:
         topics = [t for tenant in tenants for t in tenant["spec"].get("topics", [])]
         create_topics(self.env["KAFKA_BOOTSTRAP_SERVERS"], topics)
 
-    def start_operator(self) -> None:
+    def start_operator(self, *args: str, env: dict[str, str] | None = None) -> int:
+        """Start the operator (with database access, reporting backlog every 2 s)."""
         exe = Path(sys.executable).parent / "somabrain-operator"
         if not exe.exists():
             raise common.StartFailed(f"{exe} is missing; run `make install`")
         self.operator_pid = common.spawn(
-            [str(exe)],
+            [str(exe), *args],
             log_path=self.work_dir / "operator.log",
-            env={"KUBECONFIG": self.env["KUBECONFIG"]},
+            env={
+                "KUBECONFIG": self.env["KUBECONFIG"],
+                "SOMABRAIN_OPERATOR_DATABASE_URL": self.env["DATABASE_URL"],
+                "SOMABRAIN_OPERATOR_STATUS_INTERVAL_SECONDS": "2",
+                **(env or {}),
+            },
         )
+        return self.operator_pid
 
     def apply_tenants(self, tenants: list[dict[str, Any]]) -> None:
         custom = client.CustomObjectsApi(self.api)

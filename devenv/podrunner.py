@@ -7,8 +7,16 @@ values, Secret and ConfigMap references; `envFrom`), resolved from the API serve
 publisher that runs here therefore runs as written in its Deployment. The image is not
 used: its command is looked up on PATH, where the checkout's virtualenv provides it.
 
-Limits: one process per Deployment whatever `replicas` says (0 runs none); no volumes,
-probes or resource limits.
+What a pod would have that a local process lacks, and how it is stood in for:
+- ConfigMap volumes: their files are written into a folder of the pod's own, and
+  rewritten when the ConfigMap changes (as the kubelet does, without a restart); an
+  environment value under a mount path points into that folder instead.
+- Its own network namespace: each declared container port is given a free port on
+  loopback, and an environment value equal to a declared port becomes that port
+  (`LocalPod.ports` maps one to the other).
+
+Limits: one process per Deployment whatever `replicas` says (0 runs none); no probes,
+resource limits, or volumes of other kinds.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ class LocalPod:
     template_hash: str
     pid: int
     log_path: Path
+    ports: dict[int, int] = dataclasses.field(default_factory=dict)  # declared -> local
+    mounts: dict[str, Path] = dataclasses.field(default_factory=dict)  # mountPath -> folder
 
 
 def _resolve_env(api: client.CoreV1Api, namespace: str, container: Any) -> dict[str, str]:
@@ -95,6 +105,7 @@ class PodRunner:
             ).hexdigest()
             current = self.pods.get(key)
             if current and current.template_hash == template_hash and common.pid_alive(current.pid):
+                self._write_volumes(namespace, deployment, current.mounts)
                 continue
             if current:
                 common.stop_pid(current.pid)
@@ -110,10 +121,48 @@ class PodRunner:
             raise common.StartFailed(
                 f"Deployment {namespace}/{deployment.metadata.name} declares no command"
             )
-        env = _base_environment() | _resolve_env(self.core, namespace, container)
+        env = _resolve_env(self.core, namespace, container)
+        pod_dir = self.log_dir / f"{namespace}.{deployment.metadata.name}"
+        mounts = {m.mount_path: pod_dir / "volumes" / m.name for m in container.volume_mounts or []}
+        self._write_volumes(namespace, deployment, mounts)
+        ports = {p.container_port: common.free_port() for p in container.ports or []}
+        for name, value in env.items():
+            for mount_path, folder in mounts.items():
+                if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+                    env[name] = str(folder) + value[len(mount_path.rstrip("/")) :]
+            if value.isdigit() and int(value) in ports:
+                env[name] = str(ports[int(value)])
         log_path = self.log_dir / f"{namespace}.{deployment.metadata.name}.log"
-        pid = common.spawn(argv, log_path=log_path, env=env, inherit_env=False)
-        return LocalPod(namespace, deployment.metadata.name, template_hash, pid, log_path)
+        pid = common.spawn(
+            argv, log_path=log_path, env=_base_environment() | env, inherit_env=False
+        )
+        return LocalPod(
+            namespace, deployment.metadata.name, template_hash, pid, log_path, ports, mounts
+        )
+
+    def _write_volumes(self, namespace: str, deployment: Any, mounts: dict[str, Path]) -> None:
+        """Write each ConfigMap volume's files; replace those whose content changed."""
+        container = deployment.spec.template.spec.containers[0]
+        by_name = {v.name: v for v in deployment.spec.template.spec.volumes or []}
+        for mount in container.volume_mounts or []:
+            volume = by_name.get(mount.name)
+            if volume is None or volume.config_map is None:
+                continue
+            data = self.core.read_namespaced_config_map(volume.config_map.name, namespace).data
+            data = data or {}
+            items = volume.config_map.items or [
+                client.V1KeyToPath(key=k, path=k) for k in sorted(data)
+            ]
+            folder = mounts[mount.mount_path]
+            folder.mkdir(parents=True, exist_ok=True)
+            for item in items:
+                target = folder / item.path
+                content = data.get(item.key, "")
+                if target.exists() and target.read_text() == content:
+                    continue
+                partial = target.with_suffix(target.suffix + ".partial")
+                partial.write_text(content)
+                partial.replace(target)
 
     def stop_all(self) -> None:
         for pod in self.pods.values():

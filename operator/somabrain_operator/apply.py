@@ -10,6 +10,7 @@ object controlled by someone else is never forced.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -153,13 +154,21 @@ def apply(api: client.ApiClient, obj: dict[str, Any], *, controller: str) -> Non
     if holder != controller:
         raise ChildConflict(kind, meta["name"], holder) from conflict
     log.warning(
-        "%s %s/%s had fields changed by another manager; restoring them: %s",
+        "%s %s/%s had fields changed by another manager; restoring them (%s)",
         kind,
         meta["namespace"],
         meta["name"],
-        (conflict.body or "")[:300],
+        _message(conflict),
     )
     _remember(obj, verbs.patch(meta["name"], meta["namespace"], obj, force=True, **options))
+
+
+def _message(exc: client.ApiException) -> str:
+    """The API server's own sentence from an error response."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
 
 
 def delete(api: client.ApiClient, kind: str, *, name: str, namespace: str, controller: str) -> bool:

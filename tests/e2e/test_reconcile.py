@@ -1,0 +1,466 @@
+"""The operator's reconcile on the real API server and database: steady state, repair of
+children, policy changes, optional CRDs, backlog in status, deletion policies
+(cases K-2, K-3, K-5, K-6, K-8, K-11, K-18)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, watch
+from somabrain_operator.children import TENANT_FILE, publisher_name, rule_name
+from somabrain_operator.config import RULE_CRD
+
+from devenv import common, stack
+from devenv.mainjob import MainJob
+from somabrain import enqueue_event
+from somabrain.store.engine import make_sessionmaker
+from tests.support import wait_for
+
+pytestmark = pytest.mark.e2e
+GROUP, VERSION = "somabrain.io", "v1alpha1"
+
+
+@pytest.fixture
+def job(stack_env: dict[str, str], tmp_path: Path) -> Iterator[MainJob]:
+    namespace = f"e2e-{uuid.uuid4().hex[:8]}"
+    job = MainJob(stack_env, work_dir=tmp_path, namespace=namespace)
+    job.prepare([])
+    job.start_operator(env={"SOMABRAIN_OPERATOR_PUBLISHER_REPORT_MAX_AGE_SECONDS": "8"})
+    yield job
+    job.stop()
+
+
+def _tenant(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {"tenantId": name, **spec},
+    }
+
+
+def _apply(job: MainJob, plural: str, obj: dict[str, Any]) -> None:
+    obj = {**obj, "metadata": {**obj["metadata"], "namespace": job.namespace}}
+    client.CustomObjectsApi(job.api).patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        job.namespace,
+        plural,
+        obj["metadata"]["name"],
+        obj,
+        field_manager="e2e-user",
+        force=True,
+        _content_type="application/apply-patch+yaml",
+    )
+
+
+def _policy(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "OutboxPolicy",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def _get(job: MainJob, name: str, plural: str = "tenants") -> dict[str, Any] | None:
+    try:
+        obj: dict[str, Any] = client.CustomObjectsApi(job.api).get_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, job.namespace, plural, name
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return obj
+
+
+def _condition(job: MainJob, name: str, kind: str) -> dict[str, Any] | None:
+    obj = _get(job, name) or {}
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == kind), None)
+
+
+def _has_condition(job: MainJob, name: str, kind: str, status: str, reason: str) -> bool:
+    c = _condition(job, name, kind)
+    return c is not None and (c["status"], c["reason"]) == (status, reason)
+
+
+def _batch_size(job: MainJob, tenant_id: str) -> int | None:
+    try:
+        config = client.CoreV1Api(job.api).read_namespaced_config_map(
+            publisher_name(tenant_id), job.namespace
+        )
+    except client.ApiException:
+        return None
+    entry = yaml.safe_load(config.data[TENANT_FILE])["tenants"].get(tenant_id)
+    return None if entry is None else int(entry["batch_size"])
+
+
+def _writes_during(job: MainJob, seconds: float) -> list[str]:
+    """Every object written in the job's namespace during `seconds`, as 'kind name type'."""
+    core, apps = client.CoreV1Api(job.api), client.AppsV1Api(job.api)
+    custom = client.CustomObjectsApi(job.api)
+    ns = job.namespace
+
+    def custom_list(plural: str) -> Callable[..., Any]:
+        def list_fn(namespace: str, **kw: Any) -> Any:
+            return custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural, **kw)
+
+        return list_fn
+
+    sources: dict[str, Callable[..., Any]] = {
+        "Tenant": custom_list("tenants"),
+        "OutboxPolicy": custom_list("outboxpolicies"),
+        "Deployment": apps.list_namespaced_deployment,
+        "ConfigMap": core.list_namespaced_config_map,
+        "Service": core.list_namespaced_service,
+        "ResourceQuota": core.list_namespaced_resource_quota,
+        "Event": core.list_namespaced_event,
+    }
+    seen: list[str] = []
+
+    def follow(kind: str, list_fn: Callable[..., Any]) -> None:
+        listed = list_fn(ns)
+        version = (
+            listed["metadata"]["resourceVersion"]
+            if isinstance(listed, dict)
+            else listed.metadata.resource_version
+        )
+        stream = watch.Watch().stream(
+            list_fn, ns, resource_version=version, timeout_seconds=int(seconds)
+        )
+        for event in stream:
+            obj = event["object"]
+            name = obj["metadata"]["name"] if isinstance(obj, dict) else obj.metadata.name
+            seen.append(f"{kind} {name} {event['type']}")
+
+    threads = [threading.Thread(target=follow, args=item, daemon=True) for item in sources.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 30)
+    return seen
+
+
+def test_steady_state_makes_no_writes_for_a_minute(job: MainJob) -> None:
+    # K-2, K-3: with nothing changing, no object is written, not even status.
+    _apply(job, "outboxpolicies", _policy("standard", quotas={"batchSize": 50}))
+    job.apply_tenants(
+        [
+            _tenant("steady-a", policyRef={"name": "standard"}),
+            _tenant("steady-b", resourceQuota={"hard": {"pods": "4"}}),
+        ]
+    )
+    job.wait_ready(["steady-a", "steady-b"], timeout=60)
+    # Settled: the status loop has reported on both (no publisher runs here).
+    for name in ("steady-a", "steady-b"):
+        assert wait_for(
+            lambda n=name: _has_condition(job, n, "PublisherAvailable", "False", "NoReport"),
+            timeout=30,
+        )
+    policy = _get(job, "standard", "outboxpolicies")
+    assert wait_for(
+        lambda: (
+            ((_get(job, "standard", "outboxpolicies") or {}).get("status") or {}).get("tenants")
+            == 1
+        ),
+        timeout=30,
+    ), policy
+    time.sleep(5)
+
+    writes = _writes_during(job, 60)
+
+    assert writes == [], f"writes in steady state: {writes}"
+
+
+def test_a_child_deleted_or_edited_by_hand_is_restored(job: MainJob) -> None:
+    job.apply_tenants([_tenant("repair", quotas={"batchSize": 70})])
+    job.wait_ready(["repair"], timeout=60)
+    core = client.CoreV1Api(job.api)
+    name = publisher_name("repair")
+
+    core.delete_namespaced_service(name, job.namespace)
+    assert wait_for(lambda: _exists(lambda: core.read_namespaced_service(name, job.namespace)))
+
+    edited = core.read_namespaced_config_map(name, job.namespace)
+    edited.data[TENANT_FILE] = "tenants: {}\n"
+    core.replace_namespaced_config_map(name, job.namespace, edited)
+    assert wait_for(lambda: _batch_size(job, "repair") == 70, timeout=30)
+
+
+def _exists(read: Callable[[], Any]) -> bool:
+    try:
+        read()
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+def test_policy_change_reconciles_exactly_the_tenants_that_reference_it(job: MainJob) -> None:
+    _apply(job, "outboxpolicies", _policy("gold", quotas={"batchSize": 10}))
+    _apply(job, "outboxpolicies", _policy("silver", quotas={"batchSize": 20}))
+    job.apply_tenants(
+        [
+            _tenant("gold-a", policyRef={"name": "gold"}),
+            _tenant("gold-b", policyRef={"name": "gold"}),
+            _tenant("silver-a", policyRef={"name": "silver"}),
+        ]
+    )
+    job.wait_ready(["gold-a", "gold-b", "silver-a"], timeout=60)
+    core = client.CoreV1Api(job.api)
+    silver_version = core.read_namespaced_config_map(
+        publisher_name("silver-a"), job.namespace
+    ).metadata.resource_version
+
+    _apply(job, "outboxpolicies", _policy("gold", quotas={"batchSize": 11}))
+
+    assert wait_for(lambda: _batch_size(job, "gold-a") == 11 and _batch_size(job, "gold-b") == 11)
+    silver = core.read_namespaced_config_map(publisher_name("silver-a"), job.namespace)
+    assert silver.metadata.resource_version == silver_version
+    assert _batch_size(job, "silver-a") == 20
+
+
+def test_a_tenant_whose_policy_is_missing_waits_then_follows_it(job: MainJob) -> None:
+    job.apply_tenants([_tenant("late", policyRef={"name": "late-policy"})])
+
+    assert wait_for(lambda: _has_condition(job, "late", "Ready", "False", "PolicyNotFound"))
+    assert _batch_size(job, "late") is None
+
+    _apply(job, "outboxpolicies", _policy("late-policy", quotas={"batchSize": 33}))
+    assert wait_for(lambda: _batch_size(job, "late") == 33)
+    assert wait_for(lambda: _has_condition(job, "late", "Ready", "True", "ChildrenApplied"))
+
+
+def test_rapid_successive_edits_converge_on_the_last_spec(job: MainJob) -> None:
+    # K-8: one reconcile reads the spec as it is; the last edit wins.
+    for size in range(1, 11):
+        job.apply_tenants([_tenant("rapid", quotas={"batchSize": size * 10})])
+
+    assert wait_for(lambda: _batch_size(job, "rapid") == 100)
+    assert wait_for(
+        lambda: (
+            (_get(job, "rapid") or {}).get("status", {}).get("observedGeneration")
+            == (_get(job, "rapid") or {})["metadata"]["generation"]
+        )
+    )
+
+
+PROMETHEUS_RULE_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": RULE_CRD},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "names": {
+            "kind": "PrometheusRule",
+            "listKind": "PrometheusRuleList",
+            "plural": "prometheusrules",
+            "singular": "prometheusrule",
+        },
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+def test_without_the_prometheus_rule_crd_a_condition_says_so_and_it_recovers(
+    job: MainJob,
+) -> None:
+    # K-11: every other child exists; the rules come once the CRD is installed.
+    ext = client.ApiextensionsV1Api(job.api)
+    assert not _exists(lambda: ext.read_custom_resource_definition(RULE_CRD))
+    job.apply_tenants([_tenant("alerting", alerts={"labels": {"team": "payments"}})])
+    job.wait_ready(["alerting"], timeout=60)
+    assert wait_for(
+        lambda: _has_condition(
+            job, "alerting", "AlertsConfigured", "False", "PrometheusRuleCRDMissing"
+        )
+    )
+    custom = client.CustomObjectsApi(job.api)
+    try:
+        ext.create_custom_resource_definition(PROMETHEUS_RULE_CRD)
+
+        assert wait_for(
+            lambda: _has_condition(job, "alerting", "AlertsConfigured", "True", "RulesApplied"),
+            timeout=60,
+        )
+        rule = custom.get_namespaced_custom_object(
+            "monitoring.coreos.com",
+            "v1",
+            job.namespace,
+            "prometheusrules",
+            rule_name("alerting"),
+        )
+        assert rule["metadata"]["labels"]["team"] == "payments"  # type: ignore[index]
+        rules = rule["spec"]["groups"][0]["rules"]  # type: ignore[index]
+        assert {r["labels"]["tenant"] for r in rules} == {"alerting"}
+    finally:
+        ext.delete_custom_resource_definition(RULE_CRD)
+        wait_for(lambda: not _exists(lambda: ext.read_custom_resource_definition(RULE_CRD)))
+
+
+def test_backlog_and_publisher_availability_come_from_the_publishers_reports(
+    job: MainJob,
+) -> None:
+    job.apply_tenants([_tenant("reporting")])
+    job.wait_ready(["reporting"], timeout=60)
+    assert wait_for(
+        lambda: _has_condition(job, "reporting", "PublisherAvailable", "False", "NoReport")
+    )
+    sessions = make_sessionmaker(job.engine)
+    with sessions.begin() as session:
+        for i in range(5):
+            enqueue_event(
+                session, tenant_id="reporting", topic="reporting.orders", payload={"i": i}
+            )
+
+    assert job.start_publishers() == 1
+    assert wait_for(
+        lambda: _has_condition(job, "reporting", "PublisherAvailable", "True", "Reporting"),
+        timeout=60,
+    )
+    assert wait_for(
+        lambda: (
+            ((_get(job, "reporting") or {}).get("status") or {}).get("backlog", {}).get("pending")
+            == 0
+        ),
+        timeout=60,
+    )
+    backlog = (_get(job, "reporting") or {})["status"]["backlog"]
+    assert backlog["circuit"] == "closed"
+
+    job.runner.stop_all()
+    assert wait_for(
+        lambda: _has_condition(job, "reporting", "PublisherAvailable", "False", "ReportStale"),
+        timeout=60,
+    )
+
+
+def test_retain_tenant_has_no_finalizer_and_goes_at_once_leaving_its_events(
+    job: MainJob,
+) -> None:
+    # K-5: no finalizer where cleanup does not need one.
+    job.apply_tenants([_tenant("keeper", deletionPolicy="Retain")])
+    job.wait_ready(["keeper"], timeout=60)
+    _enqueue(job, "keeper", 3)
+    assert not ((_get(job, "keeper") or {})["metadata"].get("finalizers"))
+
+    client.CustomObjectsApi(job.api).delete_namespaced_custom_object(
+        GROUP, VERSION, job.namespace, "tenants", "keeper"
+    )
+
+    assert wait_for(lambda: _get(job, "keeper") is None, timeout=10)
+    assert _rows(job, "keeper") == 3
+
+
+def test_drain_tenant_waits_for_its_backlog_before_it_goes(job: MainJob) -> None:
+    # K-6: the cleanup happens before the Tenant disappears.
+    job.apply_tenants([_tenant("drainer", deletionPolicy="Drain")])
+    job.wait_ready(["drainer"], timeout=60)
+    assert wait_for(lambda: (_get(job, "drainer") or {})["metadata"].get("finalizers"))
+    _enqueue(job, "drainer", 20)
+
+    client.CustomObjectsApi(job.api).delete_namespaced_custom_object(
+        GROUP, VERSION, job.namespace, "tenants", "drainer"
+    )
+
+    assert wait_for(lambda: _has_condition(job, "drainer", "Ready", "False", "Draining"))
+    time.sleep(3)
+    assert _get(job, "drainer") is not None, "gone before its events were delivered"
+    assert job.start_publishers() == 1
+    assert wait_for(lambda: _get(job, "drainer") is None, timeout=90)
+    assert _pending(job, "drainer") == 0
+
+
+def test_delete_tenant_removes_its_events_before_it_goes(job: MainJob) -> None:
+    job.apply_tenants([_tenant("doomed", deletionPolicy="Delete")])
+    job.wait_ready(["doomed"], timeout=60)
+    assert wait_for(lambda: (_get(job, "doomed") or {})["metadata"].get("finalizers"))
+    _enqueue(job, "doomed", 12)
+
+    client.CustomObjectsApi(job.api).delete_namespaced_custom_object(
+        GROUP, VERSION, job.namespace, "tenants", "doomed"
+    )
+
+    assert wait_for(lambda: _get(job, "doomed") is None, timeout=90)
+    assert _rows(job, "doomed") == 0
+    assert not _exists(
+        lambda: client.AppsV1Api(job.api).read_namespaced_deployment(
+            publisher_name("doomed"), job.namespace
+        )
+    )
+
+
+def _enqueue(job: MainJob, tenant: str, count: int) -> None:
+    sessions = make_sessionmaker(job.engine)
+    with sessions.begin() as session:
+        for i in range(count):
+            enqueue_event(session, tenant_id=tenant, topic=f"{tenant}.orders", payload={"i": i})
+
+
+def _rows(job: MainJob, tenant: str) -> int:
+    from sqlalchemy import text
+
+    with job.engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM outbox_events WHERE tenant_id = :t"), {"t": tenant}
+            ).scalar_one()
+        )
+
+
+def _pending(job: MainJob, tenant: str) -> int:
+    from sqlalchemy import text
+
+    with job.engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM outbox_events WHERE tenant_id = :t AND status = 'pending'"
+                ),
+                {"t": tenant},
+            ).scalar_one()
+        )
+
+
+def test_operator_without_its_crds_stops_at_once_saying_what_to_apply(
+    tmp_path: Path, stack_env: dict[str, str]
+) -> None:
+    # K-11 (own CRDs) and K-18 (a failing operator never hangs the test): a bare API
+    # server of its own, without the somabrain.io CRDs.
+    bare = tmp_path / "bare-stack"
+    env = stack.environment(stack.up(bare, only=("kube",)))
+    try:
+        job = MainJob(
+            {**stack_env, "KUBECONFIG": env["KUBECONFIG"]}, work_dir=tmp_path, namespace="x"
+        )
+        pid = job.start_operator()
+        assert wait_for(lambda: not common.pid_alive(pid), timeout=60), "operator kept running"
+        log = (tmp_path / "operator.log").read_text()
+        assert "tenants.somabrain.io" in log
+        assert "kubectl apply -f crds/" in log
+        job.stop()
+    finally:
+        stack.down(bare)
