@@ -95,6 +95,7 @@ def tenant_file(spec: TenantSpec, resolved: ResolvedTenant) -> str:
         "circuit_open_seconds": resolved.circuit_open_seconds,
         "poison_policy": resolved.poison_policy,
         "dead_letter_topic": resolved.dead_letter_topic or "",
+        "feature_flags": dict(sorted(resolved.feature_flags.items())),
     }
     if q.events_per_second is not None:
         entry["events_per_second"] = q.events_per_second

@@ -20,12 +20,14 @@ already matches writes nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import threading
 from collections.abc import Mapping
 from typing import Any
 
+import pydantic
 from kubernetes import client
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,9 +35,12 @@ from sqlalchemy.orm import Session
 
 from somabrain.store.engine import make_engine
 from somabrain.store.outbox import TenantReport, tenant_reports
-from somabrain_operator.conditions import PUBLISHER, condition, merge, now
+from somabrain_operator import rollout
+from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
 from somabrain_operator.metrics import STATUS_WRITES, observe
+from somabrain_operator.reconcile import reconcile_tenant
+from somabrain_operator.resources import OutboxPolicySpec
 from somabrain_operator.state import KNOWN, each, reconcile_known, write_status
 
 log = logging.getLogger(__name__)
@@ -111,6 +116,22 @@ def no_database_status(body: Mapping[str, Any]) -> dict[str, Any]:
     return {"conditions": merge(previous, [unknown])}
 
 
+def _health(
+    tenant: Mapping[str, Any], reports: Mapping[Any, TenantReport], max_age: float
+) -> rollout.Health:
+    tenant_id = str((tenant.get("spec") or {}).get("tenantId"))
+    report = reports.get(tenant_id)
+    if report is None or report.seen_seconds_ago is None or report.seen_seconds_ago > max_age:
+        return rollout.Health(tenant_id=tenant_id, reported=False)
+    return rollout.Health(
+        tenant_id=tenant_id,
+        reported=True,
+        pending=report.pending,
+        oldest_pending_seconds=report.oldest_pending_seconds,
+        circuit=report.circuit,
+    )
+
+
 class Loop:
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
@@ -149,6 +170,8 @@ class Loop:
             if write_status(api, body, fields):
                 STATUS_WRITES.labels("Tenant").inc()
         self._count_policies(api)
+        if self.engine is not None:
+            self._advance_rollouts(api, bodies, reports)
         self._repair_slice(api, bodies, interval)
 
     def _count_policies(self, api: client.ApiClient) -> None:
@@ -170,6 +193,74 @@ class Loop:
             except client.ApiException as exc:
                 if exc.status != 404:
                     raise
+
+    def _advance_rollouts(
+        self,
+        api: client.ApiClient,
+        bodies: list[Mapping[str, Any]],
+        reports: Mapping[Any, TenantReport],
+    ) -> None:
+        """Move each policy's rollouts on; reconcile its Tenants when a step changed."""
+        if KNOWN.policies is None:
+            return
+        max_age = self.settings.publisher_report_max_age_seconds
+        for (namespace, name), store in list(KNOWN.policies.items()):
+            body = next(iter(store), None)
+            if body is None or not (body.get("spec") or {}).get("rollouts"):
+                continue
+            try:
+                spec = OutboxPolicySpec.from_body(body["spec"])
+            except pydantic.ValidationError:
+                continue
+            tenants = KNOWN.tenants_of_policy(namespace, name)
+            health = [_health(t, reports, max_age) for t in tenants]
+            before = rollout.states_of(body.get("status"))
+            after = {
+                r.flag: rollout.advance(r, before.get(r.flag), health, dt.datetime.now(dt.UTC))
+                for r in spec.rollouts or []
+            }
+            if after == before:
+                continue
+            states = [after[r.flag].to_body() for r in spec.rollouts or []]
+            client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, POLICY_PLURAL, name, {"status": {"rollouts": states}}
+            )
+            STATUS_WRITES.labels("OutboxPolicy").inc()
+            for flag, state in after.items():
+                old = before.get(flag)
+                if old is not None and (old.phase, old.step) == (state.phase, state.step):
+                    continue
+                log.info(
+                    "OutboxPolicy %s/%s: rollout of %s %s at %d%%: %s",
+                    namespace,
+                    name,
+                    flag,
+                    state.phase,
+                    state.percent,
+                    state.reason,
+                )
+                post_event(
+                    api,
+                    body,
+                    warning=state.phase in ("RolledBack", "Paused"),
+                    reason=f"Rollout{state.phase}",
+                    message=f"{flag} at {state.percent}%: {state.reason}",
+                )
+            # The index has not seen the new status yet: reconcile from a fresh read.
+            fresh: Mapping[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(  # type: ignore[assignment]
+                GROUP, VERSION, namespace, POLICY_PLURAL, name
+            )
+            self._follow(api, fresh, tenants)
+
+    def _follow(
+        self, api: client.ApiClient, policy: Mapping[str, Any], tenants: list[Mapping[str, Any]]
+    ) -> None:
+        for tenant in each(tenants):
+            with observe("Tenant", "rollout"):
+                outcome = reconcile_tenant(
+                    api, tenant, policy_of=lambda _ns, _name: policy, settings=self.settings
+                )
+                write_status(api, tenant, outcome.status)
 
     def _repair_slice(
         self, api: client.ApiClient, bodies: list[Mapping[str, Any]], interval: float

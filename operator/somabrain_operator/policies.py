@@ -52,10 +52,13 @@ def reconcile_policy(
     patch: kopf.Patch,
     name: str,
     namespace: str | None,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     generation = int(meta.get("generation", 0))
     previous = list(status.get("conditions") or [])
+    rollouts = _rollouts_after_edit(spec, status, edited=kwargs.get("reason") == "update")
+    if rollouts is not None:
+        patch.status["rollouts"] = rollouts
     try:
         OutboxPolicySpec.from_body(spec)
         ready = condition(
@@ -80,6 +83,22 @@ def reconcile_policy(
     patch.status["observedGeneration"] = generation
     patch.status["tenants"] = count
     patch.status["conditions"] = [ready]
+
+
+def _rollouts_after_edit(
+    spec: kopf.Spec, status: kopf.Status, *, edited: bool
+) -> list[dict[str, Any]] | None:
+    """The rollout states to keep, or None when they stay as they are: a rollout
+    removed from the spec loses its state, and an edit of the policy restarts the
+    rollouts that were rolled back (from their first step)."""
+    flags = {r.get("flag") for r in spec.get("rollouts") or []}
+    states = list(status.get("rollouts") or [])
+    kept = [
+        s
+        for s in states
+        if s.get("flag") in flags and not (edited and s.get("phase") == "RolledBack")
+    ]
+    return None if kept == states else kept
 
 
 @kopf.on.delete(GROUP, VERSION, POLICY_PLURAL, optional=True)

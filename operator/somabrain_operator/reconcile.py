@@ -23,7 +23,7 @@ from typing import Any
 import pydantic
 from kubernetes import client
 
-from somabrain_operator import children
+from somabrain_operator import children, rollout
 from somabrain_operator.apply import ChildConflict, apply, controller_uid, delete, read
 from somabrain_operator.conditions import (
     ALERTS,
@@ -134,6 +134,7 @@ def _reconcile(
         return not_ready("InvalidSpec", str(exc).replace("\n", "; "))
 
     policy: OutboxPolicySpec | None = None
+    policy_body: Mapping[str, Any] | None = None
     if spec.policy_ref is not None:
         policy_body = policy_of(namespace, spec.policy_ref.name)
         if policy_body is None:
@@ -153,7 +154,11 @@ def _reconcile(
                 + str(exc).replace("\n", "; "),
             )
 
-    resolved = resolve(spec, policy)
+    rollout_flags: dict[str, bool] = {}
+    if policy is not None and policy_body is not None:
+        states = rollout.states_of(policy_body.get("status"))
+        rollout_flags = rollout.flags_for(policy.rollouts or [], states, spec.tenant_id)
+    resolved = resolve(spec, policy, rollout_flags=rollout_flags)
     fields: dict[str, Any] = {
         "publisherMode": resolved.publisher_mode,
         "resolved": resolved.to_body(),

@@ -219,6 +219,10 @@ class TenantOverrides(BaseModel):
     dead_letter_topic: str | None = Field(
         default=None, max_length=249, pattern=DEAD_LETTER_TOPIC_PATTERN
     )
+    feature_flags: dict[str, bool] = Field(
+        default_factory=dict,
+        description="Feature flags of the tenant by name (see somabrain.config.flags).",
+    )
 
 
 class _TenantConfigFile(BaseModel):

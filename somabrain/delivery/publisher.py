@@ -52,6 +52,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from somabrain.config import flags
 from somabrain.config.errors import InvalidTenantConfig, RetriableError
 from somabrain.config.settings import PublisherSettings, TenantOverrides, load_tenant_overrides
 from somabrain.config.types import TenantId, parse_tenant_id
@@ -121,6 +122,42 @@ class Lane:
         return {"tenant": self.tenant}
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LaneSettings:
+    """What applies to one tenant's lane."""
+
+    quota: Quota
+    circuit_failure_threshold: int
+    circuit_open_seconds: float
+    poison_policy: str
+    max_pending: int | None
+    dead_letter_topic: str  # "" for none
+
+
+def lane_settings(
+    s: PublisherSettings, o: TenantOverrides | None, tenant: TenantId
+) -> LaneSettings:
+    """The publisher's settings overridden by the tenant's, as its feature flags allow:
+    `tenant-quotas` off keeps the publisher's quotas, `dead-letter` off makes no copies."""
+    o = o or TenantOverrides()
+    own = flags.enabled(o.feature_flags, flags.TENANT_QUOTAS)
+    template = s.dead_letter_topic if o.dead_letter_topic is None else o.dead_letter_topic
+    if not flags.enabled(o.feature_flags, flags.DEAD_LETTER):
+        template = ""
+    return LaneSettings(
+        quota=Quota(
+            batch_size=(o.batch_size if own else None) or s.batch_size,
+            max_in_flight=(o.max_in_flight if own else None) or s.max_in_flight,
+            events_per_second=(o.events_per_second if own else None) or s.events_per_second,
+        ),
+        circuit_failure_threshold=o.circuit_failure_threshold or s.circuit_failure_threshold,
+        circuit_open_seconds=o.circuit_open_seconds or s.circuit_open_seconds,
+        poison_policy=o.poison_policy or s.poison_policy,
+        max_pending=(o.max_pending if own else None) or s.max_pending,
+        dead_letter_topic=template.replace("{tenant}", tenant),
+    )
+
+
 class Publisher:
     """Drains its tenants' pending events into Kafka until told to stop.
 
@@ -176,22 +213,15 @@ class Publisher:
 
     def _configure(self, lane: Lane) -> None:
         """Give the lane the publisher's settings, overridden by the tenant's own."""
-        s = self.settings
-        o = self.overrides.get(lane.tenant) or TenantOverrides()
-        quota = Quota(
-            batch_size=o.batch_size or s.batch_size,
-            max_in_flight=o.max_in_flight or s.max_in_flight,
-            events_per_second=o.events_per_second or s.events_per_second,
-        )
-        if quota != lane.quota:
-            lane.quota = quota
-            lane.bucket = bucket_for(quota)
-        lane.circuit.failure_threshold = o.circuit_failure_threshold or s.circuit_failure_threshold
-        lane.circuit.open_seconds = o.circuit_open_seconds or s.circuit_open_seconds
-        lane.poison_policy = o.poison_policy or s.poison_policy
-        lane.max_pending = o.max_pending or s.max_pending
-        template = s.dead_letter_topic if o.dead_letter_topic is None else o.dead_letter_topic
-        lane.dead_letter_topic = template.replace("{tenant}", lane.tenant)
+        wanted = lane_settings(self.settings, self.overrides.get(lane.tenant), lane.tenant)
+        if wanted.quota != lane.quota:
+            lane.quota = wanted.quota
+            lane.bucket = bucket_for(wanted.quota)
+        lane.circuit.failure_threshold = wanted.circuit_failure_threshold
+        lane.circuit.open_seconds = wanted.circuit_open_seconds
+        lane.poison_policy = wanted.poison_policy
+        lane.max_pending = wanted.max_pending
+        lane.dead_letter_topic = wanted.dead_letter_topic
 
     def _load_overrides(self, *, initial: bool = False) -> bool:
         """Re-read the per-tenant file if it changed; True when it did."""

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client, watch
 from somabrain_operator.children import TENANT_FILE, publisher_name, rule_name
 from somabrain_operator.config import RULE_CRD
@@ -21,87 +19,19 @@ from devenv import common, stack
 from devenv.mainjob import MainJob
 from somabrain import enqueue_event
 from somabrain.store.engine import make_sessionmaker
+from tests.e2e.helpers import (
+    GROUP,
+    VERSION,
+    apply,
+    batch_size,
+    get,
+    has_condition,
+    policy,
+    tenant,
+)
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
-GROUP, VERSION = "somabrain.io", "v1alpha1"
-
-
-@pytest.fixture
-def job(stack_env: dict[str, str], tmp_path: Path) -> Iterator[MainJob]:
-    namespace = f"e2e-{uuid.uuid4().hex[:8]}"
-    job = MainJob(stack_env, work_dir=tmp_path, namespace=namespace)
-    job.prepare([])
-    job.start_operator(env={"SOMABRAIN_OPERATOR_PUBLISHER_REPORT_MAX_AGE_SECONDS": "8"})
-    yield job
-    job.stop()
-
-
-def _tenant(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "Tenant",
-        "metadata": {"name": name},
-        "spec": {"tenantId": name, **spec},
-    }
-
-
-def _apply(job: MainJob, plural: str, obj: dict[str, Any]) -> None:
-    obj = {**obj, "metadata": {**obj["metadata"], "namespace": job.namespace}}
-    client.CustomObjectsApi(job.api).patch_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        job.namespace,
-        plural,
-        obj["metadata"]["name"],
-        obj,
-        field_manager="e2e-user",
-        force=True,
-        _content_type="application/apply-patch+yaml",
-    )
-
-
-def _policy(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "OutboxPolicy",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
-
-
-def _get(job: MainJob, name: str, plural: str = "tenants") -> dict[str, Any] | None:
-    try:
-        obj: dict[str, Any] = client.CustomObjectsApi(job.api).get_namespaced_custom_object(  # type: ignore[assignment]
-            GROUP, VERSION, job.namespace, plural, name
-        )
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return obj
-
-
-def _condition(job: MainJob, name: str, kind: str) -> dict[str, Any] | None:
-    obj = _get(job, name) or {}
-    conditions = (obj.get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c["type"] == kind), None)
-
-
-def _has_condition(job: MainJob, name: str, kind: str, status: str, reason: str) -> bool:
-    c = _condition(job, name, kind)
-    return c is not None and (c["status"], c["reason"]) == (status, reason)
-
-
-def _batch_size(job: MainJob, tenant_id: str) -> int | None:
-    try:
-        config = client.CoreV1Api(job.api).read_namespaced_config_map(
-            publisher_name(tenant_id), job.namespace
-        )
-    except client.ApiException:
-        return None
-    entry = yaml.safe_load(config.data[TENANT_FILE])["tenants"].get(tenant_id)
-    return None if entry is None else int(entry["batch_size"])
 
 
 def _writes_during(job: MainJob, seconds: float) -> list[str]:
@@ -152,28 +82,26 @@ def _writes_during(job: MainJob, seconds: float) -> list[str]:
 
 def test_steady_state_makes_no_writes_for_a_minute(job: MainJob) -> None:
     # K-2, K-3: with nothing changing, no object is written, not even status.
-    _apply(job, "outboxpolicies", _policy("standard", quotas={"batchSize": 50}))
+    apply(job, "outboxpolicies", policy("standard", quotas={"batchSize": 50}))
     job.apply_tenants(
         [
-            _tenant("steady-a", policyRef={"name": "standard"}),
-            _tenant("steady-b", resourceQuota={"hard": {"pods": "4"}}),
+            tenant("steady-a", policyRef={"name": "standard"}),
+            tenant("steady-b", resourceQuota={"hard": {"pods": "4"}}),
         ]
     )
     job.wait_ready(["steady-a", "steady-b"], timeout=60)
     # Settled: the status loop has reported on both (no publisher runs here).
     for name in ("steady-a", "steady-b"):
         assert wait_for(
-            lambda n=name: _has_condition(job, n, "PublisherAvailable", "False", "NoReport"),
+            lambda n=name: has_condition(job, n, "PublisherAvailable", "False", "NoReport"),
             timeout=30,
         )
-    policy = _get(job, "standard", "outboxpolicies")
     assert wait_for(
         lambda: (
-            ((_get(job, "standard", "outboxpolicies") or {}).get("status") or {}).get("tenants")
-            == 1
+            ((get(job, "standard", "outboxpolicies") or {}).get("status") or {}).get("tenants") == 1
         ),
         timeout=30,
-    ), policy
+    ), get(job, "standard", "outboxpolicies")
     time.sleep(5)
 
     writes = _writes_during(job, 60)
@@ -182,7 +110,7 @@ def test_steady_state_makes_no_writes_for_a_minute(job: MainJob) -> None:
 
 
 def test_a_child_deleted_or_edited_by_hand_is_restored(job: MainJob) -> None:
-    job.apply_tenants([_tenant("repair", quotas={"batchSize": 70})])
+    job.apply_tenants([tenant("repair", quotas={"batchSize": 70})])
     job.wait_ready(["repair"], timeout=60)
     core = client.CoreV1Api(job.api)
     name = publisher_name("repair")
@@ -193,7 +121,7 @@ def test_a_child_deleted_or_edited_by_hand_is_restored(job: MainJob) -> None:
     edited = core.read_namespaced_config_map(name, job.namespace)
     edited.data[TENANT_FILE] = "tenants: {}\n"
     core.replace_namespaced_config_map(name, job.namespace, edited)
-    assert wait_for(lambda: _batch_size(job, "repair") == 70, timeout=30)
+    assert wait_for(lambda: batch_size(job, "repair") == 70, timeout=30)
 
 
 def _exists(read: Callable[[], Any]) -> bool:
@@ -207,13 +135,13 @@ def _exists(read: Callable[[], Any]) -> bool:
 
 
 def test_policy_change_reconciles_exactly_the_tenants_that_reference_it(job: MainJob) -> None:
-    _apply(job, "outboxpolicies", _policy("gold", quotas={"batchSize": 10}))
-    _apply(job, "outboxpolicies", _policy("silver", quotas={"batchSize": 20}))
+    apply(job, "outboxpolicies", policy("gold", quotas={"batchSize": 10}))
+    apply(job, "outboxpolicies", policy("silver", quotas={"batchSize": 20}))
     job.apply_tenants(
         [
-            _tenant("gold-a", policyRef={"name": "gold"}),
-            _tenant("gold-b", policyRef={"name": "gold"}),
-            _tenant("silver-a", policyRef={"name": "silver"}),
+            tenant("gold-a", policyRef={"name": "gold"}),
+            tenant("gold-b", policyRef={"name": "gold"}),
+            tenant("silver-a", policyRef={"name": "silver"}),
         ]
     )
     job.wait_ready(["gold-a", "gold-b", "silver-a"], timeout=60)
@@ -222,35 +150,35 @@ def test_policy_change_reconciles_exactly_the_tenants_that_reference_it(job: Mai
         publisher_name("silver-a"), job.namespace
     ).metadata.resource_version
 
-    _apply(job, "outboxpolicies", _policy("gold", quotas={"batchSize": 11}))
+    apply(job, "outboxpolicies", policy("gold", quotas={"batchSize": 11}))
 
-    assert wait_for(lambda: _batch_size(job, "gold-a") == 11 and _batch_size(job, "gold-b") == 11)
+    assert wait_for(lambda: batch_size(job, "gold-a") == 11 and batch_size(job, "gold-b") == 11)
     silver = core.read_namespaced_config_map(publisher_name("silver-a"), job.namespace)
     assert silver.metadata.resource_version == silver_version
-    assert _batch_size(job, "silver-a") == 20
+    assert batch_size(job, "silver-a") == 20
 
 
 def test_a_tenant_whose_policy_is_missing_waits_then_follows_it(job: MainJob) -> None:
-    job.apply_tenants([_tenant("late", policyRef={"name": "late-policy"})])
+    job.apply_tenants([tenant("late", policyRef={"name": "late-policy"})])
 
-    assert wait_for(lambda: _has_condition(job, "late", "Ready", "False", "PolicyNotFound"))
-    assert _batch_size(job, "late") is None
+    assert wait_for(lambda: has_condition(job, "late", "Ready", "False", "PolicyNotFound"))
+    assert batch_size(job, "late") is None
 
-    _apply(job, "outboxpolicies", _policy("late-policy", quotas={"batchSize": 33}))
-    assert wait_for(lambda: _batch_size(job, "late") == 33)
-    assert wait_for(lambda: _has_condition(job, "late", "Ready", "True", "ChildrenApplied"))
+    apply(job, "outboxpolicies", policy("late-policy", quotas={"batchSize": 33}))
+    assert wait_for(lambda: batch_size(job, "late") == 33)
+    assert wait_for(lambda: has_condition(job, "late", "Ready", "True", "ChildrenApplied"))
 
 
 def test_rapid_successive_edits_converge_on_the_last_spec(job: MainJob) -> None:
     # K-8: one reconcile reads the spec as it is; the last edit wins.
     for size in range(1, 11):
-        job.apply_tenants([_tenant("rapid", quotas={"batchSize": size * 10})])
+        job.apply_tenants([tenant("rapid", quotas={"batchSize": size * 10})])
 
-    assert wait_for(lambda: _batch_size(job, "rapid") == 100)
+    assert wait_for(lambda: batch_size(job, "rapid") == 100)
     assert wait_for(
         lambda: (
-            (_get(job, "rapid") or {}).get("status", {}).get("observedGeneration")
-            == (_get(job, "rapid") or {})["metadata"]["generation"]
+            (get(job, "rapid") or {}).get("status", {}).get("observedGeneration")
+            == (get(job, "rapid") or {})["metadata"]["generation"]
         )
     )
 
@@ -291,10 +219,10 @@ def test_without_the_prometheus_rule_crd_a_condition_says_so_and_it_recovers(
     # K-11: every other child exists; the rules come once the CRD is installed.
     ext = client.ApiextensionsV1Api(job.api)
     assert not _exists(lambda: ext.read_custom_resource_definition(RULE_CRD))
-    job.apply_tenants([_tenant("alerting", alerts={"labels": {"team": "payments"}})])
+    job.apply_tenants([tenant("alerting", alerts={"labels": {"team": "payments"}})])
     job.wait_ready(["alerting"], timeout=60)
     assert wait_for(
-        lambda: _has_condition(
+        lambda: has_condition(
             job, "alerting", "AlertsConfigured", "False", "PrometheusRuleCRDMissing"
         )
     )
@@ -303,7 +231,7 @@ def test_without_the_prometheus_rule_crd_a_condition_says_so_and_it_recovers(
         ext.create_custom_resource_definition(PROMETHEUS_RULE_CRD)
 
         assert wait_for(
-            lambda: _has_condition(job, "alerting", "AlertsConfigured", "True", "RulesApplied"),
+            lambda: has_condition(job, "alerting", "AlertsConfigured", "True", "RulesApplied"),
             timeout=60,
         )
         rule = custom.get_namespaced_custom_object(
@@ -324,10 +252,10 @@ def test_without_the_prometheus_rule_crd_a_condition_says_so_and_it_recovers(
 def test_backlog_and_publisher_availability_come_from_the_publishers_reports(
     job: MainJob,
 ) -> None:
-    job.apply_tenants([_tenant("reporting")])
+    job.apply_tenants([tenant("reporting")])
     job.wait_ready(["reporting"], timeout=60)
     assert wait_for(
-        lambda: _has_condition(job, "reporting", "PublisherAvailable", "False", "NoReport")
+        lambda: has_condition(job, "reporting", "PublisherAvailable", "False", "NoReport")
     )
     sessions = make_sessionmaker(job.engine)
     with sessions.begin() as session:
@@ -338,22 +266,22 @@ def test_backlog_and_publisher_availability_come_from_the_publishers_reports(
 
     assert job.start_publishers() == 1
     assert wait_for(
-        lambda: _has_condition(job, "reporting", "PublisherAvailable", "True", "Reporting"),
+        lambda: has_condition(job, "reporting", "PublisherAvailable", "True", "Reporting"),
         timeout=60,
     )
     assert wait_for(
         lambda: (
-            ((_get(job, "reporting") or {}).get("status") or {}).get("backlog", {}).get("pending")
+            ((get(job, "reporting") or {}).get("status") or {}).get("backlog", {}).get("pending")
             == 0
         ),
         timeout=60,
     )
-    backlog = (_get(job, "reporting") or {})["status"]["backlog"]
+    backlog = (get(job, "reporting") or {})["status"]["backlog"]
     assert backlog["circuit"] == "closed"
 
     job.runner.stop_all()
     assert wait_for(
-        lambda: _has_condition(job, "reporting", "PublisherAvailable", "False", "ReportStale"),
+        lambda: has_condition(job, "reporting", "PublisherAvailable", "False", "ReportStale"),
         timeout=60,
     )
 
@@ -362,49 +290,49 @@ def test_retain_tenant_has_no_finalizer_and_goes_at_once_leaving_its_events(
     job: MainJob,
 ) -> None:
     # K-5: no finalizer where cleanup does not need one.
-    job.apply_tenants([_tenant("keeper", deletionPolicy="Retain")])
+    job.apply_tenants([tenant("keeper", deletionPolicy="Retain")])
     job.wait_ready(["keeper"], timeout=60)
     _enqueue(job, "keeper", 3)
-    assert not ((_get(job, "keeper") or {})["metadata"].get("finalizers"))
+    assert not ((get(job, "keeper") or {})["metadata"].get("finalizers"))
 
     client.CustomObjectsApi(job.api).delete_namespaced_custom_object(
         GROUP, VERSION, job.namespace, "tenants", "keeper"
     )
 
-    assert wait_for(lambda: _get(job, "keeper") is None, timeout=10)
+    assert wait_for(lambda: get(job, "keeper") is None, timeout=10)
     assert _rows(job, "keeper") == 3
 
 
 def test_drain_tenant_waits_for_its_backlog_before_it_goes(job: MainJob) -> None:
     # K-6: the cleanup happens before the Tenant disappears.
-    job.apply_tenants([_tenant("drainer", deletionPolicy="Drain")])
+    job.apply_tenants([tenant("drainer", deletionPolicy="Drain")])
     job.wait_ready(["drainer"], timeout=60)
-    assert wait_for(lambda: (_get(job, "drainer") or {})["metadata"].get("finalizers"))
+    assert wait_for(lambda: (get(job, "drainer") or {})["metadata"].get("finalizers"))
     _enqueue(job, "drainer", 20)
 
     client.CustomObjectsApi(job.api).delete_namespaced_custom_object(
         GROUP, VERSION, job.namespace, "tenants", "drainer"
     )
 
-    assert wait_for(lambda: _has_condition(job, "drainer", "Ready", "False", "Draining"))
+    assert wait_for(lambda: has_condition(job, "drainer", "Ready", "False", "Draining"))
     time.sleep(3)
-    assert _get(job, "drainer") is not None, "gone before its events were delivered"
+    assert get(job, "drainer") is not None, "gone before its events were delivered"
     assert job.start_publishers() == 1
-    assert wait_for(lambda: _get(job, "drainer") is None, timeout=90)
+    assert wait_for(lambda: get(job, "drainer") is None, timeout=90)
     assert _pending(job, "drainer") == 0
 
 
 def test_delete_tenant_removes_its_events_before_it_goes(job: MainJob) -> None:
-    job.apply_tenants([_tenant("doomed", deletionPolicy="Delete")])
+    job.apply_tenants([tenant("doomed", deletionPolicy="Delete")])
     job.wait_ready(["doomed"], timeout=60)
-    assert wait_for(lambda: (_get(job, "doomed") or {})["metadata"].get("finalizers"))
+    assert wait_for(lambda: (get(job, "doomed") or {})["metadata"].get("finalizers"))
     _enqueue(job, "doomed", 12)
 
     client.CustomObjectsApi(job.api).delete_namespaced_custom_object(
         GROUP, VERSION, job.namespace, "tenants", "doomed"
     )
 
-    assert wait_for(lambda: _get(job, "doomed") is None, timeout=90)
+    assert wait_for(lambda: get(job, "doomed") is None, timeout=90)
     assert _rows(job, "doomed") == 0
     assert not _exists(
         lambda: client.AppsV1Api(job.api).read_namespaced_deployment(

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from somabrain.config import flags
 from somabrain_operator.resources import defaults
 from somabrain_operator.resources.base import ResourceModel, Rule
 
@@ -76,6 +77,10 @@ FlagName = Annotated[
         check=matches(FLAG_PATTERN),
     ),
 ]
+KNOWN_FLAGS_SHOWN = "; ".join(
+    f"{f.name} (default {'on' if f.default else 'off'}): {f.description}"
+    for f in flags.KNOWN.values()
+)
 FeatureFlags = Annotated[
     dict[str, bool],
     Field(max_length=MAX_FEATURE_FLAGS),

@@ -16,6 +16,7 @@ from pydantic import Field
 from somabrain_operator.resources import defaults
 from somabrain_operator.resources.base import Kind, PrinterColumn, ResourceModel, Rule
 from somabrain_operator.resources.common import (
+    KNOWN_FLAGS_SHOWN,
     MAX_ROLLOUTS,
     Alerts,
     Conditions,
@@ -175,7 +176,7 @@ class OutboxPolicySpec(ResourceModel):
     feature_flags: FeatureFlags | None = Field(
         default=None,
         description="Flags set for every tenant of the policy, by name (a rollout of the "
-        "same flag overrides it for its cohort).",
+        f"same flag overrides it for its cohort). Known flags: {KNOWN_FLAGS_SHOWN}.",
     )
     retention_seconds: int | None = Field(
         default=None,

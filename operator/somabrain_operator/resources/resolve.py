@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from somabrain.config import flags
 from somabrain_operator.resources import defaults
 from somabrain_operator.resources.base import ResourceModel
 from somabrain_operator.resources.policy import OutboxPolicySpec
@@ -54,6 +55,14 @@ def resolve(
     circuit = policy.circuit if policy else None
     dead_letter = spec.dead_letter_topic
 
+    feature_flags = {
+        **((policy.feature_flags or {}) if policy else {}),
+        **(rollout_flags or {}),
+        **(spec.feature_flags or {}),
+    }
+    eos_flag = feature_flags.get(flags.EXACTLY_ONCE.name)
+    flagged_mode = None if eos_flag is None else "exactly-once" if eos_flag else "at-least-once"
+
     return ResolvedTenant(
         policy=spec.policy_ref.name if spec.policy_ref and policy else None,
         publisher_mode=mode,
@@ -67,7 +76,8 @@ def resolve(
             ),
             max_pending=_field("max_pending", *quotas),
         ),
-        delivery_mode=first(spec.delivery_mode, defaults.publisher("delivery_mode")),
+        # An explicit deliveryMode wins over the exactly-once flag (and its rollout).
+        delivery_mode=first(spec.delivery_mode, flagged_mode, defaults.publisher("delivery_mode")),
         poison_policy=first(
             spec.poison_policy,
             policy.poison_policy if policy else None,
@@ -90,11 +100,7 @@ def resolve(
             policy.retention_seconds if policy else None, defaults.publisher("retention_seconds")
         ),
         dead_letter_topic=dead_letter.replace("{tenant}", spec.tenant_id) if dead_letter else None,
-        feature_flags={
-            **((policy.feature_flags or {}) if policy else {}),
-            **(rollout_flags or {}),
-            **(spec.feature_flags or {}),
-        },
+        feature_flags=feature_flags,
         alert_labels={
             **((policy.alerts.labels or {}) if policy and policy.alerts else {}),
             **((spec.alerts.labels or {}) if spec.alerts else {}),

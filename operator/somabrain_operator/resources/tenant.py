@@ -18,6 +18,7 @@ from somabrain.config.types import TENANT_ID_MAX_LENGTH, TENANT_ID_PATTERN
 from somabrain_operator.resources import defaults
 from somabrain_operator.resources.base import Kind, PrinterColumn, ResourceModel, Rule
 from somabrain_operator.resources.common import (
+    KNOWN_FLAGS_SHOWN,
     MAX_FEATURE_FLAGS,
     MAX_ROLLOUTS,
     MAX_TOPICS,
@@ -252,7 +253,7 @@ class TenantSpec(ResourceModel):
     feature_flags: FeatureFlags | None = Field(
         default=None,
         description="Flags of tenant-aware publisher behaviour, by name; they override "
-        "the OutboxPolicy's flags and its rollouts.",
+        f"the OutboxPolicy's flags and its rollouts. Known flags: {KNOWN_FLAGS_SHOWN}.",
     )
     alerts: Alerts | None = Field(
         default=None, description="Routing labels and thresholds of the tenant's alerts."
