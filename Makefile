@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-stack: install  ## obtain Postgres, Kafka, etcd, kube-apiserver and Prometheus into the cache
+stack: install  ## obtain Postgres, Kafka, etcd, kube-apiserver, Prometheus and Helm into the cache
 	$(BIN)/python -m devenv install
 
 lint: install  ## ruff, strict mypy and the import-linter layer contracts

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m devenv",
         description="Start PostgreSQL, Kafka (KRaft), etcd + kube-apiserver and Prometheus on "
-        "loopback. "
+        "loopback, with a helm binary for the operator's chart. "
         "The first `up` builds or downloads each component into the cache "
         "(SOMABRAIN_DEVENV_CACHE, default ~/.cache/somabrain-devenv); later ones reuse it.",
         epilog='example: python -m devenv up && eval "$(python -m devenv env)"',
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=["up", "down", "status", "env", "install"],
         help="up: start the stack; down: stop it and delete its data; status: show what "
         "runs; env: print export lines for DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, "
-        "KUBECONFIG, PROMETHEUS_URL, PROMTOOL and the Prometheus rules and targets folders; "
+        "KUBECONFIG, PROMETHEUS_URL, PROMTOOL, the Prometheus rules and targets folders and "
+        "HELM; "
         "install: only fill the cache",
     )
     parser.add_argument(

@@ -3,7 +3,7 @@
 A stack lives in a state folder (`.devenv/<name>/` in the checkout by default): each
 component's data and logs, and `stack.json` naming the processes to stop and the
 environment clients need. Components are obtained in parallel (the first run builds
-kube-apiserver and Prometheus and resolves Kafka's jars; later runs find them in the cache).
+kube-apiserver, Prometheus and Helm and resolves Kafka's jars; later runs find them in the cache).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
-from devenv import common, kafka, kube, postgres, prometheus
+from devenv import common, helm, kafka, kube, postgres, prometheus
 from devenv.common import Running
 
 COMPONENTS: dict[str, ModuleType] = {
@@ -23,6 +23,8 @@ COMPONENTS: dict[str, ModuleType] = {
     "kafka": kafka,
     "kube": kube,
     "prometheus": prometheus,
+    # A client, not a server: nothing runs, the stack's environment names the binary.
+    "helm": helm,
 }
 STATE_FILE = "stack.json"
 
@@ -119,7 +121,7 @@ def down(state_dir: Path) -> None:
 
 def environment(stack: dict[str, Running]) -> dict[str, str]:
     """What a client of the stack needs: DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, KUBECONFIG,
-    PROMETHEUS_URL (with PROMTOOL and the rules and targets folders)."""
+    PROMETHEUS_URL (with PROMTOOL and the rules and targets folders) and HELM."""
     env: dict[str, str] = {}
     for running in stack.values():
         env.update(running.env)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from devenv import common, kafka, kube, prometheus
+from devenv import common, helm, kafka, kube, prometheus
 from devenv.common import MissingPrerequisite
 
 
@@ -41,6 +41,17 @@ def test_kube_without_go_says_how_to_install_it() -> None:
 def test_prometheus_without_go_says_how_to_install_it() -> None:
     with pytest.raises(MissingPrerequisite) as missing:
         prometheus.ensure_installed()
+
+    message = str(missing.value)
+    assert "'go' is not on PATH" in message
+    assert "apt-get install golang" in message
+    assert "\n" not in message
+
+
+@pytest.mark.usefixtures("empty_machine")
+def test_helm_without_go_says_how_to_install_it() -> None:
+    with pytest.raises(MissingPrerequisite) as missing:
+        helm.ensure_installed()
 
     message = str(missing.value)
     assert "'go' is not on PATH" in message
