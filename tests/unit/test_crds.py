@@ -21,7 +21,10 @@ from tests.resource_examples import (
     largest_tenant_spec,
 )
 
-CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
+ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = ROOT / "crds"
+# The chart installs its own copy (templates/crds.yaml reads these files), K-15.
+CHART_CRD_DIR = ROOT / "charts" / "somabrain-operator" / "files" / "crds"
 KIND_IDS = [k.kind for k in KINDS]
 
 
@@ -74,6 +77,38 @@ def test_crd_folder_holds_exactly_the_generated_kinds() -> None:
     assert sorted(p.name for p in CRD_DIR.glob("*.yaml")) == sorted(
         crds.file_name(k) for k in KINDS
     )
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_chart_copy_of_each_crd_is_the_one_in_the_crds_folder(kind: Kind) -> None:
+    chart_copy = (CHART_CRD_DIR / crds.file_name(kind)).read_text()
+
+    assert chart_copy == (CRD_DIR / crds.file_name(kind)).read_text(), (
+        f"{CHART_CRD_DIR.relative_to(ROOT)}/{crds.file_name(kind)} differs from crds/: "
+        "run make crds"
+    )
+    assert chart_copy == crds.render(kind)
+
+
+def test_chart_holds_exactly_the_generated_crds() -> None:
+    assert sorted(p.name for p in CHART_CRD_DIR.iterdir()) == sorted(
+        crds.file_name(k) for k in KINDS
+    )
+
+
+def test_make_crds_writes_the_crds_folder_and_the_chart_copy(tmp_path: Path) -> None:
+    folders = [tmp_path / "crds", tmp_path / "chart"]
+    for folder in folders:
+        folder.mkdir()
+
+    crds.main([str(folder) for folder in folders])
+
+    for kind in KINDS:
+        assert [(f / crds.file_name(kind)).read_text() for f in folders] == [crds.render(kind)] * 2
+    assert [str(d) for d in crds.OUTPUT_DIRS] == [
+        "crds",
+        str(CHART_CRD_DIR.relative_to(ROOT)),
+    ]
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
