@@ -53,6 +53,12 @@ def prometheus_env(stack_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def helm_binary(stack_dir: Path) -> str:
+    """The stack's helm (built once into the cache, see devenv/helm.py); nothing runs."""
+    return stack.environment(stack.up(stack_dir, only=("helm",)))["HELM"]
+
+
+@pytest.fixture(scope="session")
 def make_database(data_env: dict[str, str]) -> Callable[[], str]:
     """Create an empty database on the stack's server and return its URL."""
     admin_url = make_url(data_env["DATABASE_URL"]).set(database="postgres")
