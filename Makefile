@@ -50,5 +50,6 @@ crds: install  ## regenerate crds/ and the chart's copy from the resource models
 
 clean:  ## remove the virtualenv and local stacks (the cache stays)
 	-$(BIN)/python -m devenv down --state-dir $(TEST_STACK) 2>/dev/null
+	-$(BIN)/python -m devenv down --state-dir $(TEST_STACK)-chart 2>/dev/null
 	-$(BIN)/python -m devenv down 2>/dev/null
 	rm -rf $(VENV) .devenv .mypy_cache .ruff_cache .pytest_cache

@@ -3,7 +3,7 @@
 - `Helm` runs the stack's helm binary with folders of its own and a timeout, and parses
   what `helm template` renders.
 - `OPERATOR_RULES` and `PEERING_RULES` are the permissions the chart's ClusterRole must
-  grant, as the brief of issue #4 lists them; `DENIED` are examples it must not grant.
+  grant, as issue #4 lists them; `DENIED` are examples it must not grant.
 - `impersonating_client` and `write_service_account_kubeconfig` act as the chart's
   ServiceAccount on a real API server: the first through impersonation headers (for
   access reviews), the second through a token minted by the TokenRequest API, in a
