@@ -71,6 +71,7 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
     # Kopf passes every index to every handler, by the indexing function's name.
     KNOWN.tenants = indices["tenant_bodies"]
     KNOWN.by_policy = indices["tenants_by_policy"]
+    KNOWN.by_pool = indices["tenants_by_pool"]
     KNOWN.policies = indices["policy_bodies"]
     Loop(KNOWN.settings).start()
     log.info(

@@ -139,6 +139,23 @@ def read(api: client.ApiClient, kind: str, *, name: str, namespace: str) -> Any 
 def apply(api: client.ApiClient, obj: dict[str, Any], *, controller: str) -> None:
     """Converge one object on `obj`: created if missing, our fields set, others' left
     alone; `controller` is the uid of the Tenant that must control it."""
+    _apply(api, obj, ours=lambda live: controller_uid(live) == controller, holder=controller_uid)
+
+
+def apply_shared(api: client.ApiClient, obj: dict[str, Any]) -> None:
+    """Like `apply`, for an object of a shared pool, owned by every member and controlled
+    by none: it is ours when it carries the labels `obj` has."""
+    wanted = obj["metadata"]["labels"]
+    _apply(api, obj, ours=lambda live: _has_labels(live, wanted), holder=lambda _: None)
+
+
+def _apply(
+    api: client.ApiClient,
+    obj: dict[str, Any],
+    *,
+    ours: Callable[[Any], bool],
+    holder: Callable[[Any], str | None],
+) -> None:
     kind, meta = obj["kind"], obj["metadata"]
     verbs = _verbs(api, kind)
     options: dict[str, Any] = {"field_manager": FIELD_MANAGER, "_content_type": APPLY}
@@ -150,9 +167,10 @@ def apply(api: client.ApiClient, obj: dict[str, Any], *, controller: str) -> Non
             raise
         conflict = exc
     live = read(api, kind, name=meta["name"], namespace=meta["namespace"])
-    holder = controller_uid(live) if live is not None else None
-    if holder != controller:
-        raise ChildConflict(kind, meta["name"], holder) from conflict
+    if live is None or not ours(live):
+        raise ChildConflict(kind, meta["name"], holder(live) if live is not None else None) from (
+            conflict
+        )
     log.warning(
         "%s %s/%s had fields changed by another manager; restoring them (%s)",
         kind,
@@ -161,6 +179,17 @@ def apply(api: client.ApiClient, obj: dict[str, Any], *, controller: str) -> Non
         _message(conflict),
     )
     _remember(obj, verbs.patch(meta["name"], meta["namespace"], obj, force=True, **options))
+
+
+def _labels(live: Any) -> dict[str, str]:
+    if isinstance(live, dict):
+        return dict(live.get("metadata", {}).get("labels") or {})
+    return dict((live.metadata.labels if live.metadata else None) or {})
+
+
+def _has_labels(live: Any, wanted: dict[str, str]) -> bool:
+    have = _labels(live)
+    return all(have.get(k) == v for k, v in wanted.items())
 
 
 def _message(exc: client.ApiException) -> str:
@@ -175,6 +204,21 @@ def delete(api: client.ApiClient, kind: str, *, name: str, namespace: str, contr
     """Delete a child no longer wanted, if it exists and `controller` controls it."""
     live = read(api, kind, name=name, namespace=namespace)
     if live is None or controller_uid(live) != controller:
+        return False
+    try:
+        _verbs(api, kind).delete(name, namespace)
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+    return True
+
+
+def delete_shared(
+    api: client.ApiClient, kind: str, *, name: str, namespace: str, labels: dict[str, str]
+) -> bool:
+    """Delete a pool's object no longer wanted, if it exists and carries `labels`."""
+    live = read(api, kind, name=name, namespace=namespace)
+    if live is None or not _has_labels(live, labels):
         return False
     try:
         _verbs(api, kind).delete(name, namespace)

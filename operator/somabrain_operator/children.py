@@ -3,7 +3,12 @@
 Nothing here talks to the API server: given the same Tenant, policy and settings, the
 same manifests come out, which is what makes reconciliation level-based and testable.
 
-The tenant's ConfigMap holds two kinds of settings:
+A dedicated Tenant gets a publisher Deployment, ConfigMap and Service of its own. The
+Tenants of a shared pool (`spec.publisher.pool`) get one of each for the whole pool,
+named after the pool and owned by every member it serves (`pool_*`); each Tenant keeps
+its own PrometheusRule and ResourceQuota.
+
+The publisher's ConfigMap holds two kinds of settings:
 - environment variables the publisher reads once at start (tenant, delivery mode,
   retries, retention, port); their hash is in the pod template, so a change rolls the
   publisher;
@@ -15,6 +20,7 @@ The tenant's ConfigMap holds two kinds of settings:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -32,6 +38,7 @@ from somabrain_operator.config import (
 from somabrain_operator.resources import ResolvedTenant, TenantSpec, defaults
 
 LABEL_TENANT = f"{GROUP}/tenant"
+LABEL_POOL = f"{GROUP}/pool"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "somabrain-operator"
@@ -43,6 +50,10 @@ PORT_NAME = "metrics"
 
 def publisher_name(tenant_id: str) -> str:
     return f"somabrain-publisher-{tenant_id}"
+
+
+def pool_publisher_name(pool: str) -> str:
+    return f"somabrain-pool-{pool}"
 
 
 def rule_name(tenant_id: str) -> str:
@@ -87,6 +98,10 @@ def _number(value: float) -> str:
 def tenant_file(spec: TenantSpec, resolved: ResolvedTenant) -> str:
     """The publisher's per-tenant settings file for this tenant (see
     `somabrain.config.settings.load_tenant_overrides`)."""
+    return yaml.safe_dump({"tenants": {spec.tenant_id: _file_entry(resolved)}}, sort_keys=True)
+
+
+def _file_entry(resolved: ResolvedTenant) -> dict[str, Any]:
     q = resolved.quotas
     entry: dict[str, Any] = {
         "batch_size": q.batch_size,
@@ -101,7 +116,26 @@ def tenant_file(spec: TenantSpec, resolved: ResolvedTenant) -> str:
         entry["events_per_second"] = q.events_per_second
     if q.max_pending is not None:
         entry["max_pending"] = q.max_pending
-    return yaml.safe_dump({"tenants": {spec.tenant_id: entry}}, sort_keys=True)
+    return entry
+
+
+def start_settings(resolved: ResolvedTenant) -> dict[str, str]:
+    """The tenant's settings a publisher reads once at start and applies to every tenant
+    it serves: the members of a shared pool must agree on them."""
+    return {
+        "SOMABRAIN_DELIVERY_MODE": resolved.delivery_mode,
+        "SOMABRAIN_MAX_ATTEMPTS": str(resolved.max_attempts),
+        "SOMABRAIN_RETRY_BACKOFF_SECONDS": _number(resolved.retry_backoff_seconds),
+        "SOMABRAIN_RETRY_BACKOFF_MAX_SECONDS": _number(resolved.retry_backoff_max_seconds),
+        "SOMABRAIN_RETENTION_SECONDS": _number(resolved.retention_seconds),
+    }
+
+
+def _process_settings(settings: OperatorSettings) -> dict[str, str]:
+    return {
+        "SOMABRAIN_METRICS_PORT": str(settings.publisher_metrics_port),
+        "SOMABRAIN_TENANT_CONFIG_FILE": f"{TENANT_FILE_DIR}/{TENANT_FILE}",
+    }
 
 
 def publisher_environment(
@@ -110,13 +144,8 @@ def publisher_environment(
     """What the publisher reads once at start; a change restarts it."""
     return {
         "SOMABRAIN_TENANT": spec.tenant_id,
-        "SOMABRAIN_DELIVERY_MODE": resolved.delivery_mode,
-        "SOMABRAIN_MAX_ATTEMPTS": str(resolved.max_attempts),
-        "SOMABRAIN_RETRY_BACKOFF_SECONDS": _number(resolved.retry_backoff_seconds),
-        "SOMABRAIN_RETRY_BACKOFF_MAX_SECONDS": _number(resolved.retry_backoff_max_seconds),
-        "SOMABRAIN_RETENTION_SECONDS": _number(resolved.retention_seconds),
-        "SOMABRAIN_METRICS_PORT": str(settings.publisher_metrics_port),
-        "SOMABRAIN_TENANT_CONFIG_FILE": f"{TENANT_FILE_DIR}/{TENANT_FILE}",
+        **start_settings(resolved),
+        **_process_settings(settings),
     }
 
 
@@ -163,13 +192,38 @@ def deployment(
     config: dict[str, Any],
 ) -> dict[str, Any]:
     """The tenant's publisher; a second replica only waits as a standby."""
-    tenant_labels = labels(spec.tenant_id)
-    selector = {LABEL_TENANT: spec.tenant_id, LABEL_COMPONENT: "publisher"}
+    return _publisher_deployment(
+        _metadata(
+            publisher_name(spec.tenant_id),
+            namespace=namespace,
+            owner=owner,
+            tenant_id=spec.tenant_id,
+            component="publisher",
+        ),
+        selector={LABEL_TENANT: spec.tenant_id, LABEL_COMPONENT: "publisher"},
+        args=["--tenant", spec.tenant_id],
+        replicas=resolved.replicas,
+        resources=_resources(spec),
+        settings=settings,
+        config=config,
+    )
+
+
+def _publisher_deployment(
+    metadata: dict[str, Any],
+    *,
+    selector: dict[str, str],
+    args: list[str],
+    replicas: int,
+    resources: dict[str, Any],
+    settings: OperatorSettings,
+    config: dict[str, Any],
+) -> dict[str, Any]:
     secret = settings.connection_secret
     config_name = config["metadata"]["name"]
     env = [
         {"name": name, "valueFrom": {"configMapKeyRef": {"name": config_name, "key": name}}}
-        for name in sorted(publisher_environment(spec, resolved, settings))
+        for name in sorted(k for k in config["data"] if k != TENANT_FILE)
     ]
     env += [
         _secret_env("SOMABRAIN_DATABASE_URL", secret, "DATABASE_URL"),
@@ -188,7 +242,7 @@ def deployment(
         "name": "publisher",
         "image": settings.publisher_image,
         "command": ["somabrain", "publisher", "run"],
-        "args": ["--tenant", spec.tenant_id],
+        "args": args,
         "env": env,
         "ports": [
             {"name": PORT_NAME, "containerPort": settings.publisher_metrics_port, "protocol": "TCP"}
@@ -197,7 +251,7 @@ def deployment(
         # (a standby replica is alive and not ready).
         "livenessProbe": probe("/healthz", 10),
         "readinessProbe": probe("/readyz", 5),
-        "resources": _resources(spec),
+        "resources": resources,
         "volumeMounts": [{"name": "tenant-config", "mountPath": TENANT_FILE_DIR, "readOnly": True}],
         "securityContext": {
             "runAsNonRoot": True,
@@ -209,21 +263,15 @@ def deployment(
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(
-            publisher_name(spec.tenant_id),
-            namespace=namespace,
-            owner=owner,
-            tenant_id=spec.tenant_id,
-            component="publisher",
-        ),
+        "metadata": metadata,
         "spec": {
-            "replicas": resolved.replicas,
-            # Recreate: the old pod releases the tenant's lock before the new one starts.
+            "replicas": replicas,
+            # Recreate: the old pod releases the tenants' locks before the new one starts.
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {
-                    "labels": tenant_labels,
+                    "labels": dict(metadata["labels"]),
                     "annotations": {ANNOTATION_CONFIG_HASH: config_hash(config)},
                 },
                 "spec": {
@@ -249,19 +297,29 @@ def service(
     spec: TenantSpec, *, namespace: str, owner: dict[str, Any], settings: OperatorSettings
 ) -> dict[str, Any]:
     """The publisher's metrics and health endpoints, for Prometheus and people."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(
+    return _publisher_service(
+        _metadata(
             publisher_name(spec.tenant_id),
             namespace=namespace,
             owner=owner,
             tenant_id=spec.tenant_id,
             component="publisher",
         ),
+        selector={LABEL_TENANT: spec.tenant_id, LABEL_COMPONENT: "publisher"},
+        settings=settings,
+    )
+
+
+def _publisher_service(
+    metadata: dict[str, Any], *, selector: dict[str, str], settings: OperatorSettings
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
         "spec": {
             "type": "ClusterIP",
-            "selector": {LABEL_TENANT: spec.tenant_id, LABEL_COMPONENT: "publisher"},
+            "selector": selector,
             "ports": [
                 {
                     "name": PORT_NAME,
@@ -272,6 +330,100 @@ def service(
             ],
         },
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolMember:
+    """A Tenant served by a shared pool's publisher, with what is in effect for it."""
+
+    name: str
+    uid: str
+    tenant_id: str
+    resolved: ResolvedTenant
+
+
+def pool_owner_reference(member: PoolMember) -> dict[str, Any]:
+    """An owner reference to one member: the pool's objects have one per member and no
+    controller, so they go (garbage collection) with the last member."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Tenant",
+        "name": member.name,
+        "uid": member.uid,
+    }
+
+
+def _pool_metadata(pool: str, *, namespace: str, members: list[PoolMember]) -> dict[str, Any]:
+    return {
+        "name": pool_publisher_name(pool),
+        "namespace": namespace,
+        "labels": pool_labels(pool),
+        "ownerReferences": [pool_owner_reference(m) for m in members],
+    }
+
+
+def pool_labels(pool: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "somabrain-publisher",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_COMPONENT: "publisher",
+        LABEL_POOL: pool,
+    }
+
+
+def pool_config_map(
+    pool: str, *, namespace: str, members: list[PoolMember], settings: OperatorSettings
+) -> dict[str, Any]:
+    """The pool publisher's settings: its tenants and the start-time settings they share
+    (from the first member; the members given must agree on them), and one entry per
+    tenant in the re-read file. Adding or removing a tenant restarts the pool."""
+    if not members:
+        raise ValueError(f"pool {pool} has no members")
+    tenants = sorted(m.tenant_id for m in members)
+    entries = {m.tenant_id: _file_entry(m.resolved) for m in members}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _pool_metadata(pool, namespace=namespace, members=members),
+        "data": {
+            "SOMABRAIN_POOL": pool,
+            "SOMABRAIN_TENANTS": ",".join(tenants),
+            **start_settings(members[0].resolved),
+            **_process_settings(settings),
+            TENANT_FILE: yaml.safe_dump({"tenants": entries}, sort_keys=True),
+        },
+    }
+
+
+def pool_deployment(
+    pool: str,
+    *,
+    namespace: str,
+    members: list[PoolMember],
+    settings: OperatorSettings,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """The pool's publisher, serving its tenants in turns (one replica: a standby of a
+    pool waits for every tenant's lock and gains little)."""
+    return _publisher_deployment(
+        _pool_metadata(pool, namespace=namespace, members=members),
+        selector={LABEL_POOL: pool, LABEL_COMPONENT: "publisher"},
+        args=["--pool", pool],
+        replicas=1,
+        resources=copy.deepcopy(defaults.PUBLISHER_RESOURCES),
+        settings=settings,
+        config=config,
+    )
+
+
+def pool_service(
+    pool: str, *, namespace: str, members: list[PoolMember], settings: OperatorSettings
+) -> dict[str, Any]:
+    return _publisher_service(
+        _pool_metadata(pool, namespace=namespace, members=members),
+        selector={LABEL_POOL: pool, LABEL_COMPONENT: "publisher"},
+        settings=settings,
+    )
 
 
 def prometheus_rule(

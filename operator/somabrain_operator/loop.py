@@ -39,7 +39,7 @@ from somabrain_operator import rollout
 from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
 from somabrain_operator.metrics import STATUS_WRITES, observe
-from somabrain_operator.reconcile import reconcile_tenant
+from somabrain_operator.reconcile import PolicyLookup
 from somabrain_operator.resources import OutboxPolicySpec
 from somabrain_operator.state import KNOWN, each, reconcile_known, write_status
 
@@ -139,6 +139,7 @@ class Loop:
             make_engine(settings.database_url, pool_size=1) if settings.database_url else None
         )
         self.repair_cursor = 0
+        self.repair_credit = 0.0
         self.thread = threading.Thread(target=self.run, name="somabrain-status", daemon=True)
 
     def start(self) -> None:
@@ -257,19 +258,38 @@ class Loop:
     ) -> None:
         for tenant in each(tenants):
             with observe("Tenant", "rollout"):
-                outcome = reconcile_tenant(
-                    api, tenant, policy_of=lambda _ns, _name: policy, settings=self.settings
-                )
-                write_status(api, tenant, outcome.status)
+                reconcile_known(api, tenant, policy_of=_with(policy))
 
     def _repair_slice(
         self, api: client.ApiClient, bodies: list[Mapping[str, Any]], interval: float
     ) -> None:
         if not bodies:
+            self.repair_credit = 0.0
             return
-        share = max(1, math.ceil(len(bodies) * interval / REPAIR_SECONDS))
+        # N Tenants in REPAIR_SECONDS: N * interval / REPAIR_SECONDS per tick, which is
+        # a fraction for a few Tenants; what is left over carries to the next tick.
+        self.repair_credit = min(
+            self.repair_credit + len(bodies) * interval / REPAIR_SECONDS, float(len(bodies))
+        )
+        share = math.floor(self.repair_credit + 1e-9)  # float sums fall just short
+        if share == 0:
+            return
+        self.repair_credit -= share
         start = self.repair_cursor % len(bodies)
-        for body in (bodies + bodies)[start : start + min(share, len(bodies))]:
+        for body in (bodies + bodies)[start : start + share]:
             with observe("Tenant", "repair"):
                 reconcile_known(api, body)
         self.repair_cursor = start + share
+
+
+def _with(policy: Mapping[str, Any]) -> PolicyLookup:
+    """Policy lookup that returns `policy` as read just now (the index may not have its
+    new status yet) and any other policy from the index."""
+    meta = policy["metadata"]
+
+    def lookup(namespace: str, name: str) -> Mapping[str, Any] | None:
+        if (namespace, name) == (meta["namespace"], meta["name"]):
+            return policy
+        return KNOWN.policy(namespace, name)
+
+    return lookup

@@ -23,7 +23,7 @@ from typing import Any
 import pydantic
 from kubernetes import client
 
-from somabrain_operator import children, rollout
+from somabrain_operator import children, pools, rollout
 from somabrain_operator.apply import ChildConflict, apply, controller_uid, delete, read
 from somabrain_operator.conditions import (
     ALERTS,
@@ -61,6 +61,9 @@ class Outcome:
     status: dict[str, Any]
     retry_after: float | None = None
     error: str | None = None
+    # Other Tenants whose status this reconcile made stale (members of a shared pool
+    # whose verdict changed): reconcile them too.
+    others: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,12 @@ class _Alerts:
 
 
 PolicyLookup = Callable[[str, str], Mapping[str, Any] | None]
+# The Tenant bodies naming a shared pool, by namespace and pool.
+MemberLookup = Callable[[str, str], list[Mapping[str, Any]]]
+
+
+def _no_members(namespace: str, pool: str) -> list[Mapping[str, Any]]:
+    return []
 
 
 def reconcile_tenant(
@@ -79,12 +88,16 @@ def reconcile_tenant(
     *,
     policy_of: PolicyLookup,
     settings: OperatorSettings,
+    members_of: MemberLookup = _no_members,
 ) -> Outcome:
     """Converge the children of the Tenant `body`; `policy_of(namespace, name)` is the
-    OutboxPolicy body, or None when it does not exist."""
+    OutboxPolicy body, or None when it does not exist; `members_of(namespace, pool)`
+    the Tenants naming a shared pool."""
     meta = body["metadata"]
     with _lock(str(meta["uid"])):
-        outcome = _reconcile(api, body, policy_of=policy_of, settings=settings)
+        outcome = _reconcile(
+            api, body, policy_of=policy_of, settings=settings, members_of=members_of
+        )
     previous = (body.get("status") or {}).get("conditions") or []
     for changed in transitions(previous, outcome.status.get("conditions", [])):
         post_event(
@@ -103,6 +116,7 @@ def _reconcile(
     *,
     policy_of: PolicyLookup,
     settings: OperatorSettings,
+    members_of: MemberLookup,
 ) -> Outcome:
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], str(meta["uid"])
@@ -128,61 +142,59 @@ def _reconcile(
         )
         return Outcome(status(cond), retry_after=retry, error=message)
 
-    try:
-        spec = TenantSpec.from_body(body.get("spec") or {})
-    except pydantic.ValidationError as exc:
-        return not_ready("InvalidSpec", str(exc).replace("\n", "; "))
-
-    policy: OutboxPolicySpec | None = None
-    policy_body: Mapping[str, Any] | None = None
-    if spec.policy_ref is not None:
-        policy_body = policy_of(namespace, spec.policy_ref.name)
-        if policy_body is None:
-            # Children keep what the policy last gave them: defaults applied over a
-            # policy that is only late (GitOps ordering) would restart publishers twice.
-            return not_ready(
-                "PolicyNotFound",
-                f"OutboxPolicy {namespace}/{spec.policy_ref.name} does not exist; create it "
-                "or change spec.policyRef (children are left as they are until then)",
-            )
-        try:
-            policy = OutboxPolicySpec.from_body(policy_body.get("spec") or {})
-        except pydantic.ValidationError as exc:
-            return not_ready(
-                "InvalidPolicy",
-                f"OutboxPolicy {namespace}/{spec.policy_ref.name} is invalid: "
-                + str(exc).replace("\n", "; "),
-            )
-
-    rollout_flags: dict[str, bool] = {}
-    if policy is not None and policy_body is not None:
-        states = rollout.states_of(policy_body.get("status"))
-        rollout_flags = rollout.flags_for(policy.rollouts or [], states, spec.tenant_id)
-    resolved = resolve(spec, policy, rollout_flags=rollout_flags)
+    found = _resolve(body, policy_of)
+    if isinstance(found, _Unresolved):
+        return not_ready(found.reason, found.message)
+    spec, resolved = found.spec, found.resolved
     fields: dict[str, Any] = {
         "publisherMode": resolved.publisher_mode,
         "resolved": resolved.to_body(),
     }
-    if resolved.publisher_mode != "dedicated":
-        message = (
-            f"publisher mode {resolved.publisher_mode} is not reconciled by this operator "
-            "version; set spec.publisher.mode to dedicated, or run the pool's publisher yourself"
-        )
-        cond = condition(
-            READY,
-            ok=False,
-            reason="PublisherModeUnsupported",
-            message=message,
-            generation=generation,
-            previous=previous,
-        )
-        return Outcome(status(cond, **fields), error=message)
-
+    owner = children.owner_reference(name=name, uid=uid)
+    others: set[str] = set()
     try:
-        applied, alerts = _apply_children(
-            api, spec, resolved, namespace=namespace, name=name, uid=uid, settings=settings
+        # Leaving a pool (another pool, or dedicated now): the old one goes on without it.
+        old_pool = (old.get("resolved") or {}).get("pool")
+        if old_pool and old_pool != resolved.pool:
+            _, stale = _converge_pool(
+                api, namespace, old_pool, body, members_of, policy_of, settings, including=False
+            )
+            others |= stale
+        if resolved.publisher_mode == "shared":
+            assert resolved.pool is not None  # the schema requires a pool in shared mode
+            _remove_dedicated(api, spec, namespace=namespace, uid=uid)
+            chosen, stale = _converge_pool(
+                api, namespace, resolved.pool, body, members_of, policy_of, settings
+            )
+            others |= stale
+            verdict = chosen.verdicts[uid]
+            applied = (
+                {
+                    kind: children.pool_publisher_name(resolved.pool)
+                    for kind in ("deployment", "configMap", "service")
+                }
+                if verdict.served
+                else {}
+            )
+        else:
+            applied = _apply_dedicated(
+                api, spec, resolved, namespace=namespace, uid=uid, owner=owner, settings=settings
+            )
+            verdict = pools.Verdict(
+                "ChildrenApplied",
+                f"publisher Deployment {applied['deployment']} and its settings are applied",
+            )
+        extra, alerts = _apply_tenant_children(
+            api, spec, resolved, namespace=namespace, uid=uid, owner=owner, settings=settings
         )
     except ChildConflict as exc:
+        if resolved.publisher_mode == "shared":
+            return not_ready(
+                "PoolNameConflict",
+                f"pool {resolved.pool}'s publisher cannot be applied: {exc}; choose another "
+                "pool name or remove that object",
+                retry=60,
+            )
         return not_ready(
             "TenantIdConflict",
             f"tenant id {spec.tenant_id} is already served by another Tenant in {namespace} "
@@ -195,6 +207,7 @@ def _reconcile(
             f"applying the children failed ({exc.status} {exc.reason}); will retry in 10 s",
             retry=10,
         )
+    applied.update(extra)
 
     alerts_cond = condition(
         ALERTS,
@@ -206,33 +219,170 @@ def _reconcile(
     )
     ready = condition(
         READY,
-        ok=True,
-        reason="ChildrenApplied",
-        message=f"publisher Deployment {applied['deployment']} and its settings are applied",
+        ok=verdict.reason in (pools.SERVED, "ChildrenApplied"),
+        reason=verdict.reason,
+        message=verdict.message,
         generation=generation,
         previous=previous,
     )
     log.info(
-        "tenant %s: children applied (%s), generation %d",
+        "Tenant %s/%s (tenant %s): %s (%s), generation %d",
+        namespace,
+        name,
         spec.tenant_id,
+        verdict.reason,
         ", ".join(f"{k} {v}" for k, v in sorted(applied.items())),
         generation,
     )
-    return Outcome(status(ready, alerts_cond, children=applied, **fields))
+    others.discard(uid)
+    return Outcome(
+        status(ready, alerts_cond, children=applied, **fields), others=tuple(sorted(others))
+    )
 
 
-def _apply_children(
+@dataclasses.dataclass(frozen=True)
+class _Resolved:
+    spec: TenantSpec
+    resolved: ResolvedTenant
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unresolved:
+    reason: str
+    message: str
+
+
+def _resolve(body: Mapping[str, Any], policy_of: PolicyLookup) -> _Resolved | _Unresolved:
+    """What is in effect for the Tenant `body`, or why that cannot be known."""
+    namespace = body["metadata"]["namespace"]
+    try:
+        spec = TenantSpec.from_body(body.get("spec") or {})
+    except pydantic.ValidationError as exc:
+        return _Unresolved("InvalidSpec", str(exc).replace("\n", "; "))
+
+    policy: OutboxPolicySpec | None = None
+    policy_body: Mapping[str, Any] | None = None
+    if spec.policy_ref is not None:
+        policy_body = policy_of(namespace, spec.policy_ref.name)
+        if policy_body is None:
+            # Children keep what the policy last gave them: defaults applied over a
+            # policy that is only late (GitOps ordering) would restart publishers twice.
+            return _Unresolved(
+                "PolicyNotFound",
+                f"OutboxPolicy {namespace}/{spec.policy_ref.name} does not exist; create it "
+                "or change spec.policyRef (children are left as they are until then)",
+            )
+        try:
+            policy = OutboxPolicySpec.from_body(policy_body.get("spec") or {})
+        except pydantic.ValidationError as exc:
+            return _Unresolved(
+                "InvalidPolicy",
+                f"OutboxPolicy {namespace}/{spec.policy_ref.name} is invalid: "
+                + str(exc).replace("\n", "; "),
+            )
+
+    rollout_flags: dict[str, bool] = {}
+    if policy is not None and policy_body is not None:
+        states = rollout.states_of(policy_body.get("status"))
+        rollout_flags = rollout.flags_for(policy.rollouts or [], states, spec.tenant_id)
+    return _Resolved(spec, resolve(spec, policy, rollout_flags=rollout_flags))
+
+
+def _candidate(body: Mapping[str, Any], policy_of: PolicyLookup) -> pools.Candidate | None:
+    """A pool member as the pool sees it: resolved now, or as its last reconcile left it
+    when it cannot be resolved now (a policy missing for a moment must not restart the
+    pool without it); None when it was never resolved."""
+    meta = body["metadata"]
+    found = _resolve(body, policy_of)
+    if isinstance(found, _Resolved):
+        tenant_id, resolved = str(found.spec.tenant_id), found.resolved
+    else:
+        last = (body.get("status") or {}).get("resolved")
+        tenant_id = str((body.get("spec") or {}).get("tenantId") or "")
+        if not last or not tenant_id:
+            return None
+        try:
+            resolved = ResolvedTenant.from_body(last)
+        except pydantic.ValidationError:
+            return None
+    member = children.PoolMember(
+        name=str(meta["name"]), uid=str(meta["uid"]), tenant_id=tenant_id, resolved=resolved
+    )
+    return pools.Candidate(
+        member=member,
+        created=str(meta.get("creationTimestamp") or ""),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def _converge_pool(
+    api: client.ApiClient,
+    namespace: str,
+    pool: str,
+    body: Mapping[str, Any],
+    members_of: MemberLookup,
+    policy_of: PolicyLookup,
+    settings: OperatorSettings,
+    *,
+    including: bool = True,
+) -> tuple[pools.Plan, set[str]]:
+    """Converge pool `pool` from its members, `body` (the freshest copy of the Tenant
+    being reconciled) in or out of it; return the other members whose Ready reason no
+    longer matches what the pool does for them."""
+    uid = str(body["metadata"]["uid"])
+    bodies = [b for b in members_of(namespace, pool) if str(b["metadata"]["uid"]) != uid]
+    if including:
+        bodies.append(body)
+    candidates = [c for b in bodies if (c := _candidate(b, policy_of)) is not None]
+    chosen = pools.plan(pool, candidates)
+    live = read(api, "Deployment", name=children.pool_publisher_name(pool), namespace=namespace)
+    if live is not None and not _has_pool_labels(live, pool):
+        raise ChildConflict("Deployment", children.pool_publisher_name(pool), controller_uid(live))
+    pools.converge(api, namespace, chosen, settings=settings)
+    stale: set[str] = set()
+    for other in bodies:
+        other_uid = str(other["metadata"]["uid"])
+        verdict = chosen.verdicts.get(other_uid)
+        if other_uid == uid or verdict is None:
+            continue
+        ready = next(
+            (
+                c
+                for c in (other.get("status") or {}).get("conditions") or []
+                if c.get("type") == READY
+            ),
+            None,
+        )
+        if ready is None or ready.get("reason") != verdict.reason:
+            stale.add(other_uid)
+    return chosen, stale
+
+
+def _has_pool_labels(live: Any, pool: str) -> bool:
+    labels = (live.metadata.labels if live.metadata else None) or {}
+    return all(labels.get(k) == v for k, v in children.pool_labels(pool).items())
+
+
+def _remove_dedicated(api: client.ApiClient, spec: TenantSpec, *, namespace: str, uid: str) -> None:
+    """The dedicated children of a Tenant that moved to a pool."""
+    for kind in ("Deployment", "ConfigMap", "Service"):
+        delete(
+            api, kind, name=children.publisher_name(spec.tenant_id), namespace=namespace,
+            controller=uid,
+        )  # fmt: skip
+
+
+def _apply_dedicated(
     api: client.ApiClient,
     spec: TenantSpec,
     resolved: ResolvedTenant,
     *,
     namespace: str,
-    name: str,
     uid: str,
+    owner: dict[str, Any],
     settings: OperatorSettings,
-) -> tuple[dict[str, str], _Alerts]:
-    """Apply every child; return their names and what AlertsConfigured says."""
-    owner = children.owner_reference(name=name, uid=uid)
+) -> dict[str, str]:
+    """The dedicated publisher's Deployment, ConfigMap and Service; their names."""
     config = children.config_map(
         spec, resolved, namespace=namespace, owner=owner, settings=settings
     )
@@ -248,12 +398,26 @@ def _apply_children(
         raise ChildConflict("Deployment", deployment["metadata"]["name"], holder)
     for child in (deployment, config, service):
         apply(api, child, controller=uid)
-    applied = {
+    return {
         "deployment": deployment["metadata"]["name"],
         "configMap": config["metadata"]["name"],
         "service": service["metadata"]["name"],
     }
 
+
+def _apply_tenant_children(
+    api: client.ApiClient,
+    spec: TenantSpec,
+    resolved: ResolvedTenant,
+    *,
+    namespace: str,
+    uid: str,
+    owner: dict[str, Any],
+    settings: OperatorSettings,
+) -> tuple[dict[str, str], _Alerts]:
+    """The children every Tenant has of its own, whatever its mode (ResourceQuota,
+    PrometheusRule); their names and what AlertsConfigured says."""
+    applied: dict[str, str] = {}
     quota = children.resource_quota(spec, namespace=namespace, owner=owner)
     quota_name = f"somabrain-tenant-{spec.tenant_id}"
     if quota is not None:

@@ -18,7 +18,7 @@ import kopf
 from kubernetes import client
 
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION, OperatorSettings
-from somabrain_operator.reconcile import Outcome, reconcile_tenant
+from somabrain_operator.reconcile import Outcome, PolicyLookup, reconcile_tenant
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class Known:
     def __init__(self) -> None:
         self.tenants: kopf.Index[str, Any] | None = None
         self.by_policy: kopf.Index[tuple[str, str], Any] | None = None
+        self.by_pool: kopf.Index[tuple[str, str], Any] | None = None
         self.policies: kopf.Index[tuple[str, str], Any] | None = None
         self.settings = OperatorSettings()
         self.stop = threading.Event()
@@ -48,6 +49,13 @@ class Known:
         if self.by_policy is None or (namespace, name) not in self.by_policy:
             return []
         uids = list(self.by_policy[(namespace, name)])
+        return [body for uid in uids if (body := self.tenant(uid)) is not None]
+
+    def pool_members(self, namespace: str, pool: str) -> list[Mapping[str, Any]]:
+        """The Tenants naming shared pool `pool` of `namespace`."""
+        if self.by_pool is None or (namespace, pool) not in self.by_pool:
+            return []
+        uids = list(self.by_pool[(namespace, pool)])
         return [body for uid in uids if (body := self.tenant(uid)) is not None]
 
     def policy(self, namespace: str, name: str) -> Mapping[str, Any] | None:
@@ -85,12 +93,39 @@ def write_status(api: client.ApiClient, body: Mapping[str, Any], status: dict[st
     return True
 
 
-def reconcile_known(api: client.ApiClient, body: Mapping[str, Any]) -> Outcome:
+def reconcile_known(
+    api: client.ApiClient,
+    body: Mapping[str, Any],
+    *,
+    policy_of: PolicyLookup | None = None,
+) -> Outcome:
     """Reconcile a Tenant outside its own handlers (policy change, child edit, repair)
-    and write its status."""
-    outcome = reconcile_tenant(api, body, policy_of=KNOWN.policy, settings=KNOWN.settings)
+    and write its status; then `follow_others`."""
+    outcome = reconcile_tenant(
+        api,
+        body,
+        policy_of=policy_of or KNOWN.policy,
+        settings=KNOWN.settings,
+        members_of=KNOWN.pool_members,
+    )
     write_status(api, body, outcome.status)
+    follow_others(api, outcome)
     return outcome
+
+
+def follow_others(api: client.ApiClient, outcome: Outcome) -> None:
+    """Reconcile the Tenants a reconcile made stale (members of a shared pool whose
+    verdict changed) and write their statuses; one level only, since each of those
+    reconciles converges the same pool."""
+    for uid in outcome.others:
+        other = KNOWN.tenant(uid)
+        if other is None or other["metadata"].get("deletionTimestamp"):
+            continue
+        followed = reconcile_tenant(
+            api, other, policy_of=KNOWN.policy, settings=KNOWN.settings,
+            members_of=KNOWN.pool_members,
+        )  # fmt: skip
+        write_status(api, other, followed.status)
 
 
 def each(bodies: list[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import kopf
@@ -28,14 +28,14 @@ from sqlalchemy.orm import Session
 from somabrain.config.types import TenantId
 from somabrain.store.engine import make_engine
 from somabrain.store.outbox import advisory_lock_key, backlog, delete_tenant_events
-from somabrain_operator import children
+from somabrain_operator import children, pools
 from somabrain_operator.apply import delete
 from somabrain_operator.conditions import READY, condition, merge, post_event
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION
 from somabrain_operator.metrics import observe
 from somabrain_operator.reconcile import forget, reconcile_tenant
 from somabrain_operator.resources import TenantSpec
-from somabrain_operator.state import KNOWN, snapshot
+from somabrain_operator.state import KNOWN, follow_others, reconcile_known, snapshot
 
 DELETE_CHUNK = 5_000
 DELETE_BUDGET_SECONDS = 10.0
@@ -54,6 +54,15 @@ def tenants_by_policy(
     return {(str(namespace), str(ref)): uid} if ref else {}
 
 
+@kopf.index(GROUP, VERSION, TENANT_PLURAL)
+def tenants_by_pool(
+    uid: str, namespace: str | None, spec: kopf.Spec, **_: Any
+) -> dict[tuple[str, str], str]:
+    publisher = spec.get("publisher") or {}
+    pool = publisher.get("pool") if publisher.get("mode") == "shared" else None
+    return {(str(namespace), str(pool)): uid} if pool else {}
+
+
 @kopf.on.resume(GROUP, VERSION, TENANT_PLURAL)
 @kopf.on.create(GROUP, VERSION, TENANT_PLURAL)
 @kopf.on.update(GROUP, VERSION, TENANT_PLURAL, field="spec")
@@ -61,7 +70,14 @@ def reconcile(
     body: kopf.Body, patch: kopf.Patch, name: str, namespace: str | None, **_: Any
 ) -> None:
     with client.ApiClient() as api, observe("Tenant", "change"):
-        outcome = reconcile_tenant(api, body, policy_of=KNOWN.policy, settings=KNOWN.settings)
+        outcome = reconcile_tenant(
+            api,
+            body,
+            policy_of=KNOWN.policy,
+            settings=KNOWN.settings,
+            members_of=KNOWN.pool_members,
+        )
+        follow_others(api, outcome)
     patch.status.update(outcome.status)
     if outcome.error is None:
         return
@@ -70,6 +86,39 @@ def reconcile(
     raise kopf.TemporaryError(
         f"Tenant {namespace}/{name}: {outcome.error}", delay=outcome.retry_after
     )
+
+
+def _pool_of(body: Mapping[str, Any]) -> str | None:
+    """The pool a Tenant was last reconciled into, if any."""
+    pool = ((body.get("status") or {}).get("resolved") or {}).get("pool")
+    return str(pool) if pool else None
+
+
+def _left_a_pool(type: str, body: kopf.Body, **_: Any) -> bool:
+    return type == "DELETED" and _pool_of(body) is not None
+
+
+@kopf.on.event(GROUP, VERSION, TENANT_PLURAL, when=_left_a_pool)
+def left(body: kopf.Body, **_: Any) -> None:
+    """A member of a shared pool is gone (such a Tenant may carry no finalizer, so this
+    event is all the operator sees of it): its pool goes on without it."""
+    pool = _pool_of(body)
+    if pool is not None:
+        _leave_pool(body, pool)
+
+
+def _leave_pool(body: Mapping[str, Any], pool: str) -> None:
+    """Converge `pool` without the Tenant `body`: through another member's reconcile
+    (which also writes the statuses that change), or, when none is left, by deleting
+    the pool's publisher."""
+    namespace = str(body["metadata"]["namespace"])
+    uid = str(body["metadata"]["uid"])
+    rest = [m for m in KNOWN.pool_members(namespace, pool) if str(m["metadata"]["uid"]) != uid]
+    with client.ApiClient() as api, observe("Tenant", "pool"):
+        if rest:
+            reconcile_known(api, rest[0])
+        else:
+            pools.converge(api, namespace, pools.plan(pool, []), settings=KNOWN.settings)
 
 
 def _cleans_up(spec: kopf.Spec, **_: Any) -> bool:
@@ -151,7 +200,8 @@ def _delete_events(
     retry: int,
 ) -> None:
     # The publisher must be gone first: the operator then takes the tenant's lock, so
-    # none can start while the rows go.
+    # none can start while the rows go. A pool's publisher serves a Tenant being
+    # deleted only while it drains: reconciling the pool restarts it without this one.
     delete(
         api,
         "Deployment",
@@ -159,6 +209,9 @@ def _delete_events(
         namespace=str(meta["namespace"]),
         controller=str(meta["uid"]),
     )
+    pool = _pool_of(body)
+    if pool is not None:
+        _leave_pool(body, pool)
     deleted = 0
     with _tenant_lock(engine, tenant) as locked:
         if not locked:

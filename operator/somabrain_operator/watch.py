@@ -1,8 +1,9 @@
 """Repairs triggered by the world changing under the operator.
 
-- A child edited or deleted by someone else: its owning Tenant is reconciled, which
-  restores it. Changes the operator made itself are recognised by the resourceVersion
-  its apply returned, so they trigger nothing.
+- A child edited or deleted by someone else: its owning Tenant (for a pool's child,
+  one of the members) is reconciled, which restores it. Changes the operator made
+  itself are recognised by the resourceVersion its apply returned, so they trigger
+  nothing.
 - The PrometheusRule CRD appearing (case K-11): every Tenant still waiting for it is
   reconciled and gets its rules.
 
@@ -17,7 +18,7 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from somabrain_operator.apply import controller_uid, is_own_write
+from somabrain_operator.apply import is_own_write
 from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY
 from somabrain_operator.conditions import ALERTS
 from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
@@ -34,9 +35,18 @@ def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
         return
     if change == "MODIFIED" and is_own_write(body):
         return
-    owner = controller_uid(dict(body))
-    tenant = KNOWN.tenant(owner) if owner else None
-    if tenant is None or tenant["metadata"].get("deletionTimestamp"):
+    # A Tenant's own child has it as controller; a pool's has every member as owner,
+    # and any of them restores it.
+    tenant = next(
+        (
+            t
+            for ref in body["metadata"].get("ownerReferences") or []
+            if (t := KNOWN.tenant(str(ref.get("uid")))) is not None
+            and not t["metadata"].get("deletionTimestamp")
+        ),
+        None,
+    )
+    if tenant is None:
         return
     meta = body["metadata"]
     log.warning(

@@ -123,27 +123,3 @@ def test_second_tenant_with_the_same_tenant_id_is_refused_with_a_condition(job: 
         "somabrain-publisher-piper", NAMESPACE
     )
     assert _batch_size(config, "piper") == 100
-
-
-def test_shared_tenant_gets_a_condition_and_no_deployment(job: MainJob) -> None:
-    custom = client.CustomObjectsApi(job.api)
-    shared = _tenant(100)
-    shared["metadata"]["name"] = "pooled"
-    shared["spec"] = {"tenantId": "pooled", "publisher": {"mode": "shared", "pool": "small"}}
-
-    job.apply_tenants([shared])
-
-    def refused() -> Any:
-        obj = custom.get_namespaced_custom_object(
-            "somabrain.io", "v1alpha1", NAMESPACE, "tenants", "pooled"
-        )
-        conditions = (obj.get("status") or {}).get("conditions", [])  # type: ignore[union-attr]
-        return next((c for c in conditions if c.get("reason") == "PublisherModeUnsupported"), None)
-
-    ready = wait_for(refused, timeout=60)
-    assert ready is not None, "no PublisherModeUnsupported condition within 60 s"
-    assert ready["status"] == "False"
-    deployments = client.AppsV1Api(job.api).list_namespaced_deployment(
-        NAMESPACE, label_selector="somabrain.io/tenant=pooled"
-    )
-    assert deployments.items == []

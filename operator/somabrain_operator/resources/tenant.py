@@ -291,7 +291,8 @@ class TenantChildren(ResourceModel):
     """Names of the objects the operator made for the Tenant, in its namespace."""
 
     deployment: ObjectName | None = Field(
-        default=None, description="The dedicated publisher's Deployment."
+        default=None,
+        description="The publisher's Deployment: the tenant's own, or its shared pool's.",
     )
     config_map: ObjectName | None = Field(
         default=None, description="The ConfigMap with the publisher's settings."
