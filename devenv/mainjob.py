@@ -279,11 +279,14 @@ class MainJob:
             }
         )
 
-    def stop(self) -> None:
-        self.runner.stop_all()
+    def stop_operator(self) -> None:
         if self.operator_pid is not None:
             common.stop_pid(self.operator_pid)
             self.operator_pid = None
+
+    def stop(self) -> None:
+        self.runner.stop_all()
+        self.stop_operator()
         self.engine.dispose()
         self.api.close()
 

@@ -27,6 +27,7 @@ from kubernetes import config as kube_config
 from devenv import stack
 from devenv.mainjob import MainJob
 from tests.chart_support import CHART, Helm, write_service_account_kubeconfig
+from tests.e2e.helpers import clean_up
 
 # One release name for every test: after an uninstall the kept CRDs still name the release
 # that installed them, and only a release of that name adopts them again without
@@ -43,6 +44,8 @@ def job(stack_env: dict[str, str], tmp_path: Path) -> Iterator[MainJob]:
     job.prepare([])
     job.start_operator(env={"SOMABRAIN_OPERATOR_PUBLISHER_REPORT_MAX_AGE_SECONDS": "8"})
     yield job
+    job.stop_operator()
+    clean_up(job)
     job.stop()
 
 

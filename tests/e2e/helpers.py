@@ -78,3 +78,25 @@ def batch_size(job: MainJob, tenant_id: str) -> int | None:
         return None
     entry = yaml.safe_load(config.data[TENANT_FILE])["tenants"].get(tenant_id)
     return None if entry is None else int(entry["batch_size"])
+
+
+def clean_up(job: MainJob) -> None:
+    """Delete the Tenants and OutboxPolicies of the job's namespace, finalizers and all,
+    once its operator is stopped: a later test's operator must not inherit them."""
+    custom = client.CustomObjectsApi(job.api)
+    for plural in ("tenants", "outboxpolicies"):
+        listed: dict[str, Any] = custom.list_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, job.namespace, plural
+        )
+        for obj in listed["items"]:
+            name = obj["metadata"]["name"]
+            try:
+                if obj["metadata"].get("finalizers"):
+                    custom.patch_namespaced_custom_object(
+                        GROUP, VERSION, job.namespace, plural, name,
+                        {"metadata": {"finalizers": None}},
+                    )  # fmt: skip
+                custom.delete_namespaced_custom_object(GROUP, VERSION, job.namespace, plural, name)
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from devenv.mainjob import MainJob, database_rows, load_tenants, verify
+from tests.e2e.helpers import clean_up
 
 pytestmark = pytest.mark.e2e
 EVENTS = 10_000
@@ -23,6 +24,8 @@ EVENTS = 10_000
 def job(stack_env: dict[str, str], tmp_path: Path) -> Iterator[MainJob]:
     job = MainJob(stack_env, work_dir=tmp_path, namespace="e2e-main-job")
     yield job
+    job.stop_operator()
+    clean_up(job)
     job.stop()
 
 

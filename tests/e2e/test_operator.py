@@ -13,6 +13,7 @@ from somabrain_operator.children import ANNOTATION_CONFIG_HASH, TENANT_FILE
 from somabrain_operator.resources import TenantStatus
 
 from devenv.mainjob import MainJob
+from tests.e2e.helpers import clean_up
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -25,6 +26,8 @@ def job(stack_env: dict[str, str], tmp_path: Path) -> Iterator[MainJob]:
     job.prepare([])
     job.start_operator()
     yield job
+    job.stop_operator()
+    clean_up(job)
     job.stop()
 
 
