@@ -136,9 +136,7 @@ class PodRunner:
             if value.isdigit() and int(value) in ports:
                 env[name] = str(ports[int(value)])
         log_path = self.log_dir / f"{namespace}.{deployment.metadata.name}.log"
-        pid = common.spawn(
-            argv, log_path=log_path, env=base_environment() | env, inherit_env=False
-        )
+        pid = common.spawn(argv, log_path=log_path, env=base_environment() | env, inherit_env=False)
         return LocalPod(
             namespace, deployment.metadata.name, template_hash, pid, log_path, ports, mounts
         )
