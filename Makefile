@@ -45,8 +45,9 @@ down: install  ## stop the development stack and delete its data
 status: install  ## show what the development stack runs
 	$(BIN)/python -m devenv status
 
-crds: install  ## regenerate crds/ and the chart's copy from the resource models
-	$(BIN)/python -m somabrain_operator.crds crds charts/somabrain-operator/files/crds
+crds: install  ## regenerate crds/, the chart's copy, and the chart's Kopf peering CRD
+	$(BIN)/python -m somabrain_operator.crds crds charts/somabrain-operator/files/crds \
+	  --peering-dir charts/somabrain-operator/files/peering-crds
 
 clean:  ## remove the virtualenv and local stacks (the cache stays)
 	-$(BIN)/python -m devenv down --state-dir $(TEST_STACK) 2>/dev/null

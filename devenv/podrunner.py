@@ -45,7 +45,9 @@ class LocalPod:
     mounts: dict[str, Path] = dataclasses.field(default_factory=dict)  # mountPath -> folder
 
 
-def _resolve_env(api: client.CoreV1Api, namespace: str, container: Any) -> dict[str, str]:
+def resolve_env(api: client.CoreV1Api, namespace: str, container: Any) -> dict[str, str]:
+    """A container's environment as the kubelet gives it: literal values, and the
+    Secret and ConfigMap values it references, read with `api`'s credentials."""
     env: dict[str, str] = {}
     for source in container.env_from or []:
         if source.config_map_ref is not None:
@@ -69,8 +71,9 @@ def _resolve_env(api: client.CoreV1Api, namespace: str, container: Any) -> dict[
     return env
 
 
-def _base_environment() -> dict[str, str]:
-    # Only what any container image would have; nothing from the caller's SOMABRAIN_*.
+def base_environment() -> dict[str, str]:
+    """Only what any container image would have; nothing from the caller's SOMABRAIN_*
+    (the checkout's virtualenv on PATH stands in for the image's commands)."""
     bin_dir = str(Path(sys.executable).parent)
     return {
         "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
@@ -121,7 +124,7 @@ class PodRunner:
             raise common.StartFailed(
                 f"Deployment {namespace}/{deployment.metadata.name} declares no command"
             )
-        env = _resolve_env(self.core, namespace, container)
+        env = resolve_env(self.core, namespace, container)
         pod_dir = self.log_dir / f"{namespace}.{deployment.metadata.name}"
         mounts = {m.mount_path: pod_dir / "volumes" / m.name for m in container.volume_mounts or []}
         self._write_volumes(namespace, deployment, mounts)
@@ -133,9 +136,7 @@ class PodRunner:
             if value.isdigit() and int(value) in ports:
                 env[name] = str(ports[int(value)])
         log_path = self.log_dir / f"{namespace}.{deployment.metadata.name}.log"
-        pid = common.spawn(
-            argv, log_path=log_path, env=_base_environment() | env, inherit_env=False
-        )
+        pid = common.spawn(argv, log_path=log_path, env=base_environment() | env, inherit_env=False)
         return LocalPod(
             namespace, deployment.metadata.name, template_hash, pid, log_path, ports, mounts
         )

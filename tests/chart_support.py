@@ -122,8 +122,8 @@ OPERATOR_RULES: list[dict[str, list[str]]] = [
 PEERING_RULES: list[dict[str, list[str]]] = [
     {
         "apiGroups": ["kopf.dev"],
-        "resources": ["clusterkopfpeerings", "kopfpeerings"],
-        "verbs": ["get", "list", "watch", "patch"],
+        "resources": ["clusterkopfpeerings"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
     },
 ]
 CLUSTER_SCOPED = {"namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
@@ -176,6 +176,9 @@ DENIED = [
     Permission("rbac.authorization.k8s.io", "clusterroles", "create"),
     Permission("rbac.authorization.k8s.io", "rolebindings", "create"),
     Permission("monitoring.coreos.com", "servicemonitors", "create"),
+    # A cluster-wide operator peers through ClusterKopfPeerings only, and never deletes one.
+    Permission("kopf.dev", "kopfpeerings", "patch"),
+    Permission("kopf.dev", "clusterkopfpeerings", "delete"),
 ]
 
 

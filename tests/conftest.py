@@ -33,6 +33,12 @@ def stack_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def postgres_env(stack_dir: Path) -> dict[str, str]:
+    """Postgres only: for tests that need a database and no broker (the operator's)."""
+    return stack.environment(stack.up(stack_dir, only=("postgres",)))
+
+
+@pytest.fixture(scope="session")
 def data_env(stack_dir: Path) -> dict[str, str]:
     """Postgres and Kafka only: what integration tests need."""
     return stack.environment(stack.up(stack_dir, only=("postgres", "kafka")))
@@ -59,9 +65,9 @@ def helm_binary(stack_dir: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def make_database(data_env: dict[str, str]) -> Callable[[], str]:
+def make_database(postgres_env: dict[str, str]) -> Callable[[], str]:
     """Create an empty database on the stack's server and return its URL."""
-    admin_url = make_url(data_env["DATABASE_URL"]).set(database="postgres")
+    admin_url = make_url(postgres_env["DATABASE_URL"]).set(database="postgres")
 
     def create() -> str:
         name = f"t_{uuid.uuid4().hex[:12]}"
@@ -73,7 +79,7 @@ def make_database(data_env: dict[str, str]) -> Callable[[], str]:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         engine.dispose()
         return (
-            make_url(data_env["DATABASE_URL"])
+            make_url(postgres_env["DATABASE_URL"])
             .set(database=name)
             .render_as_string(hide_password=False)
         )

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from typing import Any
 
 import kopf
@@ -15,7 +16,7 @@ from kubernetes import config as kube_config
 from prometheus_client import start_http_server
 
 # Importing the handler modules registers them with Kopf.
-from somabrain_operator import policies, tenant, watch  # noqa: F401
+from somabrain_operator import peering, policies, tenant, watch  # noqa: F401
 from somabrain_operator.config import GROUP, POLICY_PLURAL, TENANT_PLURAL, OperatorSettings
 from somabrain_operator.loop import Loop
 from somabrain_operator.metrics import REGISTRY
@@ -52,6 +53,19 @@ def check_own_crds(api: client.ApiClient) -> None:
         )
 
 
+def _join(api: client.ApiClient, me: peering.Peering, *, lifetime: int) -> None:
+    """Join the peers before Kopf looks at them (see somabrain_operator.peering)."""
+    if peering.ensure_object(api, me.name):
+        log.info("created the ClusterKopfPeering %s", me.name)
+    peering.join(api, me, lifetime=lifetime)
+    log.info(
+        "joined the peers of %s; waiting %g s for peers starting alongside",
+        me.name,
+        peering.JOIN_SECONDS,
+    )
+    time.sleep(peering.JOIN_SECONDS)
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
     settings.watching.server_timeout = WATCH_SERVER_TIMEOUT
@@ -66,14 +80,16 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
     with client.ApiClient() as api:
         try:
             check_own_crds(api)
-        except MissingCRDs as exc:
+            if KNOWN.peering is not None:
+                _join(api, KNOWN.peering, lifetime=settings.peering.lifetime)
+        except (MissingCRDs, peering.MissingPeeringCRD) as exc:
             raise kopf.PermanentError(str(exc)) from exc
     # Kopf passes every index to every handler, by the indexing function's name.
     KNOWN.tenants = indices["tenant_bodies"]
     KNOWN.by_policy = indices["tenants_by_policy"]
     KNOWN.by_pool = indices["tenants_by_pool"]
     KNOWN.policies = indices["policy_bodies"]
-    Loop(KNOWN.settings).start()
+    Loop(KNOWN.settings, KNOWN.peering).start()
     log.info(
         "operator started: backlog from %s every %g s",
         "the outbox database" if KNOWN.settings.database_url else "nowhere (no database access)",
@@ -110,13 +126,20 @@ def main(argv: list[str] | None = None) -> None:
         "--peering",
         metavar="NAME",
         default=None,
-        help="run with Kopf peering under NAME (a ClusterKopfPeering object), so that only "
-        "the replica of highest --priority acts and the others stand by",
+        help="run with Kopf peering under NAME (a ClusterKopfPeering object, created if "
+        "missing; its CRD must be installed), so that only the process of highest "
+        "--priority acts and the others stand by, taking over when it stops",
     )
     parser.add_argument(
-        "--priority", type=int, default=0, help="this replica's priority in peering"
+        "--priority",
+        type=int,
+        default=None,
+        help="this process's priority in peering (default: a random one, so that replicas "
+        "started alike differ; peers of equal priority all pause)",
     )
     args = parser.parse_args(argv)
+    if args.priority is not None and args.peering is None:
+        parser.error("--priority needs --peering")
     try:
         KNOWN.settings = OperatorSettings()
     except pydantic.ValidationError as exc:
@@ -126,12 +149,27 @@ def main(argv: list[str] | None = None) -> None:
         start_http_server(args.metrics_port, registry=REGISTRY)
     # Kopf's formatter prefixes each line about an object with its namespace/name.
     kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
+    if args.peering is None:
+        asyncio.run(kopf.operator(clusterwide=True, standalone=True))
+        return
+    KNOWN.peering = peering.Peering(
+        name=args.peering,
+        priority=peering.random_priority() if args.priority is None else args.priority,
+        identity=peering.new_identity(),
+    )
+    log.info(
+        "peering under %s as %s, priority %d",
+        KNOWN.peering.name,
+        KNOWN.peering.identity,
+        KNOWN.peering.priority,
+    )
     asyncio.run(
         kopf.operator(
             clusterwide=True,
-            standalone=args.peering is None,
-            peering_name=args.peering,
-            priority=args.priority,
+            standalone=False,
+            peering_name=KNOWN.peering.name,
+            priority=KNOWN.peering.priority,
+            identity=KNOWN.peering.identity,  # type: ignore[arg-type]
         )
     )
 

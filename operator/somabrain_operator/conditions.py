@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kubernetes import client
+from urllib3.exceptions import HTTPError as TransportError
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,25 @@ def post_event(
     reason: str,
     message: str,
 ) -> None:
-    """Record an Event about `obj`. A refused or failed post is logged and never fails
-    the caller (case K-10)."""
+    """Record an Event about `obj`. A refused or failed post (forbidden, API server
+    unreachable, an object the Event cannot describe) is logged and never fails the
+    caller (case K-10)."""
+    meta = obj["metadata"]
+    try:
+        _create_event(api, obj, warning=warning, reason=reason, message=message)
+    except (client.ApiException, TransportError, OSError, ValueError) as exc:
+        log.warning(
+            "could not record event %s on %s/%s: %s",
+            reason,
+            meta.get("namespace"),
+            meta.get("name"),
+            getattr(exc, "reason", None) or exc,
+        )
+
+
+def _create_event(
+    api: client.ApiClient, obj: Mapping[str, Any], *, warning: bool, reason: str, message: str
+) -> None:
     meta = obj["metadata"]
     stamp = dt.datetime.now(dt.UTC)
     event = client.CoreV1Event(
@@ -99,13 +117,4 @@ def post_event(
         reporting_component="somabrain-operator",
         reporting_instance="somabrain-operator",
     )
-    try:
-        client.CoreV1Api(api).create_namespaced_event(meta["namespace"], event)
-    except (client.ApiException, OSError) as exc:
-        log.warning(
-            "could not record event %s on %s/%s: %s",
-            reason,
-            meta["namespace"],
-            meta["name"],
-            getattr(exc, "reason", exc),
-        )
+    client.CoreV1Api(api).create_namespaced_event(meta["namespace"], event)

@@ -16,6 +16,10 @@ the operator has no database access.
 The repair pass reconciles every Tenant once per `REPAIR_SECONDS`, a slice per tick,
 so that drift the watches missed is repaired within a bounded time. Applying what
 already matches writes nothing.
+
+With peering, the loop runs only while Kopf lets this process act (case K-7): a
+paused process's indices are frozen where its watches stopped, so acting on them would
+undo what the active peer writes. Each tick first reads the peering object.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from kubernetes import client
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from urllib3.exceptions import HTTPError as TransportError
 
 from somabrain.store.engine import make_engine
 from somabrain.store.outbox import TenantReport, tenant_reports
@@ -39,6 +44,7 @@ from somabrain_operator import rollout
 from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
 from somabrain_operator.metrics import STATUS_WRITES, observe
+from somabrain_operator.peering import Peering
 from somabrain_operator.reconcile import PolicyLookup
 from somabrain_operator.resources import OutboxPolicySpec
 from somabrain_operator.state import KNOWN, each, reconcile_known, write_status
@@ -133,8 +139,10 @@ def _health(
 
 
 class Loop:
-    def __init__(self, settings: OperatorSettings) -> None:
+    def __init__(self, settings: OperatorSettings, peering: Peering | None = None) -> None:
         self.settings = settings
+        self.peering = peering
+        self.was_acting: bool | None = None
         self.engine: Engine | None = (
             make_engine(settings.database_url, pool_size=1) if settings.database_url else None
         )
@@ -150,9 +158,27 @@ class Loop:
         while not KNOWN.stop.wait(interval):
             try:
                 with client.ApiClient() as api:
-                    self.tick(api, interval)
-            except (client.ApiException, SQLAlchemyError, OSError) as exc:
+                    if self.acting(api):
+                        self.tick(api, interval)
+            except (client.ApiException, TransportError, SQLAlchemyError, OSError) as exc:
                 log.warning("status loop: %s; trying again in %g s", exc, interval)
+
+    def acting(self, api: client.ApiClient) -> bool:
+        """Whether this process may act now: always without peering; with it, while
+        the peering object shows no live peer of the same or a higher priority."""
+        if self.peering is None:
+            return True
+        peers = self.peering.read_peers(api)
+        acting = self.peering.acting(peers, dt.datetime.now(dt.UTC))
+        if acting != self.was_acting:
+            log.info(
+                "status loop %s (peering %s, priority %d)",
+                "acting" if acting else "standing by: another peer acts, or Kopf has not joined",
+                self.peering.name,
+                self.peering.priority,
+            )
+            self.was_acting = acting
+        return acting
 
     def tick(self, api: client.ApiClient, interval: float) -> None:
         bodies = list(each(KNOWN.tenant_bodies()))

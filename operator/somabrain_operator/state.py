@@ -18,14 +18,15 @@ import kopf
 from kubernetes import client
 
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION, OperatorSettings
+from somabrain_operator.peering import Peering
 from somabrain_operator.reconcile import Outcome, PolicyLookup, reconcile_tenant
 
 log = logging.getLogger(__name__)
 
 
 class Known:
-    """The indices, once Kopf hands them over (the startup handler does), and the
-    operator's settings."""
+    """The indices, once Kopf hands them over (the startup handler does), the
+    operator's settings, and its peering (None: standalone)."""
 
     def __init__(self) -> None:
         self.tenants: kopf.Index[str, Any] | None = None
@@ -33,6 +34,7 @@ class Known:
         self.by_pool: kopf.Index[tuple[str, str], Any] | None = None
         self.policies: kopf.Index[tuple[str, str], Any] | None = None
         self.settings = OperatorSettings()
+        self.peering: Peering | None = None
         self.stop = threading.Event()
 
     def tenant_bodies(self) -> list[Mapping[str, Any]]:

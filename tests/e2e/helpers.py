@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 from kubernetes import client
 from somabrain_operator.children import TENANT_FILE, publisher_name
+from somabrain_operator.config import RULE_CRD
 
 from devenv.mainjob import MainJob
 
@@ -100,3 +101,34 @@ def clean_up(job: MainJob) -> None:
             except client.ApiException as exc:
                 if exc.status != 404:
                     raise
+
+
+# The Prometheus Operator's PrometheusRule kind, as far as the operator uses it (K-11).
+PROMETHEUS_RULE_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": RULE_CRD},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "names": {
+            "kind": "PrometheusRule",
+            "listKind": "PrometheusRuleList",
+            "plural": "prometheusrules",
+            "singular": "prometheusrule",
+        },
+        "scope": "Namespaced",
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
+            }
+        ],
+    },
+}

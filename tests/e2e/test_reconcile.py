@@ -21,6 +21,7 @@ from somabrain import enqueue_event
 from somabrain.store.engine import make_sessionmaker
 from tests.e2e.helpers import (
     GROUP,
+    PROMETHEUS_RULE_CRD,
     VERSION,
     apply,
     batch_size,
@@ -181,36 +182,6 @@ def test_rapid_successive_edits_converge_on_the_last_spec(job: MainJob) -> None:
             == (get(job, "rapid") or {})["metadata"]["generation"]
         )
     )
-
-
-PROMETHEUS_RULE_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": RULE_CRD},
-    "spec": {
-        "group": "monitoring.coreos.com",
-        "names": {
-            "kind": "PrometheusRule",
-            "listKind": "PrometheusRuleList",
-            "plural": "prometheusrules",
-            "singular": "prometheusrule",
-        },
-        "scope": "Namespaced",
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "x-kubernetes-preserve-unknown-fields": True,
-                    }
-                },
-            }
-        ],
-    },
-}
 
 
 def test_without_the_prometheus_rule_crd_a_condition_says_so_and_it_recovers(

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from somabrain_operator import peering
+from somabrain_operator.crds import PEERING_FILE
 
 from tests.chart_support import (
     CHART,
@@ -51,9 +54,13 @@ def test_chart_passes_helm_lint_strict(helm: Helm) -> None:
         ("prometheusRule.labels.te@m=payments", "at '/prometheusRule/labels': additional"),
         ("prometheusRule.labels.team=pay@", "at '/prometheusRule/labels/team'"),
         ("crds.install=maybe", "at '/crds/install'"),
+        # Peers of equal priority all pause: replicas must draw their own.
+        ("peering.enabled=true,replicas=2,peering.priority=5", "at '/peering/priority'"),
+        ("peering.priority=high", "at '/peering/priority'"),
     ],
     ids=["negative-replicas", "replicas-without-peering", "unknown-key", "pull-policy",
-         "secret-name", "label-name", "label-value", "not-a-boolean"],
+         "secret-name", "label-name", "label-value", "not-a-boolean", "shared-priority",
+         "priority-not-a-number"],
 )  # fmt: skip
 def test_helm_lint_refuses_a_value_against_the_schema_naming_the_field(
     helm: Helm, value: str, named: str
@@ -72,19 +79,65 @@ def test_chart_runs_one_operator_replaced_by_recreate(helm: Helm) -> None:
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["somabrain-operator"]
+    # Standalone: no peering arguments.
+    assert "args" not in container
     assert container["image"] == "somabrain:0.1.0"
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "somabrain-operator"
 
 
-def test_more_than_one_replica_is_refused_until_the_operator_peers(helm: Helm) -> None:
-    refused = helm.run(
-        "template", str(CHART), "--set", "peering.enabled=true", "--set", "replicas=2",
-        check=False,
-    )  # fmt: skip
+def _args(deployment: dict[str, Any]) -> list[str]:
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    args: list[str] = container.get("args", [])
+    return args
 
-    assert refused.returncode != 0
-    assert "replicas: 2 operators would all reconcile every Tenant" in refused.stderr
-    assert "does not run with Kopf peering yet" in refused.stderr
+
+def test_peering_passes_its_name_and_priority_to_the_operator(helm: Helm) -> None:
+    named = only(
+        helm.template(
+            "--set", "peering.enabled=true", "--set", "peering.name=payments-operators",
+            "--set", "peering.priority=100",
+        ),
+        "Deployment",
+    )  # fmt: skip
+    drawn = only(helm.template("--set", "peering.enabled=true"), "Deployment")
+
+    assert _args(named) == ["--peering", "payments-operators", "--priority", "100"]
+    # No priority: each process draws its own.
+    assert _args(drawn) == ["--peering", "somabrain-operator"]
+
+
+def test_replicas_with_peering_draw_their_own_priorities_and_roll(helm: Helm) -> None:
+    deployment = only(
+        helm.template("--set", "peering.enabled=true", "--set", "replicas=3"), "Deployment"
+    )
+
+    assert deployment["spec"]["replicas"] == 3
+    assert _args(deployment) == ["--peering", "somabrain-operator"]
+    # Peers never act at once, so new pods may start beside the old ones.
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
+
+
+def test_kopf_s_peering_crd_is_installed_only_with_peering(helm: Helm) -> None:
+    def crds(*options: str) -> list[str]:
+        return [
+            o["metadata"]["name"]
+            for o in helm.template(*options)
+            if o["kind"] == "CustomResourceDefinition"
+        ]
+
+    committed = yaml.safe_load((CHART / "files" / "peering-crds" / PEERING_FILE).read_text())
+    with_peering = [
+        o
+        for o in helm.template("--set", "peering.enabled=true")
+        if o["metadata"]["name"] == peering.CRD_NAME
+    ]
+
+    assert peering.CRD_NAME not in crds()
+    assert with_peering == [committed]
+    assert committed["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert peering.CRD_NAME not in crds(
+        "--set", "peering.enabled=true", "--set", "peering.installCRD=false"
+    )
 
 
 def test_rule_labels_reach_the_operator_as_json(helm: Helm) -> None:

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "crds"
 # The chart installs its own copy (templates/crds.yaml reads these files), K-15.
 CHART_CRD_DIR = ROOT / "charts" / "somabrain-operator" / "files" / "crds"
+# Kopf's peering CRD, which the chart installs with peering.enabled (K-7).
+CHART_PEERING_DIR = ROOT / "charts" / "somabrain-operator" / "files" / "peering-crds"
 KIND_IDS = [k.kind for k in KINDS]
 
 
@@ -101,14 +103,25 @@ def test_make_crds_writes_the_crds_folder_and_the_chart_copy(tmp_path: Path) -> 
     for folder in folders:
         folder.mkdir()
 
-    crds.main([str(folder) for folder in folders])
+    crds.main([str(folder) for folder in folders] + ["--peering-dir", str(tmp_path / "peering")])
 
     for kind in KINDS:
         assert [(f / crds.file_name(kind)).read_text() for f in folders] == [crds.render(kind)] * 2
+    assert (tmp_path / "peering" / crds.PEERING_FILE).read_text() == crds.render_peering()
     assert [str(d) for d in crds.OUTPUT_DIRS] == [
         "crds",
         str(CHART_CRD_DIR.relative_to(ROOT)),
     ]
+    assert str(crds.PEERING_DIR) == str(CHART_PEERING_DIR.relative_to(ROOT))
+
+
+def test_chart_s_peering_crd_is_what_the_operator_generates() -> None:
+    assert sorted(p.name for p in CHART_PEERING_DIR.iterdir()) == [crds.PEERING_FILE]
+    committed = (CHART_PEERING_DIR / crds.PEERING_FILE).read_text()
+
+    assert committed == crds.render_peering(), (
+        f"{CHART_PEERING_DIR.relative_to(ROOT)}/{crds.PEERING_FILE} is stale: run make crds"
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
