@@ -6,8 +6,8 @@ from typing import Any
 
 import yaml
 from kubernetes import client
-from somabrain_operator.children import TENANT_FILE, publisher_name
-from somabrain_operator.config import RULE_CRD
+from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY, TENANT_FILE, publisher_name
+from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
 
 from devenv.mainjob import MainJob
 
@@ -82,25 +82,58 @@ def batch_size(job: MainJob, tenant_id: str) -> int | None:
 
 
 def clean_up(job: MainJob) -> None:
-    """Delete the Tenants and OutboxPolicies of the job's namespace, finalizers and all,
-    once its operator is stopped: a later test's operator must not inherit them."""
-    custom = client.CustomObjectsApi(job.api)
+    """`clean_namespace` of the job's namespace, once its operator is stopped."""
+    clean_namespace(job.api, job.namespace)
+
+
+def clean_namespace(api: client.ApiClient, namespace: str) -> None:
+    """Delete the Tenants and OutboxPolicies of `namespace` (finalizers and all) and the
+    children the operator made there: a later test's operator must not resume them, and
+    the stack has no garbage collector to remove the children of a deleted Tenant."""
+    custom = client.CustomObjectsApi(api)
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+
+    def gone(delete: Any, *args: Any) -> None:
+        try:
+            delete(*args)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+
     for plural in ("tenants", "outboxpolicies"):
         listed: dict[str, Any] = custom.list_namespaced_custom_object(  # type: ignore[assignment]
-            GROUP, VERSION, job.namespace, plural
+            GROUP, VERSION, namespace, plural
         )
         for obj in listed["items"]:
             name = obj["metadata"]["name"]
-            try:
-                if obj["metadata"].get("finalizers"):
-                    custom.patch_namespaced_custom_object(
-                        GROUP, VERSION, job.namespace, plural, name,
-                        {"metadata": {"finalizers": None}},
-                    )  # fmt: skip
-                custom.delete_namespaced_custom_object(GROUP, VERSION, job.namespace, plural, name)
-            except client.ApiException as exc:
-                if exc.status != 404:
-                    raise
+            if obj["metadata"].get("finalizers"):
+                gone(
+                    custom.patch_namespaced_custom_object,
+                    GROUP, VERSION, namespace, plural, name, {"metadata": {"finalizers": None}},
+                )  # fmt: skip
+            gone(custom.delete_namespaced_custom_object, GROUP, VERSION, namespace, plural, name)
+    ours = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    for list_fn, delete_fn in (
+        (apps.list_namespaced_deployment, apps.delete_namespaced_deployment),
+        (core.list_namespaced_config_map, core.delete_namespaced_config_map),
+        (core.list_namespaced_service, core.delete_namespaced_service),
+        (core.list_namespaced_resource_quota, core.delete_namespaced_resource_quota),
+    ):
+        for item in list_fn(namespace, label_selector=ours).items:
+            gone(delete_fn, item.metadata.name, namespace)
+    try:
+        rules: dict[str, Any] = custom.list_namespaced_custom_object(  # type: ignore[assignment]
+            RULE_GROUP, RULE_VERSION, namespace, RULE_PLURAL, label_selector=ours
+        )
+    except client.ApiException as exc:
+        if exc.status != 404:  # no PrometheusRule kind on this cluster
+            raise
+        return
+    for rule in rules["items"]:
+        gone(
+            custom.delete_namespaced_custom_object,
+            RULE_GROUP, RULE_VERSION, namespace, RULE_PLURAL, rule["metadata"]["name"],
+        )  # fmt: skip
 
 
 # The Prometheus Operator's PrometheusRule kind, as far as the operator uses it (K-11).

@@ -20,6 +20,7 @@ from somabrain_operator.config import GROUP, VERSION
 from somabrain_operator.resources import KINDS, OUTBOX_POLICY, TENANT, Kind
 
 from devenv.mainjob import apply_crds
+from tests.e2e.helpers import clean_namespace
 from tests.resource_examples import (
     INVALID_POLICIES,
     INVALID_TENANTS,
@@ -47,6 +48,7 @@ def api(stack_env: dict[str, str]) -> Iterator[client.ApiClient]:
         if exc.status != 409:
             raise
     yield api
+    clean_namespace(api, NAMESPACE)
     api.close()
 
 
