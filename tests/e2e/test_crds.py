@@ -1,9 +1,9 @@
 """The Tenant and OutboxPolicy CRDs on the real API server.
 
 Bad input is refused with the field named and the fix; the largest allowed objects
-are accepted and stored exactly as written (no defaults added); a full status
-survives the status subresource; `kubectl explain` and `kubectl get` have what they
-need.
+are accepted and stored exactly as written, with no defaults added, so GitOps tools
+see no drift (cases K-13, K-16); a full status survives the status subresource
+(K-1); `kubectl explain` and `kubectl get` have what they need.
 """
 
 from __future__ import annotations
