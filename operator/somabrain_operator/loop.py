@@ -45,9 +45,9 @@ from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
 from somabrain_operator.metrics import STATUS_WRITES, observe
 from somabrain_operator.peering import Peering
-from somabrain_operator.reconcile import PolicyLookup
+from somabrain_operator.reconcile import PolicyLookup, misjudged_members
 from somabrain_operator.resources import OutboxPolicySpec
-from somabrain_operator.state import KNOWN, each, reconcile_known, write_status
+from somabrain_operator.state import KNOWN, each, fresh, reconcile_known, write_status
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,18 @@ class Loop:
         if self.engine is not None:
             self._advance_rollouts(api, bodies, reports)
         self._repair_slice(api, bodies, interval)
+        self._check_pools(api)
+
+    def _check_pools(self, api: client.ApiClient) -> None:
+        """Reconcile the pool members whose Ready condition disagrees with their pool's
+        plan: the plan is computed from the index, without a request."""
+        for namespace, pool in KNOWN.pools():
+            members = list(each(KNOWN.pool_members(namespace, pool)))
+            for body in misjudged_members(pool, members, KNOWN.policy):
+                current = fresh(api, body)
+                if current is not None:
+                    with observe("Tenant", "pool"):
+                        reconcile_known(api, current)
 
     def _count_policies(self, api: client.ApiClient) -> None:
         if KNOWN.policies is None:

@@ -358,6 +358,39 @@ def _converge_pool(
     return chosen, stale
 
 
+# Ready reasons that only a pool's plan gives.
+POOL_REASONS = frozenset({pools.SERVED, "PoolSettingsConflict", "TenantIdConflict", "Deleting"})
+
+
+def misjudged_members(
+    pool: str, bodies: list[Mapping[str, Any]], policy_of: PolicyLookup
+) -> list[Mapping[str, Any]]:
+    """Members of `pool` whose Ready condition disagrees with what the pool's plan does
+    for them now (a status write that lost a race, a member that left while the operator
+    was down). Pure: reads only the bodies given."""
+    candidates = [c for b in bodies if (c := _candidate(b, policy_of)) is not None]
+    verdicts = pools.plan(pool, candidates).verdicts
+    wrong = []
+    for body in bodies:
+        verdict = verdicts.get(str(body["metadata"]["uid"]))
+        ready = next(
+            (
+                c
+                for c in (body.get("status") or {}).get("conditions") or []
+                if c.get("type") == READY
+            ),
+            None,
+        )
+        reason = ready.get("reason") if ready else None
+        if (
+            verdict is not None
+            and reason != verdict.reason
+            and (reason in POOL_REASONS or not reason)
+        ):
+            wrong.append(body)
+    return wrong
+
+
 def _has_pool_labels(live: Any, pool: str) -> bool:
     labels = (live.metadata.labels if live.metadata else None) or {}
     return all(labels.get(k) == v for k, v in children.pool_labels(pool).items())

@@ -60,6 +60,10 @@ class Known:
         uids = list(self.by_pool[(namespace, pool)])
         return [body for uid in uids if (body := self.tenant(uid)) is not None]
 
+    def pools(self) -> list[tuple[str, str]]:
+        """Every (namespace, pool) some Tenant names."""
+        return [] if self.by_pool is None else list(self.by_pool.keys())
+
     def policy(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         if self.policies is None or (namespace, name) not in self.policies:
             return None
@@ -120,7 +124,8 @@ def follow_others(api: client.ApiClient, outcome: Outcome) -> None:
     verdict changed) and write their statuses; one level only, since each of those
     reconciles converges the same pool."""
     for uid in outcome.others:
-        other = KNOWN.tenant(uid)
+        known = KNOWN.tenant(uid)
+        other = fresh(api, known) if known is not None else None
         if other is None or other["metadata"].get("deletionTimestamp"):
             continue
         followed = reconcile_tenant(
@@ -128,6 +133,21 @@ def follow_others(api: client.ApiClient, outcome: Outcome) -> None:
             members_of=KNOWN.pool_members,
         )  # fmt: skip
         write_status(api, other, followed.status)
+
+
+def fresh(api: client.ApiClient, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The Tenant as the API server has it now (the index may lag behind a write), or
+    None when it is gone."""
+    meta = body["metadata"]
+    try:
+        current: Mapping[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, meta["namespace"], TENANT_PLURAL, meta["name"]
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return current
 
 
 def each(bodies: list[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:

@@ -143,7 +143,7 @@ def test_members_moving_in_and_out_of_the_pool_take_their_publishers_with_them(
     apply(job, "tenants", tenant("globex", publisher=SHARED))
     assert wait_for(lambda: _pool_tenants(job) == "acme,globex")
     assert wait_for(lambda: _deployment(job, publisher_name("globex")) is None)
-    assert has_condition(job, "globex", "Ready", "True", "ServedByPool")
+    assert wait_for(lambda: has_condition(job, "globex", "Ready", "True", "ServedByPool"))
 
     # Shared to dedicated: the pool loses it, it gets its own publisher back.
     apply(job, "tenants", tenant("acme", publisher={"mode": "dedicated"}))

@@ -5,6 +5,7 @@ from typing import Any
 import yaml
 from somabrain_operator import children, pools
 from somabrain_operator.config import OperatorSettings
+from somabrain_operator.reconcile import misjudged_members
 from somabrain_operator.resources import TenantSpec, resolve
 
 from somabrain.config.settings import PublisherSettings, load_tenant_overrides
@@ -156,3 +157,33 @@ def test_the_pool_service_selects_the_pool_publisher_pods() -> None:
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     # A dedicated publisher's Service never selects the pool's pods.
     assert children.LABEL_TENANT not in pod_labels
+
+
+def _body(name: str, created: str, ready: str | None, **spec: Any) -> dict[str, Any]:
+    status = {"conditions": [{"type": "Ready", "reason": ready}]} if ready else {}
+    return {
+        "metadata": {
+            "name": name,
+            "uid": f"uid-{name}",
+            "namespace": "ns",
+            "creationTimestamp": created,
+        },
+        "spec": {"tenantId": name, "publisher": {"mode": "shared", "pool": "small"}, **spec},
+        "status": status,
+    }
+
+
+def test_members_whose_ready_reason_disagrees_with_the_plan_are_found() -> None:
+    bodies = [
+        _body("acme", "2026-01-01T00:00:00Z", "ServedByPool"),
+        # Its status lost a race: the pool serves it now, its condition says otherwise.
+        _body("late", "2026-01-02T00:00:00Z", "PoolSettingsConflict"),
+        _body("odd", "2026-01-03T00:00:00Z", "ServedByPool", deliveryMode="at-least-once"),
+        # Not the pool's to judge: its own reconcile fails before any pool is planned.
+        _body("lost", "2026-01-04T00:00:00Z", "PolicyNotFound", policyRef={"name": "gone"}),
+        _body("new", "2026-01-05T00:00:00Z", None),
+    ]
+
+    wrong = misjudged_members("small", bodies, lambda namespace, name: None)
+
+    assert [b["metadata"]["name"] for b in wrong] == ["late", "odd", "new"]
