@@ -39,9 +39,8 @@ from somabrain_operator import rollout
 from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
 from somabrain_operator.metrics import STATUS_WRITES, observe
-from somabrain_operator.reconcile import reconcile_tenant
 from somabrain_operator.resources import OutboxPolicySpec
-from somabrain_operator.state import KNOWN, each, reconcile_known, write_status
+from somabrain_operator.state import KNOWN, StaleCopy, each, reconcile_known, write_status
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +166,11 @@ class Loop:
                 if self.engine is not None
                 else no_database_status(body)
             )
-            if write_status(api, body, fields):
-                STATUS_WRITES.labels("Tenant").inc()
+            try:
+                if write_status(api, body, fields):
+                    STATUS_WRITES.labels("Tenant").inc()
+            except StaleCopy:
+                pass  # changed since the index's copy: the next tick writes from the newer one
         self._count_policies(api)
         if self.engine is not None:
             self._advance_rollouts(api, bodies, reports)
@@ -257,10 +259,7 @@ class Loop:
     ) -> None:
         for tenant in each(tenants):
             with observe("Tenant", "rollout"):
-                outcome = reconcile_tenant(
-                    api, tenant, policy_of=lambda _ns, _name: policy, settings=self.settings
-                )
-                write_status(api, tenant, outcome.status)
+                reconcile_known(api, tenant, policy_of=lambda _ns, _name: policy)
 
     def _repair_slice(
         self, api: client.ApiClient, bodies: list[Mapping[str, Any]], interval: float

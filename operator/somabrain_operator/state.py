@@ -3,7 +3,7 @@
 Kopf keeps the indices current from its watch streams; handlers and the background
 loop read them instead of listing objects from the API server. `write_status` writes
 a Tenant's status only when it differs from what the index last saw, so a steady
-state makes no writes (cases K-2, K-3).
+state makes no writes (cases K-2, K-3), and only over the copy it was computed from.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import kopf
 from kubernetes import client
 
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION, OperatorSettings
-from somabrain_operator.reconcile import Outcome, reconcile_tenant
+from somabrain_operator.reconcile import Outcome, PolicyLookup, reconcile_tenant
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +68,79 @@ def _differs(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     return any(current.get(key) != value for key, value in wanted.items())
 
 
+class StaleCopy(Exception):
+    """The Tenant changed since the copy a status was computed from."""
+
+
 def write_status(api: client.ApiClient, body: Mapping[str, Any], status: dict[str, Any]) -> bool:
     """Merge `status` into the Tenant's status if any of its fields differ; True when
-    it wrote. A Tenant deleted meanwhile is not an error."""
+    it wrote. A Tenant deleted meanwhile is not an error.
+
+    A merge patch replaces `conditions` whole, so a list computed from an older copy
+    would drop what another writer set since (a handler's `Ready`, the status loop's
+    `PublisherAvailable`). The patch therefore carries the copy's resourceVersion, and
+    the API server refuses it, as `StaleCopy`, when the Tenant has moved on."""
     if not _differs(body.get("status") or {}, status):
         return False
     meta = body["metadata"]
+    patch: dict[str, Any] = {"status": status}
+    if meta.get("resourceVersion"):
+        patch["metadata"] = {"resourceVersion": meta["resourceVersion"]}
     try:
         client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], TENANT_PLURAL, meta["name"], {"status": status}
+            GROUP, VERSION, meta["namespace"], TENANT_PLURAL, meta["name"], patch
         )
     except client.ApiException as exc:
         if exc.status == 404:
             return False
+        if exc.status == 409:
+            raise StaleCopy(f"Tenant {meta['namespace']}/{meta['name']}") from exc
         raise
     return True
 
 
-def reconcile_known(api: client.ApiClient, body: Mapping[str, Any]) -> Outcome:
-    """Reconcile a Tenant outside its own handlers (policy change, child edit, repair)
-    and write its status."""
-    outcome = reconcile_tenant(api, body, policy_of=KNOWN.policy, settings=KNOWN.settings)
-    write_status(api, body, outcome.status)
+def _read_tenant(api: client.ApiClient, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    meta = body["metadata"]
+    try:
+        fresh: Mapping[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, meta["namespace"], TENANT_PLURAL, meta["name"]
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return fresh
+
+
+ATTEMPTS = 3
+
+
+def reconcile_known(
+    api: client.ApiClient, body: Mapping[str, Any], *, policy_of: PolicyLookup | None = None
+) -> Outcome:
+    """Reconcile a Tenant outside its own handlers (policy change, child edit, repair,
+    rollout step) and write its status. `body` is usually the index's copy; when the
+    Tenant has moved on since, it is read again and reconciled again from that."""
+    for attempt in range(1, ATTEMPTS + 1):
+        outcome = reconcile_tenant(
+            api, body, policy_of=policy_of or KNOWN.policy, settings=KNOWN.settings
+        )
+        try:
+            write_status(api, body, outcome.status)
+            return outcome
+        except StaleCopy:
+            if attempt == ATTEMPTS:
+                break
+            fresh = _read_tenant(api, body)
+            if fresh is None:  # deleted meanwhile
+                return outcome
+            body = fresh
+    meta = body["metadata"]
+    log.warning(
+        "Tenant %s/%s kept changing while its status was written; left to the next reconcile",
+        meta["namespace"],
+        meta["name"],
+    )
     return outcome
 
 
