@@ -9,9 +9,10 @@ operator, and a dead publisher has no metrics at all, while its stale row says j
 that). A Tenant's status is written only when what it shows changed, at most once per
 `status_interval_seconds`.
 
-`PublisherAvailable` is True while a publisher's report is younger than
-`publisher_report_max_age_seconds`, False when it is older or missing, Unknown when
-the operator has no database access.
+A Tenant gets these fields once it has been reconciled (its status has an
+`observedGeneration`). `PublisherAvailable` is True while a publisher's report is
+younger than `publisher_report_max_age_seconds`, False when it is older or missing,
+Unknown when the operator has no database access.
 
 The repair pass reconciles every Tenant once per `REPAIR_SECONDS`, a slice per tick,
 so that drift the watches missed is repaired within a bounded time. Applying what
@@ -160,6 +161,12 @@ class Loop:
             with Session(self.engine) as session:
                 reports = tenant_reports(session, ids)
         for body in bodies:
+            if "observedGeneration" not in (body.get("status") or {}):
+                # Not reconciled yet. Its reconcile writes `conditions` whole from the
+                # copy it was handed, which would drop these; and a write now would hand
+                # Kopf an event older than its own patch, which it may handle as a new
+                # Tenant once its wait for that patch times out under load.
+                continue
             tenant = (body.get("spec") or {}).get("tenantId")
             fields = (
                 backlog_status(body, reports.get(tenant), self.settings)
