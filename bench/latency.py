@@ -56,6 +56,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from bench.common import (
     ROOT,
     STATE_DIR,
+    MemoryWatch,
     command_line,
     fresh_database,
     local_stack,
@@ -258,42 +259,6 @@ def reference(
         producer.poll(0)
     producer.flush(30)
     return {"ready": ready, "arrivals": arrivals, "schedule": schedule}
-
-
-class MemoryWatch:
-    """Samples a process's VmRSS every 100 ms in a thread; reads VmHWM on demand."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak_rss_kib = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="memory", daemon=True)
-        self._thread.start()
-
-    def status(self, field: str) -> int | None:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1])
-        return None
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            rss = self.status("VmRSS")
-            if rss is not None:
-                self.peak_rss_kib = max(self.peak_rss_kib, rss)
-                self.samples += 1
-
-    def stop(self) -> dict[str, Any]:
-        hwm = self.status("VmHWM")
-        self._stop.set()
-        self._thread.join(5)
-        return {
-            "peak_rss_sampled_mib": round(self.peak_rss_kib / 1024, 1),
-            "vm_hwm_mib": None if hwm is None else round(hwm / 1024, 1),
-            "samples": self.samples,
-        }
 
 
 def _somabrain_command(steps_file: Path | None) -> list[str]:

@@ -72,8 +72,10 @@ KUBERNETES_MODULE = "k8s.io/kubernetes"
 KUBE_APISERVER_PACKAGE = "k8s.io/kubernetes/cmd/kube-apiserver"
 
 # The in-cluster address of the `kubernetes` Service is the first IP of this range; it is also
-# in the serving certificate so in-cluster style clients would verify it.
-SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+# in the serving certificate so in-cluster style clients would verify it. Every ClusterIP
+# Service takes an address from it (each dedicated Tenant has one): a /24 is full at 254
+# Services, a /16 holds 65,534.
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/16"
 SERVICE_CLUSTER_FIRST_IP = "10.0.0.1"
 # Fixed rather than derived from the port (envtest's choice) so tokens minted through the
 # TokenRequest API stay valid across a restart that picks a new port.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +25,15 @@ log = logging.getLogger(__name__)
 APPLY = "application/apply-patch+yaml"
 
 
-# resourceVersion of each object as the operator's last apply left it: a watch event
-# carrying that version is the operator's own write.
-_own_versions: dict[tuple[str, str, str], str] = {}
+# resourceVersions of each object as the operator's latest applies left it: a watch
+# event carrying one of them is the operator's own write (several, since two quick
+# applies of one object send their events after both returned).
+_own_versions: dict[tuple[str, str, str], tuple[str, ...]] = {}
+_VERSIONS_KEPT = 8
 _MAX_REMEMBERED = 100_000
+# When the operator deleted an object: the DELETED event that follows is its own.
+_own_deletes: dict[tuple[str, str, str], float] = {}
+_DELETE_REMEMBERED_SECONDS = 60.0
 
 
 def _key(obj: Any) -> tuple[str, str, str]:
@@ -45,13 +51,28 @@ def _remember(obj: dict[str, Any], result: Any) -> None:
         return
     if len(_own_versions) >= _MAX_REMEMBERED:
         _own_versions.clear()
-    _own_versions[_key(obj)] = str(version)
+    key = _key(obj)
+    _own_versions[key] = (*_own_versions.get(key, ())[-(_VERSIONS_KEPT - 1) :], str(version))
 
 
 def is_own_write(body: Any) -> bool:
-    """Whether a watched object is exactly as the operator's last apply left it."""
+    """Whether a watched object is exactly as one of the operator's latest applies left
+    it."""
     version = body.get("metadata", {}).get("resourceVersion")
-    return version is not None and _own_versions.get(_key(body)) == str(version)
+    return version is not None and str(version) in _own_versions.get(_key(body), ())
+
+
+def _remember_delete(kind: str, name: str, namespace: str) -> None:
+    now = time.monotonic()
+    if len(_own_deletes) >= _MAX_REMEMBERED:
+        _own_deletes.clear()
+    _own_deletes[(kind, namespace, name)] = now
+
+
+def is_own_delete(body: Any) -> bool:
+    """Whether a watched object's deletion is one the operator made a moment ago."""
+    at = _own_deletes.pop(_key(body), None)
+    return at is not None and time.monotonic() - at < _DELETE_REMEMBERED_SECONDS
 
 
 class ChildConflict(Exception):
@@ -205,6 +226,7 @@ def delete(api: client.ApiClient, kind: str, *, name: str, namespace: str, contr
     live = read(api, kind, name=name, namespace=namespace)
     if live is None or controller_uid(live) != controller:
         return False
+    _remember_delete(kind, name, namespace)
     try:
         _verbs(api, kind).delete(name, namespace)
     except client.ApiException as exc:
@@ -220,6 +242,7 @@ def delete_shared(
     live = read(api, kind, name=name, namespace=namespace)
     if live is None or not _has_labels(live, labels):
         return False
+    _remember_delete(kind, name, namespace)
     try:
         _verbs(api, kind).delete(name, namespace)
     except client.ApiException as exc:

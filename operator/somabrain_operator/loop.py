@@ -9,9 +9,10 @@ operator, and a dead publisher has no metrics at all, while its stale row says j
 that). A Tenant's status is written only when what it shows changed, at most once per
 `status_interval_seconds`.
 
-`PublisherAvailable` is True while a publisher's report is younger than
-`publisher_report_max_age_seconds`, False when it is older or missing, Unknown when
-the operator has no database access.
+A Tenant gets these fields once it has been reconciled (its status has an
+`observedGeneration`). `PublisherAvailable` is True while a publisher's report is
+younger than `publisher_report_max_age_seconds`, False when it is older or missing,
+Unknown when the operator has no database access.
 
 The repair pass reconciles every Tenant once per `REPAIR_SECONDS`, a slice per tick,
 so that drift the watches missed is repaired within a bounded time. Applying what
@@ -40,14 +41,14 @@ from urllib3.exceptions import HTTPError as TransportError
 
 from somabrain.store.engine import make_engine
 from somabrain.store.outbox import TenantReport, tenant_reports
-from somabrain_operator import rollout
+from somabrain_operator import pools, rollout
 from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
 from somabrain_operator.metrics import STATUS_WRITES, observe
 from somabrain_operator.peering import Peering
-from somabrain_operator.reconcile import PolicyLookup, misjudged_members
+from somabrain_operator.reconcile import PolicyLookup, misjudged_members, pool_plan
 from somabrain_operator.resources import OutboxPolicySpec
-from somabrain_operator.state import KNOWN, each, fresh, reconcile_known, write_status
+from somabrain_operator.state import KNOWN, StaleCopy, each, reconcile_known, write_status
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +189,23 @@ class Loop:
             with Session(self.engine) as session:
                 reports = tenant_reports(session, ids)
         for body in bodies:
+            if "observedGeneration" not in (body.get("status") or {}):
+                # Not reconciled yet. Its reconcile writes `conditions` whole from the
+                # copy it was handed, which would drop these; and a write now would hand
+                # Kopf an event older than its own patch, which it may handle as a new
+                # Tenant once its wait for that patch times out under load.
+                continue
             tenant = (body.get("spec") or {}).get("tenantId")
             fields = (
                 backlog_status(body, reports.get(tenant), self.settings)
                 if self.engine is not None
                 else no_database_status(body)
             )
-            if write_status(api, body, fields):
-                STATUS_WRITES.labels("Tenant").inc()
+            try:
+                if write_status(api, body, fields):
+                    STATUS_WRITES.labels("Tenant").inc()
+            except StaleCopy:
+                pass  # changed since the index's copy: the next tick writes from the newer one
         self._count_policies(api)
         if self.engine is not None:
             self._advance_rollouts(api, bodies, reports)
@@ -203,15 +213,24 @@ class Loop:
         self._check_pools(api)
 
     def _check_pools(self, api: client.ApiClient) -> None:
-        """Reconcile the pool members whose Ready condition disagrees with their pool's
-        plan: the plan is computed from the index, without a request."""
-        for namespace, pool in KNOWN.pools():
-            members = list(each(KNOWN.pool_members(namespace, pool)))
-            for body in misjudged_members(pool, members, KNOWN.policy):
-                current = fresh(api, body)
-                if current is not None:
-                    with observe("Tenant", "pool"):
-                        reconcile_known(api, current)
+        """Converge the pools whose children were last applied for other members than
+        their plan serves now (a member deleted while a reconcile read it from the index),
+        and reconcile the members whose Ready condition disagrees with the plan. Plans
+        come from the index, without a request."""
+        applied = pools.applied()
+        for namespace, pool in sorted(set(KNOWN.pools()) | set(applied)):
+            members = KNOWN.pool_members(namespace, pool)
+            plan = pool_plan(pool, members, KNOWN.policy)
+            served = tuple(m.uid for m in plan.served)
+            key = (namespace, pool)
+            if key in applied and applied[key] != served:
+                with observe("Tenant", "pool"):
+                    converged = any(reconcile_known(api, m) is not None for m in members)
+                    if not converged:
+                        pools.converge(api, namespace, plan, settings=self.settings)
+            for body in misjudged_members(pool, list(each(members)), KNOWN.policy):
+                with observe("Tenant", "pool"):
+                    reconcile_known(api, body)
 
     def _count_policies(self, api: client.ApiClient) -> None:
         if KNOWN.policies is None:

@@ -28,6 +28,14 @@ from somabrain_operator.config import OperatorSettings
 
 SERVED = "ServedByPool"
 
+# The Tenant uids each pool's children were last applied for, by (namespace, pool).
+_applied: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def applied() -> dict[tuple[str, str], tuple[str, ...]]:
+    """What `converge` last applied, pool by pool (empty after a restart)."""
+    return dict(_applied)
+
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
@@ -109,6 +117,7 @@ def converge(
     none."""
     members = list(chosen.served)
     if not members:
+        _applied.pop((namespace, chosen.pool), None)
         for kind in ("Deployment", "ConfigMap", "Service"):
             delete_shared(
                 api,
@@ -129,3 +138,4 @@ def converge(
     )
     for child in (config, deployment, service):
         apply_shared(api, child)
+    _applied[(namespace, chosen.pool)] = tuple(m.uid for m in members)

@@ -362,14 +362,18 @@ def _converge_pool(
 POOL_REASONS = frozenset({pools.SERVED, "PoolSettingsConflict", "TenantIdConflict", "Deleting"})
 
 
+def pool_plan(pool: str, bodies: list[Mapping[str, Any]], policy_of: PolicyLookup) -> pools.Plan:
+    """The plan of `pool` for the Tenant bodies naming it. Pure."""
+    return pools.plan(pool, [c for b in bodies if (c := _candidate(b, policy_of)) is not None])
+
+
 def misjudged_members(
     pool: str, bodies: list[Mapping[str, Any]], policy_of: PolicyLookup
 ) -> list[Mapping[str, Any]]:
     """Members of `pool` whose Ready condition disagrees with what the pool's plan does
     for them now (a status write that lost a race, a member that left while the operator
     was down). Pure: reads only the bodies given."""
-    candidates = [c for b in bodies if (c := _candidate(b, policy_of)) is not None]
-    verdicts = pools.plan(pool, candidates).verdicts
+    verdicts = pool_plan(pool, bodies, policy_of).verdicts
     wrong = []
     for body in bodies:
         verdict = verdicts.get(str(body["metadata"]["uid"]))

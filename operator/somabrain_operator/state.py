@@ -3,11 +3,12 @@
 Kopf keeps the indices current from its watch streams; handlers and the background
 loop read them instead of listing objects from the API server. `write_status` writes
 a Tenant's status only when it differs from what the index last saw, so a steady
-state makes no writes (cases K-2, K-3).
+state makes no writes (cases K-2, K-3), and only over the copy it was computed from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
@@ -82,21 +83,38 @@ def _differs(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     return any(current.get(key) != value for key, value in wanted.items())
 
 
+class StaleCopy(Exception):
+    """The Tenant changed since the copy a status was computed from."""
+
+
 def write_status(api: client.ApiClient, body: Mapping[str, Any], status: dict[str, Any]) -> bool:
     """Merge `status` into the Tenant's status if any of its fields differ; True when
-    it wrote. A Tenant deleted meanwhile is not an error."""
+    it wrote. A Tenant deleted meanwhile is not an error.
+
+    A merge patch replaces `conditions` whole, so a list computed from an older copy
+    would drop what another writer set since (a handler's `Ready`, the status loop's
+    `PublisherAvailable`). The patch therefore carries the copy's resourceVersion, and
+    the API server refuses it, as `StaleCopy`, when the Tenant has moved on."""
     if not _differs(body.get("status") or {}, status):
         return False
     meta = body["metadata"]
+    patch: dict[str, Any] = {"status": status}
+    if meta.get("resourceVersion"):
+        patch["metadata"] = {"resourceVersion": meta["resourceVersion"]}
     try:
         client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
-            GROUP, VERSION, meta["namespace"], TENANT_PLURAL, meta["name"], {"status": status}
+            GROUP, VERSION, meta["namespace"], TENANT_PLURAL, meta["name"], patch
         )
     except client.ApiException as exc:
         if exc.status == 404:
             return False
+        if exc.status == 409:
+            raise StaleCopy(f"Tenant {meta['namespace']}/{meta['name']}") from exc
         raise
     return True
+
+
+ATTEMPTS = 3
 
 
 def reconcile_known(
@@ -104,19 +122,40 @@ def reconcile_known(
     body: Mapping[str, Any],
     *,
     policy_of: PolicyLookup | None = None,
-) -> Outcome:
-    """Reconcile a Tenant outside its own handlers (policy change, child edit, repair)
-    and write its status; then `follow_others`."""
-    outcome = reconcile_tenant(
-        api,
-        body,
-        policy_of=policy_of or KNOWN.policy,
-        settings=KNOWN.settings,
-        members_of=KNOWN.pool_members,
-    )
-    write_status(api, body, outcome.status)
-    follow_others(api, outcome)
-    return outcome
+) -> Outcome | None:
+    """Reconcile a Tenant outside its own handlers (policy change, child edit, repair,
+    rollout step, pool change), write its status, then `follow_others`. `body` is
+    usually the index's copy: the Tenant is read first, since the index may still hold
+    one deleted meanwhile (its reconcile would put it back into its pool), and read
+    again when it moves on while its status is written. None when it is gone or
+    being deleted."""
+    current = fresh(api, body)
+    for attempt in range(1, ATTEMPTS + 1):
+        if current is None or current["metadata"].get("deletionTimestamp"):
+            return None
+        outcome = reconcile_tenant(
+            api,
+            current,
+            policy_of=policy_of or KNOWN.policy,
+            settings=KNOWN.settings,
+            members_of=KNOWN.pool_members,
+        )
+        try:
+            write_status(api, current, outcome.status)
+        except StaleCopy:
+            if attempt < ATTEMPTS:
+                current = fresh(api, current)
+                continue
+            meta = current["metadata"]
+            log.warning(
+                "Tenant %s/%s kept changing while its status was written; left to the next "
+                "reconcile",
+                meta["namespace"],
+                meta["name"],
+            )
+        follow_others(api, outcome)
+        return outcome
+    return None
 
 
 def follow_others(api: client.ApiClient, outcome: Outcome) -> None:
@@ -132,7 +171,9 @@ def follow_others(api: client.ApiClient, outcome: Outcome) -> None:
             api, other, policy_of=KNOWN.policy, settings=KNOWN.settings,
             members_of=KNOWN.pool_members,
         )  # fmt: skip
-        write_status(api, other, followed.status)
+        # Changed meanwhile: the status tick's pool check writes it from the newer copy.
+        with contextlib.suppress(StaleCopy):
+            write_status(api, other, followed.status)
 
 
 def fresh(api: client.ApiClient, body: Mapping[str, Any]) -> Mapping[str, Any] | None:

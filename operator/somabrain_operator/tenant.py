@@ -35,7 +35,7 @@ from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION
 from somabrain_operator.metrics import observe
 from somabrain_operator.reconcile import forget, reconcile_tenant
 from somabrain_operator.resources import TenantSpec
-from somabrain_operator.state import KNOWN, follow_others, fresh, reconcile_known, snapshot
+from somabrain_operator.state import KNOWN, follow_others, reconcile_known, snapshot
 
 DELETE_CHUNK = 5_000
 DELETE_BUDGET_SECONDS = 10.0
@@ -115,10 +115,7 @@ def _leave_pool(body: Mapping[str, Any], pool: str) -> None:
     uid = str(body["metadata"]["uid"])
     rest = [m for m in KNOWN.pool_members(namespace, pool) if str(m["metadata"]["uid"]) != uid]
     with client.ApiClient() as api, observe("Tenant", "pool"):
-        current = next((b for m in rest if (b := fresh(api, m)) is not None), None)
-        if current is not None:
-            reconcile_known(api, current)
-        else:
+        if not any(reconcile_known(api, member) is not None for member in rest):
             pools.converge(api, namespace, pools.plan(pool, []), settings=KNOWN.settings)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from somabrain_operator.apply import is_own_write
+from somabrain_operator.apply import is_own_delete, is_own_write
 from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY
 from somabrain_operator.conditions import ALERTS
 from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
@@ -34,6 +34,8 @@ def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
     if change not in ("MODIFIED", "DELETED"):
         return
     if change == "MODIFIED" and is_own_write(body):
+        return
+    if change == "DELETED" and is_own_delete(body):
         return
     # A Tenant's own child has it as controller; a pool's has every member as owner,
     # and any of them restores it.
