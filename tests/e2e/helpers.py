@@ -8,6 +8,7 @@ import yaml
 from kubernetes import client
 from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY, TENANT_FILE, publisher_name
 from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
+from sqlalchemy import text
 
 from devenv.mainjob import MainJob
 
@@ -82,8 +83,21 @@ def batch_size(job: MainJob, tenant_id: str) -> int | None:
 
 
 def clean_up(job: MainJob) -> None:
-    """`clean_namespace` of the job's namespace, once its operator is stopped."""
+    """`clean_namespace` of the job's namespace, once its operator is stopped, and the
+    outbox rows and publisher reports of its tenants: a later run of the same test on a
+    kept stack starts from nothing."""
+    listed: dict[str, Any] = client.CustomObjectsApi(job.api).list_namespaced_custom_object(  # type: ignore[assignment]
+        GROUP, VERSION, job.namespace, "tenants"
+    )
+    tenant_ids = sorted({str(t["spec"]["tenantId"]) for t in listed["items"]})
     clean_namespace(job.api, job.namespace)
+    if tenant_ids:
+        with job.engine.begin() as conn:
+            for table in ("outbox_events", "outbox_tenants"):
+                conn.execute(
+                    text(f"DELETE FROM {table} WHERE tenant_id = ANY(:ids)"),
+                    {"ids": tenant_ids},
+                )
 
 
 def clean_namespace(api: client.ApiClient, namespace: str) -> None:
