@@ -38,6 +38,7 @@ from somabrain.store.outbox import TenantReport, tenant_reports
 from somabrain_operator import rollout
 from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
+from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import STATUS_WRITES, observe
 from somabrain_operator.reconcile import reconcile_tenant
 from somabrain_operator.resources import OutboxPolicySpec
@@ -148,7 +149,7 @@ class Loop:
         interval = self.settings.status_interval_seconds
         while not KNOWN.stop.wait(interval):
             try:
-                with client.ApiClient() as api:
+                with api_client(KNOWN.settings) as api:
                     self.tick(api, interval)
             except (client.ApiException, SQLAlchemyError, OSError) as exc:
                 log.warning("status loop: %s; trying again in %g s", exc, interval)

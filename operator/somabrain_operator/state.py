@@ -31,7 +31,9 @@ class Known:
         self.tenants: kopf.Index[str, Any] | None = None
         self.by_policy: kopf.Index[tuple[str, str], Any] | None = None
         self.policies: kopf.Index[tuple[str, str], Any] | None = None
-        self.settings = OperatorSettings()
+        # The defaults until `main` reads the environment, where invalid settings are
+        # reported as such rather than failing this import.
+        self.settings = OperatorSettings.model_construct()
         self.stop = threading.Event()
 
     def tenant_bodies(self) -> list[Mapping[str, Any]]:

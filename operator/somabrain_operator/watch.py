@@ -15,12 +15,12 @@ import logging
 from typing import Any
 
 import kopf
-from kubernetes import client
 
 from somabrain_operator.apply import controller_uid, is_own_write
 from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY
 from somabrain_operator.conditions import ALERTS
 from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
+from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import observe
 from somabrain_operator.state import KNOWN, each, reconcile_known
 
@@ -47,7 +47,7 @@ def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
         "deleted" if change == "DELETED" else "changed",
         tenant["metadata"]["name"],
     )
-    with client.ApiClient() as api, observe("Tenant", "child"):
+    with api_client(KNOWN.settings) as api, observe("Tenant", "child"):
         reconcile_known(api, tenant)
 
 
@@ -102,7 +102,7 @@ def rule_crd_changed(body: kopf.Body, **kwargs: Any) -> None:
         log.info(
             "the PrometheusRule CRD is installed; applying the rules of %d Tenants", len(waiting)
         )
-    with client.ApiClient() as api:
+    with api_client(KNOWN.settings) as api:
         for tenant in waiting:
             with observe("Tenant", "crd"):
                 reconcile_known(api, tenant)
