@@ -90,11 +90,14 @@ def _established(body: kopf.Body) -> bool:
 def rule_crd_changed(body: kopf.Body, **kwargs: Any) -> None:
     if kwargs["type"] == "DELETED" or not _established(body):
         return
+    # Every Tenant without its rules: those that found the CRD missing, and those whose
+    # status the index has not caught up with yet (a Tenant reconciled just before the
+    # CRD came, while the operator is busy, may still show no conditions here).
     waiting = [
         t
         for t in each(KNOWN.tenant_bodies())
-        if any(
-            c.get("type") == ALERTS and c.get("reason") == "PrometheusRuleCRDMissing"
+        if not any(
+            c.get("type") == ALERTS and c.get("status") == "True"
             for c in (t.get("status") or {}).get("conditions") or []
         )
     ]
