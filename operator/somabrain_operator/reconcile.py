@@ -24,7 +24,7 @@ import pydantic
 from kubernetes import client
 
 from somabrain_operator import children, rollout
-from somabrain_operator.apply import ChildConflict, apply, controller_uid, delete, read
+from somabrain_operator.apply import ChildConflict, apply, claim, delete
 from somabrain_operator.conditions import (
     ALERTS,
     READY,
@@ -183,10 +183,19 @@ def _reconcile(
             api, spec, resolved, namespace=namespace, name=name, uid=uid, settings=settings
         )
     except ChildConflict as exc:
+        if exc.holder is not None and exc.holder.kind == "Tenant":
+            return not_ready(
+                "TenantIdConflict",
+                f"tenant id {spec.tenant_id} is already served by another Tenant in "
+                f"{namespace} ({exc}); give this Tenant another tenantId or delete one of "
+                "the two",
+                retry=60,
+            )
         return not_ready(
-            "TenantIdConflict",
-            f"tenant id {spec.tenant_id} is already served by another Tenant in {namespace} "
-            f"({exc}); give this Tenant another tenantId or delete one of the two",
+            "ChildNameTaken",
+            f"{exc}, and the operator takes over no object it does not control: delete or "
+            "rename that object, or give this Tenant another tenantId (no child is applied "
+            "until then)",
             retry=60,
         )
     except client.ApiException as exc:
@@ -240,12 +249,18 @@ def _apply_children(
         spec, resolved, namespace=namespace, owner=owner, settings=settings, config=config
     )
     service = children.service(spec, namespace=namespace, owner=owner, settings=settings)
-    # One field manager applies every Tenant's children, so applying cannot tell two
-    # Tenants with one tenant id apart: the live Deployment's controller does.
-    live = read(api, "Deployment", name=deployment["metadata"]["name"], namespace=namespace)
-    holder = controller_uid(live) if live is not None else None
-    if live is not None and holder != uid:
-        raise ChildConflict("Deployment", deployment["metadata"]["name"], holder)
+    quota = children.resource_quota(spec, namespace=namespace, owner=owner)
+    rule = children.prometheus_rule(
+        spec, resolved, namespace=namespace, owner=owner, settings=settings
+    )
+    # One field manager applies every Tenant's children, and applying merges into an
+    # existing object, so it cannot tell two Tenants with one tenant id apart, nor
+    # someone else's object of the same name: the live objects' controllers do.
+    claim(
+        api,
+        [deployment, config, service, *([quota] if quota else []), rule],
+        controller=uid,
+    )
     for child in (deployment, config, service):
         apply(api, child, controller=uid)
     applied = {
@@ -254,7 +269,6 @@ def _apply_children(
         "service": service["metadata"]["name"],
     }
 
-    quota = children.resource_quota(spec, namespace=namespace, owner=owner)
     quota_name = f"somabrain-tenant-{spec.tenant_id}"
     if quota is not None:
         apply(api, quota, controller=uid)
@@ -262,9 +276,6 @@ def _apply_children(
     else:
         delete(api, "ResourceQuota", name=quota_name, namespace=namespace, controller=uid)
 
-    rule = children.prometheus_rule(
-        spec, resolved, namespace=namespace, owner=owner, settings=settings
-    )
     try:
         apply(api, rule, controller=uid)
     except client.ApiException as exc:
