@@ -4,9 +4,10 @@ The kubernetes client waits for an answer forever unless a call says otherwise. 
 connection gone silent without closing (case K-9) that would stall a reconcile, or the
 status loop, for good. Every request through `api_client` gives up after
 `api_request_timeout_seconds` without an answer, and is not sent again by the client
-(connecting is still tried up to 3 times). That failure, like any other failure to reach
-the API server, is raised as an `ApiException` with status 0, as the kubernetes client
-itself does for TLS errors, so every caller handles it as a failed request.
+(a connection that fails is still retried up to 3 times). That failure, like any other
+failure to reach the API server, is raised as an `ApiException` with status 0, as the
+kubernetes client itself does for TLS errors, so every caller handles it as a failed
+request.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ class Loop:
         interval = self.settings.status_interval_seconds
         while not KNOWN.stop.wait(interval):
             try:
-                with api_client(KNOWN.settings) as api:
+                with api_client(self.settings) as api:
                     self.tick(api, interval)
             except (client.ApiException, SQLAlchemyError, OSError) as exc:
                 log.warning("status loop: %s; trying again in %g s", exc, interval)
