@@ -14,20 +14,17 @@ import pydantic
 from kubernetes import client
 from kubernetes import config as kube_config
 from prometheus_client import start_http_server
+from pydantic.fields import FieldInfo
 
 # Importing the handler modules registers them with Kopf.
 from somabrain_operator import peering, policies, tenant, watch  # noqa: F401
 from somabrain_operator.config import GROUP, POLICY_PLURAL, TENANT_PLURAL, OperatorSettings
+from somabrain_operator.kubeapi import api_client
 from somabrain_operator.loop import Loop
 from somabrain_operator.metrics import REGISTRY
 from somabrain_operator.state import KNOWN
 
 log = logging.getLogger(__name__)
-
-# Watches end and are re-established every 5 minutes; a connection that goes silent
-# without closing is given up after 5.5 (case K-9), then Kopf re-lists.
-WATCH_SERVER_TIMEOUT = 300
-WATCH_CLIENT_TIMEOUT = 330
 
 
 class MissingCRDs(Exception):
@@ -68,8 +65,14 @@ def _join(api: client.ApiClient, me: peering.Peering, *, lifetime: int) -> None:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
-    settings.watching.server_timeout = WATCH_SERVER_TIMEOUT
-    settings.watching.client_timeout = WATCH_CLIENT_TIMEOUT
+    ours = KNOWN.settings
+    # Each watch request is ended by the API server after the server timeout and given
+    # up by the operator after the client timeout, even if nothing came: a connection
+    # gone silent without closing is noticed within the client timeout (case K-9).
+    settings.watching.server_timeout = ours.watch_server_timeout_seconds
+    settings.watching.client_timeout = ours.watch_client_timeout_seconds
+    # Kopf's other requests (lists, status patches) are bounded too, and retried.
+    settings.networking.request_timeout = ours.api_request_timeout_seconds
     settings.posting.level = logging.WARNING
     # Kopf's own progress records go into annotations; nothing else of Kopf's in status.
     settings.persistence.finalizer = f"{GROUP}/cleanup"
@@ -77,7 +80,7 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
         kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kube_config.ConfigException:
         kube_config.load_kube_config()  # type: ignore[no-untyped-call]
-    with client.ApiClient() as api:
+    with api_client(KNOWN.settings) as api:
         try:
             check_own_crds(api)
             if KNOWN.peering is not None:
@@ -91,15 +94,28 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
     KNOWN.policies = indices["policy_bodies"]
     Loop(KNOWN.settings, KNOWN.peering).start()
     log.info(
-        "operator started: backlog from %s every %g s",
-        "the outbox database" if KNOWN.settings.database_url else "nowhere (no database access)",
-        KNOWN.settings.status_interval_seconds,
+        "operator started: backlog from %s every %g s; watch requests end after %d s and "
+        "are given up after %g s",
+        "the outbox database" if ours.database_url else "nowhere (no database access)",
+        ours.status_interval_seconds,
+        ours.watch_server_timeout_seconds,
+        ours.watch_client_timeout_seconds,
     )
 
 
 @kopf.on.cleanup()
 def stop(**_: Any) -> None:
     KNOWN.stop.set()
+
+
+def _described(field: FieldInfo) -> str:
+    """A setting's description, with its default unless it has none worth showing."""
+    text = (field.description or "").rstrip(".")
+    value = field.get_default(call_default_factory=True)
+    if value is None or value == {}:
+        return f"{text}."
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{text} (default {shown})."
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,11 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         "Deployments, ConfigMaps, Services, PrometheusRules and ResourceQuotas in every "
         "namespace. Uses the in-cluster service account, else $KUBECONFIG.",
         epilog="settings (environment): "
-        + "; ".join(
-            f"SOMABRAIN_OPERATOR_{name.upper()}: {field.description}"
+        + " ".join(
+            f"SOMABRAIN_OPERATOR_{name.upper()}: {_described(field)}"
             for name, field in OperatorSettings.model_fields.items()
         )
-        + ". example: KUBECONFIG=~/.kube/config somabrain-operator --metrics-port 8080",
+        + " example: KUBECONFIG=~/.kube/config somabrain-operator --metrics-port 8080",
     )
     parser.add_argument(
         "--metrics-port",

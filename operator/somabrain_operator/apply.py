@@ -5,6 +5,11 @@ person's `kubectl edit`, a GitOps tool) conflict instead of being silently taken
 A conflict on an object this Tenant controls is then re-applied with force, which is
 what repairs a hand edit of a child; the manager that lost its fields is logged. An
 object controlled by someone else is never forced.
+
+Applying an object that exists already would merge into it, whoever it belongs to, so
+`claim` checks first that no wanted name is held by an object the Tenant does not
+control (another Tenant's, another controller's, or one with no controller at all):
+such an object is a `ChildConflict`, and none of the children are applied.
 """
 
 from __future__ import annotations
@@ -75,13 +80,26 @@ def is_own_delete(body: Any) -> bool:
     return at is not None and time.monotonic() - at < _DELETE_REMEMBERED_SECONDS
 
 
-class ChildConflict(Exception):
-    """A child's name is taken by an object another controller owns."""
+@dataclasses.dataclass(frozen=True)
+class Controller:
+    """The controlling owner named in an object's ownerReferences."""
 
-    def __init__(self, kind: str, name: str, holder: str | None) -> None:
+    kind: str
+    name: str
+    uid: str
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object this Tenant does not control."""
+
+    def __init__(self, kind: str, name: str, holder: Controller | None) -> None:
         self.kind, self.name, self.holder = kind, name, holder
-        by = f"controller uid {holder}" if holder else "no controller of ours"
-        super().__init__(f"{kind} {name} exists and is owned by {by}")
+        by = (
+            f"is controlled by {holder.kind} {holder.name} (uid {holder.uid})"
+            if holder
+            else "has no controller"
+        )
+        super().__init__(f"{kind} {name} exists and {by}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +156,29 @@ def _verbs(api: client.ApiClient, kind: str) -> _Verbs:
     raise ValueError(f"the operator does not manage objects of kind {kind}")
 
 
-def controller_uid(live: Any) -> str | None:
-    """The uid of the controller in a live object's ownerReferences (typed or dict)."""
+def controller_of(live: Any) -> Controller | None:
+    """The controller in a live object's ownerReferences (typed or dict), if any."""
     if isinstance(live, dict):
         owners = live.get("metadata", {}).get("ownerReferences") or []
-        return next((str(o["uid"]) for o in owners if o.get("controller")), None)
+        return next(
+            (
+                Controller(str(o.get("kind")), str(o.get("name")), str(o["uid"]))
+                for o in owners
+                if o.get("controller")
+            ),
+            None,
+        )
     owners = (live.metadata.owner_references if live.metadata else None) or []
-    return next((str(o.uid) for o in owners if o.controller), None)
+    return next(
+        (Controller(str(o.kind), str(o.name), str(o.uid)) for o in owners if o.controller),
+        None,
+    )
+
+
+def controller_uid(live: Any) -> str | None:
+    """The uid of the controller in a live object's ownerReferences (typed or dict)."""
+    holder = controller_of(live)
+    return holder.uid if holder else None
 
 
 def read(api: client.ApiClient, kind: str, *, name: str, namespace: str) -> Any | None:
@@ -157,10 +191,20 @@ def read(api: client.ApiClient, kind: str, *, name: str, namespace: str) -> Any 
         raise
 
 
+def claim(api: client.ApiClient, objs: list[dict[str, Any]], *, controller: str) -> None:
+    """Raise `ChildConflict` for the first of `objs` whose name is held by an existing
+    object that `controller` (a Tenant's uid) does not control."""
+    for obj in objs:
+        meta = obj["metadata"]
+        live = read(api, obj["kind"], name=meta["name"], namespace=meta["namespace"])
+        if live is not None and controller_uid(live) != controller:
+            raise ChildConflict(obj["kind"], meta["name"], controller_of(live))
+
+
 def apply(api: client.ApiClient, obj: dict[str, Any], *, controller: str) -> None:
     """Converge one object on `obj`: created if missing, our fields set, others' left
     alone; `controller` is the uid of the Tenant that must control it."""
-    _apply(api, obj, ours=lambda live: controller_uid(live) == controller, holder=controller_uid)
+    _apply(api, obj, ours=lambda live: controller_uid(live) == controller, holder=controller_of)
 
 
 def apply_shared(api: client.ApiClient, obj: dict[str, Any]) -> None:
@@ -175,7 +219,7 @@ def _apply(
     obj: dict[str, Any],
     *,
     ours: Callable[[Any], bool],
-    holder: Callable[[Any], str | None],
+    holder: Callable[[Any], Controller | None],
 ) -> None:
     kind, meta = obj["kind"], obj["metadata"]
     verbs = _verbs(api, kind)

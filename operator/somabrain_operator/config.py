@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Self
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GROUP = "somabrain.io"
@@ -67,3 +69,36 @@ class OperatorSettings(BaseSettings):
         description="How long deleting a Tenant with deletionPolicy Drain waits for its "
         "backlog to reach zero before it gives up and deletes anyway.",
     )
+    watch_server_timeout_seconds: int = Field(
+        default=300,
+        gt=0,
+        description="How long the API server keeps one watch request open before ending it; "
+        "the operator then watches again from where it was.",
+    )
+    watch_client_timeout_seconds: float = Field(
+        default=330.0,
+        gt=0,
+        description="How long the operator keeps one watch request open before it gives "
+        "the connection up, whether or not anything arrived: a connection gone silent "
+        "without closing (a half-closed or black-holed connection) is noticed within this "
+        "time and watched again on a new one. Must be more than "
+        "SOMABRAIN_OPERATOR_WATCH_SERVER_TIMEOUT_SECONDS.",
+    )
+    api_request_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest wait for any other API request (a list, an apply, a status "
+        "write); a request without an answer by then fails and is retried.",
+    )
+
+    @model_validator(mode="after")
+    def _client_outlasts_server(self) -> Self:
+        if self.watch_client_timeout_seconds <= self.watch_server_timeout_seconds:
+            raise ValueError(
+                "SOMABRAIN_OPERATOR_WATCH_CLIENT_TIMEOUT_SECONDS "
+                f"({self.watch_client_timeout_seconds:g}) must be more than "
+                "SOMABRAIN_OPERATOR_WATCH_SERVER_TIMEOUT_SECONDS "
+                f"({self.watch_server_timeout_seconds}): otherwise every healthy watch "
+                "is cut by the operator before the API server ends it"
+            )
+        return self

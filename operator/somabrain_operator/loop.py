@@ -44,6 +44,7 @@ from somabrain.store.outbox import TenantReport, tenant_reports
 from somabrain_operator import pools, rollout
 from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
+from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import STATUS_WRITES, observe
 from somabrain_operator.peering import Peering
 from somabrain_operator.reconcile import PolicyLookup, misjudged_members, pool_plan
@@ -158,7 +159,7 @@ class Loop:
         interval = self.settings.status_interval_seconds
         while not KNOWN.stop.wait(interval):
             try:
-                with client.ApiClient() as api:
+                with api_client(self.settings) as api:
                     if self.acting(api):
                         self.tick(api, interval)
             except (client.ApiException, TransportError, SQLAlchemyError, OSError) as exc:

@@ -12,10 +12,10 @@ from typing import Any
 
 import kopf
 import pydantic
-from kubernetes import client
 
 from somabrain_operator.conditions import READY, condition
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION
+from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import observe
 from somabrain_operator.resources import OutboxPolicySpec
 from somabrain_operator.state import KNOWN, each, reconcile_known, snapshot
@@ -33,7 +33,7 @@ def policy_bodies(
 def _tenants_follow(namespace: str, name: str) -> int:
     """Reconcile the policy's Tenants; return how many there are."""
     tenants = KNOWN.tenants_of_policy(namespace, name)
-    with client.ApiClient() as api:
+    with api_client(KNOWN.settings) as api:
         for body in each(tenants):
             with observe("Tenant", "policy"):
                 reconcile_known(api, body)

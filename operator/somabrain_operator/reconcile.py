@@ -24,7 +24,7 @@ import pydantic
 from kubernetes import client
 
 from somabrain_operator import children, pools, rollout
-from somabrain_operator.apply import ChildConflict, apply, controller_uid, delete, read
+from somabrain_operator.apply import ChildConflict, apply, claim, controller_of, delete, read
 from somabrain_operator.conditions import (
     ALERTS,
     READY,
@@ -151,6 +151,11 @@ def _reconcile(
         "resolved": resolved.to_body(),
     }
     owner = children.owner_reference(name=name, uid=uid)
+    quota = children.resource_quota(spec, namespace=namespace, owner=owner)
+    rule = children.prometheus_rule(
+        spec, resolved, namespace=namespace, owner=owner, settings=settings
+    )
+    own = [*([quota] if quota else []), rule]
     others: set[str] = set()
     try:
         # Leaving a pool (another pool, or dedicated now): the old one goes on without it.
@@ -162,6 +167,7 @@ def _reconcile(
             others |= stale
         if resolved.publisher_mode == "shared":
             assert resolved.pool is not None  # the schema requires a pool in shared mode
+            claim(api, own, controller=uid)
             _remove_dedicated(api, spec, namespace=namespace, uid=uid)
             chosen, stale = _converge_pool(
                 api, namespace, resolved.pool, body, members_of, policy_of, settings
@@ -178,27 +184,41 @@ def _reconcile(
             )
         else:
             applied = _apply_dedicated(
-                api, spec, resolved, namespace=namespace, uid=uid, owner=owner, settings=settings
+                api,
+                spec,
+                resolved,
+                namespace=namespace,
+                uid=uid,
+                owner=owner,
+                settings=settings,
+                also_claim=own,
             )
             verdict = pools.Verdict(
                 "ChildrenApplied",
                 f"publisher Deployment {applied['deployment']} and its settings are applied",
             )
-        extra, alerts = _apply_tenant_children(
-            api, spec, resolved, namespace=namespace, uid=uid, owner=owner, settings=settings
-        )
+        extra, alerts = _apply_own(api, spec, quota, rule, namespace=namespace, uid=uid)
     except ChildConflict as exc:
-        if resolved.publisher_mode == "shared":
+        if resolved.pool and exc.name == children.pool_publisher_name(resolved.pool):
             return not_ready(
                 "PoolNameConflict",
                 f"pool {resolved.pool}'s publisher cannot be applied: {exc}; choose another "
                 "pool name or remove that object",
                 retry=60,
             )
+        if exc.holder is not None and exc.holder.kind == "Tenant":
+            return not_ready(
+                "TenantIdConflict",
+                f"tenant id {spec.tenant_id} is already served by another Tenant in "
+                f"{namespace} ({exc}); give this Tenant another tenantId or delete one of "
+                "the two",
+                retry=60,
+            )
         return not_ready(
-            "TenantIdConflict",
-            f"tenant id {spec.tenant_id} is already served by another Tenant in {namespace} "
-            f"({exc}); give this Tenant another tenantId or delete one of the two",
+            "ChildNameTaken",
+            f"{exc}, and the operator takes over no object it does not control: delete or "
+            "rename that object, or give this Tenant another tenantId (no child is applied "
+            "until then)",
             retry=60,
         )
     except client.ApiException as exc:
@@ -337,7 +357,7 @@ def _converge_pool(
     chosen = pools.plan(pool, candidates)
     live = read(api, "Deployment", name=children.pool_publisher_name(pool), namespace=namespace)
     if live is not None and not _has_pool_labels(live, pool):
-        raise ChildConflict("Deployment", children.pool_publisher_name(pool), controller_uid(live))
+        raise ChildConflict("Deployment", children.pool_publisher_name(pool), controller_of(live))
     pools.converge(api, namespace, chosen, settings=settings)
     stale: set[str] = set()
     for other in bodies:
@@ -418,8 +438,10 @@ def _apply_dedicated(
     uid: str,
     owner: dict[str, Any],
     settings: OperatorSettings,
+    also_claim: list[dict[str, Any]],
 ) -> dict[str, str]:
-    """The dedicated publisher's Deployment, ConfigMap and Service; their names."""
+    """The dedicated publisher's Deployment, ConfigMap and Service; their names. Nothing
+    is applied unless every one of them and of `also_claim` is free or this Tenant's."""
     config = children.config_map(
         spec, resolved, namespace=namespace, owner=owner, settings=settings
     )
@@ -427,12 +449,10 @@ def _apply_dedicated(
         spec, resolved, namespace=namespace, owner=owner, settings=settings, config=config
     )
     service = children.service(spec, namespace=namespace, owner=owner, settings=settings)
-    # One field manager applies every Tenant's children, so applying cannot tell two
-    # Tenants with one tenant id apart: the live Deployment's controller does.
-    live = read(api, "Deployment", name=deployment["metadata"]["name"], namespace=namespace)
-    holder = controller_uid(live) if live is not None else None
-    if live is not None and holder != uid:
-        raise ChildConflict("Deployment", deployment["metadata"]["name"], holder)
+    # One field manager applies every Tenant's children, and applying merges into an
+    # existing object, so it cannot tell two Tenants with one tenant id apart, nor
+    # someone else's object of the same name: the live objects' controllers do.
+    claim(api, [deployment, config, service, *also_claim], controller=uid)
     for child in (deployment, config, service):
         apply(api, child, controller=uid)
     return {
@@ -442,20 +462,18 @@ def _apply_dedicated(
     }
 
 
-def _apply_tenant_children(
+def _apply_own(
     api: client.ApiClient,
     spec: TenantSpec,
-    resolved: ResolvedTenant,
+    quota: dict[str, Any] | None,
+    rule: dict[str, Any],
     *,
     namespace: str,
     uid: str,
-    owner: dict[str, Any],
-    settings: OperatorSettings,
 ) -> tuple[dict[str, str], _Alerts]:
     """The children every Tenant has of its own, whatever its mode (ResourceQuota,
     PrometheusRule); their names and what AlertsConfigured says."""
     applied: dict[str, str] = {}
-    quota = children.resource_quota(spec, namespace=namespace, owner=owner)
     quota_name = f"somabrain-tenant-{spec.tenant_id}"
     if quota is not None:
         apply(api, quota, controller=uid)
@@ -463,9 +481,6 @@ def _apply_tenant_children(
     else:
         delete(api, "ResourceQuota", name=quota_name, namespace=namespace, controller=uid)
 
-    rule = children.prometheus_rule(
-        spec, resolved, namespace=namespace, owner=owner, settings=settings
-    )
     try:
         apply(api, rule, controller=uid)
     except client.ApiException as exc:

@@ -34,7 +34,9 @@ class Known:
         self.by_policy: kopf.Index[tuple[str, str], Any] | None = None
         self.by_pool: kopf.Index[tuple[str, str], Any] | None = None
         self.policies: kopf.Index[tuple[str, str], Any] | None = None
-        self.settings = OperatorSettings()
+        # The defaults until `main` reads the environment, where invalid settings are
+        # reported as such rather than failing this import.
+        self.settings = OperatorSettings.model_construct()
         self.peering: Peering | None = None
         self.stop = threading.Event()
 

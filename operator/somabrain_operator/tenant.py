@@ -32,6 +32,7 @@ from somabrain_operator import children, pools
 from somabrain_operator.apply import delete
 from somabrain_operator.conditions import READY, condition, merge, post_event
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION
+from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import observe
 from somabrain_operator.reconcile import forget, reconcile_tenant
 from somabrain_operator.resources import TenantSpec
@@ -69,7 +70,7 @@ def tenants_by_pool(
 def reconcile(
     body: kopf.Body, patch: kopf.Patch, name: str, namespace: str | None, **_: Any
 ) -> None:
-    with client.ApiClient() as api, observe("Tenant", "change"):
+    with api_client(KNOWN.settings) as api, observe("Tenant", "change"):
         outcome = reconcile_tenant(
             api,
             body,
@@ -114,7 +115,7 @@ def _leave_pool(body: Mapping[str, Any], pool: str) -> None:
     namespace = str(body["metadata"]["namespace"])
     uid = str(body["metadata"]["uid"])
     rest = [m for m in KNOWN.pool_members(namespace, pool) if str(m["metadata"]["uid"]) != uid]
-    with client.ApiClient() as api, observe("Tenant", "pool"):
+    with api_client(KNOWN.settings) as api, observe("Tenant", "pool"):
         if not any(reconcile_known(api, member) is not None for member in rest):
             pools.converge(api, namespace, pools.plan(pool, []), settings=KNOWN.settings)
 
@@ -132,7 +133,7 @@ def clean_up(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, retry: int, **
         return  # never reconciled, nothing of ours outside the cluster
     policy = spec.deletion_policy
     tenant = TenantId(spec.tenant_id)
-    with client.ApiClient() as api, observe("Tenant", "delete"):
+    with api_client(KNOWN.settings) as api, observe("Tenant", "delete"):
         if KNOWN.settings.database_url is None:
             post_event(
                 api,

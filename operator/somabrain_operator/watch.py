@@ -16,12 +16,12 @@ import logging
 from typing import Any
 
 import kopf
-from kubernetes import client
 
 from somabrain_operator.apply import is_own_delete, is_own_write
 from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY
 from somabrain_operator.conditions import ALERTS
 from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
+from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import observe
 from somabrain_operator.state import KNOWN, each, reconcile_known
 
@@ -59,7 +59,7 @@ def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
         "deleted" if change == "DELETED" else "changed",
         tenant["metadata"]["name"],
     )
-    with client.ApiClient() as api, observe("Tenant", "child"):
+    with api_client(KNOWN.settings) as api, observe("Tenant", "child"):
         reconcile_known(api, tenant)
 
 
@@ -102,11 +102,14 @@ def _established(body: kopf.Body) -> bool:
 def rule_crd_changed(body: kopf.Body, **kwargs: Any) -> None:
     if kwargs["type"] == "DELETED" or not _established(body):
         return
+    # Every Tenant without its rules: those that found the CRD missing, and those whose
+    # status the index has not caught up with yet (a Tenant reconciled just before the
+    # CRD came, while the operator is busy, may still show no conditions here).
     waiting = [
         t
         for t in each(KNOWN.tenant_bodies())
-        if any(
-            c.get("type") == ALERTS and c.get("reason") == "PrometheusRuleCRDMissing"
+        if not any(
+            c.get("type") == ALERTS and c.get("status") == "True"
             for c in (t.get("status") or {}).get("conditions") or []
         )
     ]
@@ -114,7 +117,7 @@ def rule_crd_changed(body: kopf.Body, **kwargs: Any) -> None:
         log.info(
             "the PrometheusRule CRD is installed; applying the rules of %d Tenants", len(waiting)
         )
-    with client.ApiClient() as api:
+    with api_client(KNOWN.settings) as api:
         for tenant in waiting:
             with observe("Tenant", "crd"):
                 reconcile_known(api, tenant)

@@ -1,6 +1,6 @@
 """The operator's reconcile on the real API server and database: steady state, repair of
 children, policy changes, optional CRDs, backlog in status, deletion policies
-(cases K-2, K-3, K-5, K-6, K-8, K-11, K-18)."""
+(cases K-2, K-3, K-4, K-5, K-6, K-8, K-11, K-18)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ from tests.e2e.helpers import (
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
+
+# The status loop's interval for the operator of `job` (MainJob.start_operator).
+STATUS_INTERVAL = 2.0
 
 
 def _writes_during(job: MainJob, seconds: float) -> list[str]:
@@ -273,6 +276,67 @@ def test_retain_tenant_has_no_finalizer_and_goes_at_once_leaving_its_events(
 
     assert wait_for(lambda: get(job, "keeper") is None, timeout=10)
     assert _rows(job, "keeper") == before + 3
+
+
+def _children(job: MainJob, tenant_id: str) -> dict[str, str | None]:
+    """The controller uid of each of the tenant's children, None for those missing."""
+    core, apps = client.CoreV1Api(job.api), client.AppsV1Api(job.api)
+    name = publisher_name(tenant_id)
+    reads = {
+        "Deployment": lambda: apps.read_namespaced_deployment(name, job.namespace),
+        "ConfigMap": lambda: core.read_namespaced_config_map(name, job.namespace),
+        "Service": lambda: core.read_namespaced_service(name, job.namespace),
+    }
+    found: dict[str, str | None] = {}
+    for kind, read in reads.items():
+        try:
+            owners = read().metadata.owner_references or []
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            found[kind] = None
+            continue
+        found[kind] = next((o.uid for o in owners if o.controller), "")
+    return found
+
+
+def test_nothing_acts_on_a_deleted_tenant_nor_on_its_namesake_for_it(job: MainJob) -> None:
+    # K-4: the status loop and the child watches act on the Tenants the index holds
+    # now. A body kept past deletion would show: its repair re-creates the children
+    # deleted below, or, against the Tenant re-created under the same name, writes a
+    # TenantIdConflict status and Event.
+    custom = client.CustomObjectsApi(job.api)
+    job.apply_tenants([tenant("gone", deletionPolicy="Retain", quotas={"batchSize": 10})])
+    job.wait_ready(["gone"], timeout=60)
+    assert wait_for(lambda: has_condition(job, "gone", "PublisherAvailable", "False", "NoReport"))
+    old_uid = (get(job, "gone") or {})["metadata"]["uid"]
+
+    custom.delete_namespaced_custom_object(GROUP, VERSION, job.namespace, "tenants", "gone")
+    assert wait_for(lambda: get(job, "gone") is None, timeout=10)
+    # No garbage collector runs on this API server: delete the children as it would.
+    core, apps = client.CoreV1Api(job.api), client.AppsV1Api(job.api)
+    apps.delete_namespaced_deployment(publisher_name("gone"), job.namespace)
+    core.delete_namespaced_config_map(publisher_name("gone"), job.namespace)
+    core.delete_namespaced_service(publisher_name("gone"), job.namespace)
+    time.sleep(3 * STATUS_INTERVAL)
+    assert _children(job, "gone") == dict.fromkeys(("Deployment", "ConfigMap", "Service"))
+
+    job.apply_tenants([tenant("gone", deletionPolicy="Retain", quotas={"batchSize": 20})])
+    job.wait_ready(["gone"], timeout=60)
+    new_uid = (get(job, "gone") or {})["metadata"]["uid"]
+    assert new_uid != old_uid
+    assert wait_for(lambda: has_condition(job, "gone", "PublisherAvailable", "False", "NoReport"))
+    time.sleep(STATUS_INTERVAL)
+
+    # The repair pass takes one Tenant of the cluster per tick: watch for long enough
+    # that it reaches every body the operator could hold.
+    tenants = custom.list_cluster_custom_object(GROUP, VERSION, "tenants")["items"]  # type: ignore[index]
+    writes = _writes_during(job, (len(tenants) + 3) * STATUS_INTERVAL)
+
+    assert writes == [], f"written after the deletion: {writes}"
+    assert has_condition(job, "gone", "Ready", "True", "ChildrenApplied")
+    assert _children(job, "gone") == dict.fromkeys(("Deployment", "ConfigMap", "Service"), new_uid)
+    assert batch_size(job, "gone") == 20
 
 
 def test_drain_tenant_waits_for_its_backlog_before_it_goes(job: MainJob) -> None:
