@@ -21,6 +21,8 @@ import yaml
 
 from devenv import common
 from devenv.mainjob import MainJob
+from somabrain.store.engine import make_sessionmaker
+from somabrain.store.outbox import report_tenant
 from tests.e2e.helpers import has_condition, tenant
 from tests.silent_proxy import SilentProxy
 from tests.support import wait_for
@@ -154,11 +156,13 @@ def test_the_status_loop_outlives_api_requests_that_get_no_answer(
         timeout=30,
     )
 
-    # Nothing reaches the API server any more; the loop's repair pass sends requests
-    # every tick (2 s), and each waits for an answer that never comes.
+    # Nothing reaches the API server any more, and the loop has a status to write: a
+    # publisher's report arrives, and the write waits for an answer that never comes.
     before = len(operator.log())
     operator.proxy.silence_new(True)
     operator.proxy.silence_existing()
+    with make_sessionmaker(job.engine).begin() as session:
+        report_tenant(session, tenant_id="steady", pending=0, max_pending=None, publisher="steady")
     assert wait_for(
         lambda: "status loop:" in operator.log()[before:], timeout=6 * REQUEST_TIMEOUT + 4
     ), "no request of the status loop gave up; operator log:\n" + common.tail(
