@@ -91,6 +91,7 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
     KNOWN.tenants = indices["tenant_bodies"]
     KNOWN.by_policy = indices["tenants_by_policy"]
     KNOWN.by_pool = indices["tenants_by_pool"]
+    KNOWN.by_id = indices["tenants_by_id"]
     KNOWN.policies = indices["policy_bodies"]
     Loop(KNOWN.settings, KNOWN.peering).start()
     log.info(

@@ -56,6 +56,15 @@ def pool_publisher_name(pool: str) -> str:
     return f"somabrain-pool-{pool}"
 
 
+def pool_identity(namespace: str, pool: str) -> str:
+    """The name a pool's publisher runs under (`SOMABRAIN_POOL`): its Kafka
+    transactional id derives from it, so pools of one name in two namespaces must not
+    share it. The pool's name, cut to 31 characters, and 8 hex digits of a hash of
+    namespace and pool (a valid pool name, at most 40 characters)."""
+    digest = hashlib.sha256(f"{namespace}/{pool}".encode()).hexdigest()[:8]
+    return f"{pool[:31].rstrip('-')}-{digest}"
+
+
 def rule_name(tenant_id: str) -> str:
     return f"somabrain-tenant-{tenant_id}"
 
@@ -386,7 +395,7 @@ def pool_config_map(
         "kind": "ConfigMap",
         "metadata": _pool_metadata(pool, namespace=namespace, members=members),
         "data": {
-            "SOMABRAIN_POOL": pool,
+            "SOMABRAIN_POOL": pool_identity(namespace, pool),
             "SOMABRAIN_TENANTS": ",".join(tenants),
             **start_settings(members[0].resolved),
             **_process_settings(settings),
@@ -408,7 +417,7 @@ def pool_deployment(
     return _publisher_deployment(
         _pool_metadata(pool, namespace=namespace, members=members),
         selector={LABEL_POOL: pool, LABEL_COMPONENT: "publisher"},
-        args=["--pool", pool],
+        args=["--pool", pool_identity(namespace, pool)],
         replicas=1,
         resources=copy.deepcopy(defaults.PUBLISHER_RESOURCES),
         settings=settings,

@@ -78,8 +78,31 @@ PolicyLookup = Callable[[str, str], Mapping[str, Any] | None]
 MemberLookup = Callable[[str, str], list[Mapping[str, Any]]]
 
 
+# Every Tenant with a tenant id, in any namespace.
+HolderLookup = Callable[[str], list[Mapping[str, Any]]]
+
+
 def _no_members(namespace: str, pool: str) -> list[Mapping[str, Any]]:
     return []
+
+
+def _no_holders(tenant_id: str) -> list[Mapping[str, Any]]:
+    return []
+
+
+def first_holder(bodies: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """Of the Tenants sharing one tenant id, the one that has it: the oldest (then by
+    namespace and name). Tenant ids are global in the outbox, whatever the namespace."""
+    if not bodies:
+        return None
+    return min(
+        bodies,
+        key=lambda b: (
+            str(b["metadata"].get("creationTimestamp") or ""),
+            str(b["metadata"].get("namespace")),
+            str(b["metadata"].get("name")),
+        ),
+    )
 
 
 def reconcile_tenant(
@@ -89,14 +112,21 @@ def reconcile_tenant(
     policy_of: PolicyLookup,
     settings: OperatorSettings,
     members_of: MemberLookup = _no_members,
+    holders_of: HolderLookup = _no_holders,
 ) -> Outcome:
     """Converge the children of the Tenant `body`; `policy_of(namespace, name)` is the
     OutboxPolicy body, or None when it does not exist; `members_of(namespace, pool)`
-    the Tenants naming a shared pool."""
+    the Tenants naming a shared pool; `holders_of(tenant_id)` every Tenant with that
+    tenant id."""
     meta = body["metadata"]
     with _lock(str(meta["uid"])):
         outcome = _reconcile(
-            api, body, policy_of=policy_of, settings=settings, members_of=members_of
+            api,
+            body,
+            policy_of=policy_of,
+            settings=settings,
+            members_of=members_of,
+            holders_of=holders_of,
         )
     previous = (body.get("status") or {}).get("conditions") or []
     for changed in transitions(previous, outcome.status.get("conditions", [])):
@@ -117,6 +147,7 @@ def _reconcile(
     policy_of: PolicyLookup,
     settings: OperatorSettings,
     members_of: MemberLookup,
+    holders_of: HolderLookup,
 ) -> Outcome:
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], str(meta["uid"])
@@ -146,6 +177,18 @@ def _reconcile(
     if isinstance(found, _Unresolved):
         return not_ready(found.reason, found.message)
     spec, resolved = found.spec, found.resolved
+    others_with_id = [b for b in holders_of(spec.tenant_id) if str(b["metadata"]["uid"]) != uid]
+    holder = first_holder([*others_with_id, body])
+    if holder is not None and str(holder["metadata"]["uid"]) != uid:
+        hm = holder["metadata"]
+        return not_ready(
+            "TenantIdConflict",
+            f"tenant id {spec.tenant_id} is already used by Tenant {hm['namespace']}/"
+            f"{hm['name']} (tenant ids are global in the outbox, whatever the namespace); "
+            "give this Tenant another tenantId or delete one of the two (nothing is applied "
+            "for this one until then)",
+            retry=60,
+        )
     fields: dict[str, Any] = {
         "publisherMode": resolved.publisher_mode,
         "resolved": resolved.to_body(),

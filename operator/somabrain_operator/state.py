@@ -33,6 +33,7 @@ class Known:
         self.tenants: kopf.Index[str, Any] | None = None
         self.by_policy: kopf.Index[tuple[str, str], Any] | None = None
         self.by_pool: kopf.Index[tuple[str, str], Any] | None = None
+        self.by_id: kopf.Index[str, Any] | None = None
         self.policies: kopf.Index[tuple[str, str], Any] | None = None
         # The defaults until `main` reads the environment, where invalid settings are
         # reported as such rather than failing this import.
@@ -61,6 +62,13 @@ class Known:
         if self.by_pool is None or (namespace, pool) not in self.by_pool:
             return []
         uids = list(self.by_pool[(namespace, pool)])
+        return [body for uid in uids if (body := self.tenant(uid)) is not None]
+
+    def holders(self, tenant_id: str) -> list[Mapping[str, Any]]:
+        """Every Tenant, in any namespace, with tenant id `tenant_id`."""
+        if self.by_id is None or tenant_id not in self.by_id:
+            return []
+        uids = list(self.by_id[tenant_id])
         return [body for uid in uids if (body := self.tenant(uid)) is not None]
 
     def pools(self) -> list[tuple[str, str]]:
@@ -141,6 +149,7 @@ def reconcile_known(
             policy_of=policy_of or KNOWN.policy,
             settings=KNOWN.settings,
             members_of=KNOWN.pool_members,
+            holders_of=KNOWN.holders,
         )
         try:
             write_status(api, current, outcome.status)
@@ -171,7 +180,7 @@ def follow_others(api: client.ApiClient, outcome: Outcome) -> None:
             continue
         followed = reconcile_tenant(
             api, other, policy_of=KNOWN.policy, settings=KNOWN.settings,
-            members_of=KNOWN.pool_members,
+            members_of=KNOWN.pool_members, holders_of=KNOWN.holders,
         )  # fmt: skip
         # Changed meanwhile: the status tick's pool check writes it from the newer copy.
         with contextlib.suppress(StaleCopy):

@@ -34,7 +34,7 @@ from somabrain_operator.conditions import READY, condition, merge, post_event
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION
 from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import observe
-from somabrain_operator.reconcile import forget, reconcile_tenant
+from somabrain_operator.reconcile import first_holder, forget, reconcile_tenant
 from somabrain_operator.resources import TenantSpec
 from somabrain_operator.state import KNOWN, follow_others, reconcile_known, snapshot
 
@@ -53,6 +53,12 @@ def tenants_by_policy(
 ) -> dict[tuple[str, str], str]:
     ref = (spec.get("policyRef") or {}).get("name")
     return {(str(namespace), str(ref)): uid} if ref else {}
+
+
+@kopf.index(GROUP, VERSION, TENANT_PLURAL)
+def tenants_by_id(uid: str, spec: kopf.Spec, **_: Any) -> dict[str, str]:
+    tenant_id = spec.get("tenantId")
+    return {str(tenant_id): uid} if tenant_id else {}
 
 
 @kopf.index(GROUP, VERSION, TENANT_PLURAL)
@@ -77,6 +83,7 @@ def reconcile(
             policy_of=KNOWN.policy,
             settings=KNOWN.settings,
             members_of=KNOWN.pool_members,
+            holders_of=KNOWN.holders,
         )
         follow_others(api, outcome)
     patch.status.update(outcome.status)
@@ -95,17 +102,25 @@ def _pool_of(body: Mapping[str, Any]) -> str | None:
     return str(pool) if pool else None
 
 
-def _left_a_pool(type: str, body: kopf.Body, **_: Any) -> bool:
-    return type == "DELETED" and _pool_of(body) is not None
+def _deleted(type: str, **_: Any) -> bool:
+    return type == "DELETED"
 
 
-@kopf.on.event(GROUP, VERSION, TENANT_PLURAL, when=_left_a_pool)
-def left(body: kopf.Body, **_: Any) -> None:
-    """A member of a shared pool is gone (such a Tenant may carry no finalizer, so this
-    event is all the operator sees of it): its pool goes on without it."""
+@kopf.on.event(GROUP, VERSION, TENANT_PLURAL, when=_deleted)
+def gone(body: kopf.Body, **_: Any) -> None:
+    """A Tenant is gone (it may have carried no finalizer, so this event is all the
+    operator sees of it): its pool goes on without it, and a Tenant refused for using
+    its tenant id gets it."""
     pool = _pool_of(body)
     if pool is not None:
         _leave_pool(body, pool)
+    tenant_id = (body.get("spec") or {}).get("tenantId")
+    uid = str(body["metadata"]["uid"])
+    waiting = [b for b in KNOWN.holders(str(tenant_id)) if str(b["metadata"]["uid"]) != uid]
+    if tenant_id and waiting:
+        with api_client(KNOWN.settings) as api, observe("Tenant", "tenant-id"):
+            for other in waiting:
+                reconcile_known(api, other)
 
 
 def _leave_pool(body: Mapping[str, Any], pool: str) -> None:
@@ -133,7 +148,20 @@ def clean_up(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, retry: int, **
         return  # never reconciled, nothing of ours outside the cluster
     policy = spec.deletion_policy
     tenant = TenantId(spec.tenant_id)
+    holder = first_holder(KNOWN.holders(spec.tenant_id) or [body])
     with api_client(KNOWN.settings) as api, observe("Tenant", "delete"):
+        if holder is not None and str(holder["metadata"]["uid"]) != str(meta["uid"]):
+            hm = holder["metadata"]
+            post_event(
+                api,
+                body,
+                warning=True,
+                reason="CleanupSkipped",
+                message=f"tenant id {tenant} belongs to Tenant {hm['namespace']}/{hm['name']}, "
+                f"not to this one: deletionPolicy {policy} leaves its events alone",
+            )
+            forget(str(meta["uid"]))
+            return
         if KNOWN.settings.database_url is None:
             post_event(
                 api,

@@ -109,7 +109,7 @@ def test_the_pool_publisher_drains_every_member_read_from_its_config_map(
 ) -> None:
     config, deployment, _ = _pool_children("globex", "acme")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["--pool", "small"]
+    assert container["args"] == ["--pool", children.pool_identity("ns", "small")]
     env_keys = {e["name"] for e in container["env"] if "configMapKeyRef" in e["valueFrom"]}
     assert env_keys == set(config["data"]) - {children.TENANT_FILE}
 
@@ -121,7 +121,7 @@ def test_the_pool_publisher_drains_every_member_read_from_its_config_map(
     monkeypatch.setenv("SOMABRAIN_TENANT_CONFIG_FILE", str(path))
     settings = PublisherSettings()
     assert settings.served_tenants() == ["acme", "globex"]
-    assert settings.owner == "pool.small"
+    assert settings.owner == f"pool.{children.pool_identity('ns', 'small')}"
     assert set(load_tenant_overrides(path)) == {"acme", "globex"}
 
 
@@ -187,3 +187,14 @@ def test_members_whose_ready_reason_disagrees_with_the_plan_are_found() -> None:
     wrong = misjudged_members("small", bodies, lambda namespace, name: None)
 
     assert [b["metadata"]["name"] for b in wrong] == ["late", "odd", "new"]
+
+
+def test_pools_of_one_name_in_two_namespaces_publish_under_different_names() -> None:
+    # The name becomes the Kafka transactional id: a shared one would fence the other pool.
+    one, two = children.pool_identity("shop", "small"), children.pool_identity("other", "small")
+    assert one != two
+    assert one.startswith("small-")
+    long = children.pool_identity("ns", "p" * 40)
+    assert len(long) <= 40
+    for name in (one, two, long):
+        PublisherSettings(pool=name, tenants=["a", "b"])  # a valid pool name
