@@ -158,9 +158,9 @@ class Loop:
         interval = self.settings.status_interval_seconds
         while not KNOWN.stop.wait(interval):
             try:
-                with client.ApiClient() as api:
-                    if self.acting(api):
-                        self.tick(api, interval)
+                api = KNOWN.api()
+                if self.acting(api):
+                    self.tick(api, interval)
             except (client.ApiException, TransportError, SQLAlchemyError, OSError) as exc:
                 log.warning("status loop: %s; trying again in %g s", exc, interval)
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import kopf
 import pydantic
-from kubernetes import client
 
 from somabrain_operator.conditions import READY, condition
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION
@@ -33,10 +32,10 @@ def policy_bodies(
 def _tenants_follow(namespace: str, name: str) -> int:
     """Reconcile the policy's Tenants; return how many there are."""
     tenants = KNOWN.tenants_of_policy(namespace, name)
-    with client.ApiClient() as api:
-        for body in each(tenants):
-            with observe("Tenant", "policy"):
-                reconcile_known(api, body)
+    api = KNOWN.api()
+    for body in each(tenants):
+        with observe("Tenant", "policy"):
+            reconcile_known(api, body)
     log.info("OutboxPolicy %s/%s: %d referencing Tenants reconciled", namespace, name, len(tenants))
     return len(tenants)
 

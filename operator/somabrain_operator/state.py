@@ -37,6 +37,23 @@ class Known:
         self.settings = OperatorSettings()
         self.peering: Peering | None = None
         self.stop = threading.Event()
+        self.api_client: client.ApiClient | None = None
+
+    def api(self) -> client.ApiClient:
+        """The process's one API client, shared by Kopf's handler threads and the status
+        loop: its connection pool keeps connections open between requests, where a
+        client per handler opened (and TLS-handshook) new ones every time. Made by
+        `share_api` once the kubeconfig is loaded."""
+        if self.api_client is None:
+            raise RuntimeError("the operator's API client is not made yet (share_api)")
+        return self.api_client
+
+    def share_api(self, connections: int) -> None:
+        """Make the shared client from the configuration loaded at startup, keeping up
+        to `connections` connections open (one per thread that may use it at once)."""
+        configuration = client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = connections
+        self.api_client = client.ApiClient(configuration)
 
     def tenant_bodies(self) -> list[Mapping[str, Any]]:
         if self.tenants is None:

@@ -69,7 +69,8 @@ def tenants_by_pool(
 def reconcile(
     body: kopf.Body, patch: kopf.Patch, name: str, namespace: str | None, **_: Any
 ) -> None:
-    with client.ApiClient() as api, observe("Tenant", "change"):
+    api = KNOWN.api()
+    with observe("Tenant", "change"):
         outcome = reconcile_tenant(
             api,
             body,
@@ -114,7 +115,8 @@ def _leave_pool(body: Mapping[str, Any], pool: str) -> None:
     namespace = str(body["metadata"]["namespace"])
     uid = str(body["metadata"]["uid"])
     rest = [m for m in KNOWN.pool_members(namespace, pool) if str(m["metadata"]["uid"]) != uid]
-    with client.ApiClient() as api, observe("Tenant", "pool"):
+    api = KNOWN.api()
+    with observe("Tenant", "pool"):
         if not any(reconcile_known(api, member) is not None for member in rest):
             pools.converge(api, namespace, pools.plan(pool, []), settings=KNOWN.settings)
 
@@ -132,7 +134,8 @@ def clean_up(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, retry: int, **
         return  # never reconciled, nothing of ours outside the cluster
     policy = spec.deletion_policy
     tenant = TenantId(spec.tenant_id)
-    with client.ApiClient() as api, observe("Tenant", "delete"):
+    api = KNOWN.api()
+    with observe("Tenant", "delete"):
         if KNOWN.settings.database_url is None:
             post_event(
                 api,

@@ -16,7 +16,6 @@ import logging
 from typing import Any
 
 import kopf
-from kubernetes import client
 
 from somabrain_operator.apply import is_own_delete, is_own_write
 from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY
@@ -59,7 +58,8 @@ def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
         "deleted" if change == "DELETED" else "changed",
         tenant["metadata"]["name"],
     )
-    with client.ApiClient() as api, observe("Tenant", "child"):
+    api = KNOWN.api()
+    with observe("Tenant", "child"):
         reconcile_known(api, tenant)
 
 
@@ -114,7 +114,7 @@ def rule_crd_changed(body: kopf.Body, **kwargs: Any) -> None:
         log.info(
             "the PrometheusRule CRD is installed; applying the rules of %d Tenants", len(waiting)
         )
-    with client.ApiClient() as api:
-        for tenant in waiting:
-            with observe("Tenant", "crd"):
-                reconcile_known(api, tenant)
+    api = KNOWN.api()
+    for tenant in waiting:
+        with observe("Tenant", "crd"):
+            reconcile_known(api, tenant)
