@@ -9,7 +9,6 @@ state makes no writes (cases K-2, K-3), and only over the copy it was computed f
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 from collections.abc import Iterator, Mapping
@@ -91,9 +90,43 @@ class Known:
 KNOWN = Known()
 
 
+# What the operator reads of a Tenant's or a policy's metadata; the rest (managedFields
+# above all, several KiB per object, and Kopf's annotations) is left out of the index.
+_META_KEPT = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "resourceVersion",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "finalizers",
+    "labels",
+)
+
+
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain copy of a Kopf body, safe to keep in an index."""
-    return copy.deepcopy(dict(body))
+    """A plain copy of what the operator reads of a Kopf body (its kind, the metadata
+    in `_META_KEPT`, spec and status), safe to keep in an index."""
+    meta = body.get("metadata") or {}
+    kept: dict[str, Any] = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: _plain(meta[k]) for k in _META_KEPT if k in meta},
+    }
+    for part in ("spec", "status"):
+        if part in body:
+            kept[part] = _plain(body[part])
+    return kept
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy of JSON-like data, as dicts, lists and scalars."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _differs(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
