@@ -14,9 +14,9 @@ A Tenant gets these fields once it has been reconciled (its status has an
 younger than `publisher_report_max_age_seconds`, False when it is older or missing,
 Unknown when the operator has no database access.
 
-The repair pass reconciles every Tenant once per `REPAIR_SECONDS`, a slice per tick,
-so that drift the watches missed is repaired within a bounded time. Applying what
-already matches writes nothing.
+The repair pass reconciles every Tenant once per `repair_interval_seconds`, a slice
+per tick, so that drift the watches missed is repaired within a bounded time.
+Applying what already matches writes nothing.
 
 With peering, the loop runs only while Kopf lets this process act (case K-7): a
 paused process's indices are frozen where its watches stopped, so acting on them would
@@ -51,8 +51,6 @@ from somabrain_operator.resources import OutboxPolicySpec
 from somabrain_operator.state import KNOWN, StaleCopy, each, reconcile_known, write_status
 
 log = logging.getLogger(__name__)
-
-REPAIR_SECONDS = 600.0
 
 
 def backlog_status(
@@ -323,10 +321,11 @@ class Loop:
         if not bodies:
             self.repair_credit = 0.0
             return
-        # N Tenants in REPAIR_SECONDS: N * interval / REPAIR_SECONDS per tick, which is
-        # a fraction for a few Tenants; what is left over carries to the next tick.
+        # N Tenants per repair interval: N * tick / interval per tick, which is a
+        # fraction for a few Tenants; what is left over carries to the next tick.
+        period = self.settings.repair_interval_seconds
         self.repair_credit = min(
-            self.repair_credit + len(bodies) * interval / REPAIR_SECONDS, float(len(bodies))
+            self.repair_credit + len(bodies) * interval / period, float(len(bodies))
         )
         share = math.floor(self.repair_credit + 1e-9)  # float sums fall just short
         if share == 0:
