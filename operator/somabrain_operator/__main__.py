@@ -82,6 +82,7 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
     # (asyncio's default executor unless max_workers is set) and the status loop.
     workers = settings.execution.max_workers or min(32, (os.cpu_count() or 1) + 4)
     KNOWN.share_api(connections=workers + 1)
+    KNOWN.executor = settings.execution.executor
     api = KNOWN.api()
     try:
         check_own_crds(api)

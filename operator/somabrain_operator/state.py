@@ -8,6 +8,7 @@ state makes no writes (cases K-2, K-3), and only over the copy it was computed f
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -37,6 +38,8 @@ class Known:
         self.peering: Peering | None = None
         self.stop = threading.Event()
         self.api_client: client.ApiClient | None = None
+        # Kopf's thread pool for handlers (None: the event loop's default).
+        self.executor: concurrent.futures.Executor | None = None
 
     def api(self) -> client.ApiClient:
         """The process's one API client, shared by Kopf's handler threads and the status
