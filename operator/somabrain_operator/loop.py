@@ -147,6 +147,9 @@ class Loop:
         )
         self.repair_cursor = 0
         self.repair_credit = 0.0
+        # Per Tenant uid: its resourceVersion and report when a tick last found its
+        # status right.
+        self.unchanged: dict[str, tuple[Any, ...]] = {}
         self.thread = threading.Thread(target=self.run, name="somabrain-status", daemon=True)
 
     def start(self) -> None:
@@ -186,6 +189,9 @@ class Loop:
             ids = [str((b.get("spec") or {}).get("tenantId")) for b in bodies]
             with Session(self.engine) as session:
                 reports = tenant_reports(session, ids)
+        # A Tenant whose copy and report are as they were at a tick that found its
+        # status right is right still: it is skipped without computing anything.
+        unchanged: dict[str, tuple[Any, ...]] = {}
         for body in bodies:
             if "observedGeneration" not in (body.get("status") or {}):
                 # Not reconciled yet. Its reconcile writes `conditions` whole from the
@@ -193,22 +199,48 @@ class Loop:
                 # Kopf an event older than its own patch, which it may handle as a new
                 # Tenant once its wait for that patch times out under load.
                 continue
+            meta = body["metadata"]
             tenant = (body.get("spec") or {}).get("tenantId")
+            report = reports.get(tenant)
+            seen = (meta.get("resourceVersion"), self._shown(report))
+            uid = str(meta.get("uid"))
+            if self.unchanged.get(uid) == seen:
+                unchanged[uid] = seen
+                continue
             fields = (
-                backlog_status(body, reports.get(tenant), self.settings)
+                backlog_status(body, report, self.settings)
                 if self.engine is not None
                 else no_database_status(body)
             )
             try:
                 if write_status(api, body, fields):
                     STATUS_WRITES.labels("Tenant").inc()
+                elif seen[0] is not None:
+                    unchanged[uid] = seen
             except StaleCopy:
                 pass  # changed since the index's copy: the next tick writes from the newer one
+        self.unchanged = unchanged
         self._count_policies(api)
         if self.engine is not None:
             self._advance_rollouts(api, bodies, reports)
         self._repair_slice(api, bodies, interval)
         self._check_pools(api)
+
+    def _shown(self, report: TenantReport | None) -> tuple[Any, ...]:
+        """What of a publisher's report `backlog_status` depends on: its age only
+        through whether it is fresh."""
+        if report is None:
+            return ()
+        age = report.seen_seconds_ago
+        fresh = age is not None and age <= self.settings.publisher_report_max_age_seconds
+        oldest = report.oldest_pending_seconds
+        return (
+            fresh,
+            report.publisher,
+            report.pending,
+            report.circuit,
+            None if oldest is None or not report.pending else math.floor(oldest),
+        )
 
     def _check_pools(self, api: client.ApiClient) -> None:
         """Converge the pools whose children were last applied for other members than
