@@ -353,7 +353,7 @@ class Loop:
         if not bodies:
             self.repair_credit = 0.0
             return
-        # N Tenants per repair interval: N * tick / interval per tick, which is a
+        # N Tenants per repair period: N * interval / period per tick, which is a
         # fraction for a few Tenants; what is left over carries to the next tick.
         period = self.settings.repair_interval_seconds
         self.repair_credit = min(
