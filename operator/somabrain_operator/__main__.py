@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -19,7 +20,6 @@ from pydantic.fields import FieldInfo
 # Importing the handler modules registers them with Kopf.
 from somabrain_operator import peering, policies, tenant, watch  # noqa: F401
 from somabrain_operator.config import GROUP, POLICY_PLURAL, TENANT_PLURAL, OperatorSettings
-from somabrain_operator.kubeapi import api_client
 from somabrain_operator.loop import Loop
 from somabrain_operator.metrics import REGISTRY
 from somabrain_operator.state import KNOWN
@@ -80,13 +80,18 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
         kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kube_config.ConfigException:
         kube_config.load_kube_config()  # type: ignore[no-untyped-call]
-    with api_client(KNOWN.settings) as api:
-        try:
-            check_own_crds(api)
-            if KNOWN.peering is not None:
-                _join(api, KNOWN.peering, lifetime=settings.peering.lifetime)
-        except (MissingCRDs, peering.MissingPeeringCRD) as exc:
-            raise kopf.PermanentError(str(exc)) from exc
+    # One connection per thread that may send requests at once: Kopf's handler threads
+    # (asyncio's default executor unless max_workers is set) and the status loop.
+    workers = settings.execution.max_workers or min(32, (os.cpu_count() or 1) + 4)
+    KNOWN.share_api(connections=workers + 1)
+    KNOWN.executor = settings.execution.executor
+    api = KNOWN.api()
+    try:
+        check_own_crds(api)
+        if KNOWN.peering is not None:
+            _join(api, KNOWN.peering, lifetime=settings.peering.lifetime)
+    except (MissingCRDs, peering.MissingPeeringCRD) as exc:
+        raise kopf.PermanentError(str(exc)) from exc
     # Kopf passes every index to every handler, by the indexing function's name.
     KNOWN.tenants = indices["tenant_bodies"]
     KNOWN.by_policy = indices["tenants_by_policy"]

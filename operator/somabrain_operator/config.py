@@ -58,6 +58,15 @@ class OperatorSettings(BaseSettings):
         description="How often the tenants' backlog is read from the database; status is "
         "written only when it changed.",
     )
+    repair_interval_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How often every Tenant is reconciled once more, a slice at each status "
+        "tick: the backstop for drift the watches missed (a child changed while a watch "
+        "was down), since children edited or deleted by someone else are restored at once. "
+        "Each visit is about six API requests that write nothing when all is in place; at "
+        "the default an hour, 1,000 Tenants cost about 17 visits a minute.",
+    )
     publisher_report_max_age_seconds: float = Field(
         default=30.0,
         gt=0,

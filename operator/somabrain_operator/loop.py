@@ -14,9 +14,9 @@ A Tenant gets these fields once it has been reconciled (its status has an
 younger than `publisher_report_max_age_seconds`, False when it is older or missing,
 Unknown when the operator has no database access.
 
-The repair pass reconciles every Tenant once per `REPAIR_SECONDS`, a slice per tick,
-so that drift the watches missed is repaired within a bounded time. Applying what
-already matches writes nothing.
+The repair pass reconciles every Tenant once per `repair_interval_seconds`, a slice
+per tick, so that drift the watches missed is repaired within a bounded time.
+Applying what already matches writes nothing.
 
 With peering, the loop runs only while Kopf lets this process act (case K-7): a
 paused process's indices are frozen where its watches stopped, so acting on them would
@@ -44,7 +44,6 @@ from somabrain.store.outbox import TenantReport, tenant_reports
 from somabrain_operator import pools, rollout
 from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
-from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import STATUS_WRITES, observe
 from somabrain_operator.peering import Peering
 from somabrain_operator.reconcile import PolicyLookup, misjudged_members, pool_plan
@@ -52,8 +51,6 @@ from somabrain_operator.resources import OutboxPolicySpec
 from somabrain_operator.state import KNOWN, StaleCopy, each, reconcile_known, write_status
 
 log = logging.getLogger(__name__)
-
-REPAIR_SECONDS = 600.0
 
 
 def backlog_status(
@@ -150,6 +147,9 @@ class Loop:
         )
         self.repair_cursor = 0
         self.repair_credit = 0.0
+        # Per Tenant uid: its resourceVersion and report when a tick last found its
+        # status right.
+        self.unchanged: dict[str, tuple[Any, ...]] = {}
         self.thread = threading.Thread(target=self.run, name="somabrain-status", daemon=True)
 
     def start(self) -> None:
@@ -159,9 +159,9 @@ class Loop:
         interval = self.settings.status_interval_seconds
         while not KNOWN.stop.wait(interval):
             try:
-                with api_client(self.settings) as api:
-                    if self.acting(api):
-                        self.tick(api, interval)
+                api = KNOWN.api()
+                if self.acting(api):
+                    self.tick(api, interval)
             except (client.ApiException, TransportError, SQLAlchemyError, OSError) as exc:
                 log.warning("status loop: %s; trying again in %g s", exc, interval)
 
@@ -189,6 +189,9 @@ class Loop:
             ids = [str((b.get("spec") or {}).get("tenantId")) for b in bodies]
             with Session(self.engine) as session:
                 reports = tenant_reports(session, ids)
+        # A Tenant whose copy and report are as they were at a tick that found its
+        # status right is right still: it is skipped without computing anything.
+        unchanged: dict[str, tuple[Any, ...]] = {}
         for body in bodies:
             if "observedGeneration" not in (body.get("status") or {}):
                 # Not reconciled yet. Its reconcile writes `conditions` whole from the
@@ -196,22 +199,48 @@ class Loop:
                 # Kopf an event older than its own patch, which it may handle as a new
                 # Tenant once its wait for that patch times out under load.
                 continue
+            meta = body["metadata"]
             tenant = (body.get("spec") or {}).get("tenantId")
+            report = reports.get(tenant)
+            seen = (meta.get("resourceVersion"), self._shown(report))
+            uid = str(meta.get("uid"))
+            if self.unchanged.get(uid) == seen:
+                unchanged[uid] = seen
+                continue
             fields = (
-                backlog_status(body, reports.get(tenant), self.settings)
+                backlog_status(body, report, self.settings)
                 if self.engine is not None
                 else no_database_status(body)
             )
             try:
                 if write_status(api, body, fields):
                     STATUS_WRITES.labels("Tenant").inc()
+                elif seen[0] is not None:
+                    unchanged[uid] = seen
             except StaleCopy:
                 pass  # changed since the index's copy: the next tick writes from the newer one
+        self.unchanged = unchanged
         self._count_policies(api)
         if self.engine is not None:
             self._advance_rollouts(api, bodies, reports)
         self._repair_slice(api, bodies, interval)
         self._check_pools(api)
+
+    def _shown(self, report: TenantReport | None) -> tuple[Any, ...]:
+        """What of a publisher's report `backlog_status` depends on: its age only
+        through whether it is fresh."""
+        if report is None:
+            return ()
+        age = report.seen_seconds_ago
+        fresh = age is not None and age <= self.settings.publisher_report_max_age_seconds
+        oldest = report.oldest_pending_seconds
+        return (
+            fresh,
+            report.publisher,
+            report.pending,
+            report.circuit,
+            None if oldest is None or not report.pending else math.floor(oldest),
+        )
 
     def _check_pools(self, api: client.ApiClient) -> None:
         """Converge the pools whose children were last applied for other members than
@@ -324,10 +353,11 @@ class Loop:
         if not bodies:
             self.repair_credit = 0.0
             return
-        # N Tenants in REPAIR_SECONDS: N * interval / REPAIR_SECONDS per tick, which is
-        # a fraction for a few Tenants; what is left over carries to the next tick.
+        # N Tenants per repair period: N * interval / period per tick, which is a
+        # fraction for a few Tenants; what is left over carries to the next tick.
+        period = self.settings.repair_interval_seconds
         self.repair_credit = min(
-            self.repair_credit + len(bodies) * interval / REPAIR_SECONDS, float(len(bodies))
+            self.repair_credit + len(bodies) * interval / period, float(len(bodies))
         )
         share = math.floor(self.repair_credit + 1e-9)  # float sums fall just short
         if share == 0:

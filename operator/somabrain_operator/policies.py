@@ -15,7 +15,6 @@ import pydantic
 
 from somabrain_operator.conditions import READY, condition
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION
-from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import observe
 from somabrain_operator.resources import OutboxPolicySpec
 from somabrain_operator.state import KNOWN, each, reconcile_known, snapshot
@@ -33,10 +32,10 @@ def policy_bodies(
 def _tenants_follow(namespace: str, name: str) -> int:
     """Reconcile the policy's Tenants; return how many there are."""
     tenants = KNOWN.tenants_of_policy(namespace, name)
-    with api_client(KNOWN.settings) as api:
-        for body in each(tenants):
-            with observe("Tenant", "policy"):
-                reconcile_known(api, body)
+    api = KNOWN.api()
+    for body in each(tenants):
+        with observe("Tenant", "policy"):
+            reconcile_known(api, body)
     log.info("OutboxPolicy %s/%s: %d referencing Tenants reconciled", namespace, name, len(tenants))
     return len(tenants)
 

@@ -8,8 +8,8 @@ state makes no writes (cases K-2, K-3), and only over the copy it was computed f
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
-import copy
 import logging
 import threading
 from collections.abc import Iterator, Mapping
@@ -19,6 +19,7 @@ import kopf
 from kubernetes import client
 
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION, OperatorSettings
+from somabrain_operator.kubeapi import api_client
 from somabrain_operator.peering import Peering
 from somabrain_operator.reconcile import Outcome, PolicyLookup, reconcile_tenant
 
@@ -40,6 +41,25 @@ class Known:
         self.settings = OperatorSettings.model_construct()
         self.peering: Peering | None = None
         self.stop = threading.Event()
+        self.api_client: client.ApiClient | None = None
+        # Kopf's thread pool for handlers (None: the event loop's default).
+        self.executor: concurrent.futures.Executor | None = None
+
+    def api(self) -> client.ApiClient:
+        """The process's one API client, shared by Kopf's handler threads and the status
+        loop: its connection pool keeps connections open between requests, where a
+        client per handler opened (and TLS-handshook) new ones every time. Made by
+        `share_api` once the kubeconfig is loaded."""
+        if self.api_client is None:
+            raise RuntimeError("the operator's API client is not made yet (share_api)")
+        return self.api_client
+
+    def share_api(self, connections: int) -> None:
+        """Make the shared client from the configuration loaded at startup, keeping up
+        to `connections` connections open (one per thread that may use it at once)."""
+        configuration = client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = connections
+        self.api_client = api_client(self.settings, configuration)
 
     def tenant_bodies(self) -> list[Mapping[str, Any]]:
         if self.tenants is None:
@@ -84,9 +104,43 @@ class Known:
 KNOWN = Known()
 
 
+# What the operator reads of a Tenant's or a policy's metadata; the rest (managedFields
+# above all, several KiB per object, and Kopf's annotations) is left out of the index.
+_META_KEPT = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "resourceVersion",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "finalizers",
+    "labels",
+)
+
+
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain copy of a Kopf body, safe to keep in an index."""
-    return copy.deepcopy(dict(body))
+    """A plain copy of what the operator reads of a Kopf body (its kind, the metadata
+    in `_META_KEPT`, spec and status), safe to keep in an index."""
+    meta = body.get("metadata") or {}
+    kept: dict[str, Any] = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: _plain(meta[k]) for k in _META_KEPT if k in meta},
+    }
+    for part in ("spec", "status"):
+        if part in body:
+            kept[part] = _plain(body[part])
+    return kept
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy of JSON-like data, as dicts, lists and scalars."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _differs(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:

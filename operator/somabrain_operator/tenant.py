@@ -32,7 +32,6 @@ from somabrain_operator import children, pools
 from somabrain_operator.apply import delete
 from somabrain_operator.conditions import READY, condition, merge, post_event
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION
-from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import observe
 from somabrain_operator.reconcile import first_holder, forget, reconcile_tenant
 from somabrain_operator.resources import TenantSpec
@@ -76,7 +75,8 @@ def tenants_by_pool(
 def reconcile(
     body: kopf.Body, patch: kopf.Patch, name: str, namespace: str | None, **_: Any
 ) -> None:
-    with api_client(KNOWN.settings) as api, observe("Tenant", "change"):
+    api = KNOWN.api()
+    with observe("Tenant", "change"):
         outcome = reconcile_tenant(
             api,
             body,
@@ -118,7 +118,8 @@ def gone(body: kopf.Body, **_: Any) -> None:
     uid = str(body["metadata"]["uid"])
     waiting = [b for b in KNOWN.holders(str(tenant_id)) if str(b["metadata"]["uid"]) != uid]
     if tenant_id and waiting:
-        with api_client(KNOWN.settings) as api, observe("Tenant", "tenant-id"):
+        api = KNOWN.api()
+        with observe("Tenant", "tenant-id"):
             for other in waiting:
                 reconcile_known(api, other)
 
@@ -130,7 +131,8 @@ def _leave_pool(body: Mapping[str, Any], pool: str) -> None:
     namespace = str(body["metadata"]["namespace"])
     uid = str(body["metadata"]["uid"])
     rest = [m for m in KNOWN.pool_members(namespace, pool) if str(m["metadata"]["uid"]) != uid]
-    with api_client(KNOWN.settings) as api, observe("Tenant", "pool"):
+    api = KNOWN.api()
+    with observe("Tenant", "pool"):
         if not any(reconcile_known(api, member) is not None for member in rest):
             pools.converge(api, namespace, pools.plan(pool, []), settings=KNOWN.settings)
 
@@ -149,7 +151,8 @@ def clean_up(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, retry: int, **
     policy = spec.deletion_policy
     tenant = TenantId(spec.tenant_id)
     holder = first_holder(KNOWN.holders(spec.tenant_id) or [body])
-    with api_client(KNOWN.settings) as api, observe("Tenant", "delete"):
+    api = KNOWN.api()
+    with observe("Tenant", "delete"):
         if holder is not None and str(holder["metadata"]["uid"]) != str(meta["uid"]):
             hm = holder["metadata"]
             post_event(

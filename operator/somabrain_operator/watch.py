@@ -12,6 +12,7 @@ These are event handlers: Kopf stores nothing on the objects they watch.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -21,7 +22,6 @@ from somabrain_operator.apply import is_own_delete, is_own_write
 from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY
 from somabrain_operator.conditions import ALERTS
 from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
-from somabrain_operator.kubeapi import api_client
 from somabrain_operator.metrics import observe
 from somabrain_operator.state import KNOWN, each, reconcile_known
 
@@ -59,33 +59,48 @@ def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
         "deleted" if change == "DELETED" else "changed",
         tenant["metadata"]["name"],
     )
-    with api_client(KNOWN.settings) as api, observe("Tenant", "child"):
+    api = KNOWN.api()
+    with observe("Tenant", "child"):
         reconcile_known(api, tenant)
 
 
+async def _on_child_event(kind: str, change: str | None, body: kopf.Body) -> None:
+    """Most events on children are the operator's own applies: those are recognised
+    here, on Kopf's event loop, and so are creations, so that their bodies are let go
+    at once instead of each waiting for a handler thread only to be dropped there. The
+    rest go to a handler thread, which looks again (the apply that caused an event may
+    not have returned when it arrived) and repairs."""
+    if change == "MODIFIED" and is_own_write(body):
+        return
+    if change not in ("MODIFIED", "DELETED"):
+        return
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(KNOWN.executor, _repair, kind, change, body)
+
+
 @kopf.on.event("apps", "v1", "deployments", labels=OURS)
-def deployment_changed(body: kopf.Body, **kwargs: Any) -> None:
-    _repair("Deployment", kwargs["type"], body)
+async def deployment_changed(body: kopf.Body, **kwargs: Any) -> None:
+    await _on_child_event("Deployment", kwargs["type"], body)
 
 
 @kopf.on.event("", "v1", "configmaps", labels=OURS)
-def config_map_changed(body: kopf.Body, **kwargs: Any) -> None:
-    _repair("ConfigMap", kwargs["type"], body)
+async def config_map_changed(body: kopf.Body, **kwargs: Any) -> None:
+    await _on_child_event("ConfigMap", kwargs["type"], body)
 
 
 @kopf.on.event("", "v1", "services", labels=OURS)
-def service_changed(body: kopf.Body, **kwargs: Any) -> None:
-    _repair("Service", kwargs["type"], body)
+async def service_changed(body: kopf.Body, **kwargs: Any) -> None:
+    await _on_child_event("Service", kwargs["type"], body)
 
 
 @kopf.on.event("", "v1", "resourcequotas", labels=OURS)
-def resource_quota_changed(body: kopf.Body, **kwargs: Any) -> None:
-    _repair("ResourceQuota", kwargs["type"], body)
+async def resource_quota_changed(body: kopf.Body, **kwargs: Any) -> None:
+    await _on_child_event("ResourceQuota", kwargs["type"], body)
 
 
 @kopf.on.event(RULE_GROUP, RULE_VERSION, RULE_PLURAL, labels=OURS)
-def rule_changed(body: kopf.Body, **kwargs: Any) -> None:
-    _repair("PrometheusRule", kwargs["type"], body)
+async def rule_changed(body: kopf.Body, **kwargs: Any) -> None:
+    await _on_child_event("PrometheusRule", kwargs["type"], body)
 
 
 def _established(body: kopf.Body) -> bool:
@@ -117,7 +132,7 @@ def rule_crd_changed(body: kopf.Body, **kwargs: Any) -> None:
         log.info(
             "the PrometheusRule CRD is installed; applying the rules of %d Tenants", len(waiting)
         )
-    with api_client(KNOWN.settings) as api:
-        for tenant in waiting:
-            with observe("Tenant", "crd"):
-                reconcile_known(api, tenant)
+    api = KNOWN.api()
+    for tenant in waiting:
+        with observe("Tenant", "crd"):
+            reconcile_known(api, tenant)

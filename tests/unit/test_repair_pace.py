@@ -1,4 +1,4 @@
-"""The periodic repair visits every Tenant once per REPAIR_SECONDS, however few there are."""
+"""The periodic repair visits every Tenant once per repair interval, however few there are."""
 
 from collections import Counter
 from collections.abc import Mapping
@@ -20,9 +20,10 @@ def test_each_tenant_is_repaired_once_per_repair_period(
 
     monkeypatch.setattr(loop, "reconcile_known", reconcile)
     bodies: list[Mapping[str, Any]] = [{"metadata": {"uid": f"u{i}"}} for i in range(tenants)]
-    status_loop = loop.Loop(OperatorSettings(database_url=None))
+    settings = OperatorSettings(database_url=None)
+    status_loop = loop.Loop(settings)
 
-    ticks = round(loop.REPAIR_SECONDS / interval)
+    ticks = round(settings.repair_interval_seconds / interval)
     for _ in range(ticks):
         status_loop._repair_slice(None, bodies, interval)  # type: ignore[arg-type]
 
