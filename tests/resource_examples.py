@@ -26,7 +26,7 @@ def _fill(prefix: str, length: int, pad: str = "x") -> str:
 
 
 def _flags() -> dict[str, bool]:
-    return {_fill(f"f{i:02d}", 63): i % 2 == 0 for i in range(common.MAX_FEATURE_FLAGS)}
+    return {name: i % 2 == 0 for i, name in enumerate(common.KNOWN_FLAG_NAMES)}
 
 
 def _labels() -> dict[str, str]:
@@ -107,7 +107,7 @@ def largest_policy_spec() -> dict[str, Any]:
         "retentionSeconds": 366 * 24 * 3600,
         "rollouts": [
             {
-                "flag": _fill(f"r{i:02d}", 63),
+                "flag": name,
                 "steps": steps,
                 "dwellSeconds": 604_800,
                 "healthGate": {
@@ -116,7 +116,7 @@ def largest_policy_spec() -> dict[str, Any]:
                     "circuitClosed": True,
                 },
             }
-            for i in range(common.MAX_ROLLOUTS)
+            for name in common.KNOWN_FLAG_NAMES
         ],
     }
 
@@ -171,7 +171,7 @@ def full_tenant_status() -> dict[str, Any]:
             "circuitOpenSeconds": 30,
             "retentionSeconds": 86_400,
             "deadLetterTopic": "acme.dead-letter",
-            "featureFlags": {"fast-encode": True},
+            "featureFlags": {"dead-letter": True},
             "alertLabels": {"team": "payments"},
             "alertThresholds": {
                 "backlogWarning": 10_000,
@@ -194,7 +194,7 @@ def full_policy_status() -> dict[str, Any]:
         "tenants": 7,
         "rollouts": [
             {
-                "flag": "fast-encode",
+                "flag": "dead-letter",
                 "step": 1,
                 "percent": 25,
                 "phase": "Progressing",
@@ -222,7 +222,7 @@ def _tenant(**fields: Any) -> dict[str, Any]:
 
 
 def _rollout(steps: list[int]) -> dict[str, Any]:
-    return {"rollouts": [{"flag": "fast-encode", "steps": steps}]}
+    return {"rollouts": [{"flag": "dead-letter", "steps": steps}]}
 
 
 INVALID_TENANTS = [
@@ -305,9 +305,9 @@ INVALID_TENANTS = [
     ),
     Invalid(
         "bad-flag-name",
-        _tenant(featureFlags={"Fast_Encode": True}),
+        _tenant(featureFlags={"fast-encode": True}),
         "spec.featureFlags",
-        "featureFlags names must be 1-63 lowercase letters",
+        "featureFlags names must be among tenant-quotas, dead-letter, exactly-once",
     ),
     Invalid(
         "too-many-flags",

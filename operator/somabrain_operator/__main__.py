@@ -23,8 +23,19 @@ from somabrain_operator.config import GROUP, POLICY_PLURAL, TENANT_PLURAL, Opera
 from somabrain_operator.loop import Loop
 from somabrain_operator.metrics import REGISTRY
 from somabrain_operator.state import KNOWN
+from somabrain_operator.tenant import Waiting
 
 log = logging.getLogger(__name__)
+
+
+class _CleanupProgress(logging.Filter):
+    """Kopf logs every retry of a handler as an error; a clean-up that is only waiting
+    (a drain, chunks of deletion) is progress, logged at INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and Waiting.MARK in record.getMessage():
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 class MissingCRDs(Exception):
@@ -74,6 +85,7 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
     # Kopf's other requests (lists, status patches) are bounded too, and retried.
     settings.networking.request_timeout = ours.api_request_timeout_seconds
     settings.posting.level = logging.WARNING
+    logging.getLogger("kopf.objects").addFilter(_CleanupProgress())
     # Kopf's own progress records go into annotations; nothing else of Kopf's in status.
     settings.persistence.finalizer = f"{GROUP}/cleanup"
     try:

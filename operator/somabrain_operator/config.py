@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GROUP = "somabrain.io"
@@ -23,7 +23,9 @@ RULE_CRD = f"{RULE_PLURAL}.{RULE_GROUP}"
 class OperatorSettings(BaseSettings):
     """How the operator builds publishers and where it reads their reports."""
 
-    model_config = SettingsConfigDict(env_prefix="SOMABRAIN_OPERATOR_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SOMABRAIN_OPERATOR_", extra="ignore", populate_by_name=True
+    )
 
     publisher_image: str = Field(
         default="somabrain:0.1.0", description="Container image of publisher Deployments."
@@ -47,9 +49,10 @@ class OperatorSettings(BaseSettings):
     )
     database_url: str | None = Field(
         default=None,
+        validation_alias=AliasChoices("SOMABRAIN_OPERATOR_DATABASE_URL", "DATABASE_URL"),
         description="The outbox database, read for each tenant's backlog and publisher, and "
-        "written only by deletionPolicy Delete. Unset: status.backlog is not reported and "
-        "Drain and Delete cannot run.",
+        "written only by deletionPolicy Delete (DATABASE_URL, as the local stack prints it, "
+        "also works). Unset: status.backlog is not reported and Drain and Delete cannot run.",
     )
     status_interval_seconds: float = Field(
         default=10.0,

@@ -46,7 +46,12 @@ from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
 from somabrain_operator.metrics import STATUS_WRITES, observe
 from somabrain_operator.peering import Peering
-from somabrain_operator.reconcile import PolicyLookup, misjudged_members, pool_plan
+from somabrain_operator.reconcile import (
+    PolicyLookup,
+    misjudged_members,
+    pool_plan,
+    removing_stale,
+)
 from somabrain_operator.resources import OutboxPolicySpec
 from somabrain_operator.state import KNOWN, StaleCopy, each, reconcile_known, write_status
 
@@ -103,7 +108,8 @@ def backlog_status(
             shown["oldestPendingSeconds"] = float(math.floor(report.oldest_pending_seconds))
         before = status.get("backlog") or {}
         if {k: v for k, v in before.items() if k != "updatedAt"} != shown:
-            fields["backlog"] = {**shown, "updatedAt": now()}
+            # removing_stale: an oldest age gone with the last pending event is removed.
+            fields["backlog"] = removing_stale(before, {**shown, "updatedAt": now()})
     return fields
 
 
@@ -183,16 +189,19 @@ class Loop:
         return acting
 
     def tick(self, api: client.ApiClient, interval: float) -> None:
-        bodies = list(each(KNOWN.tenant_bodies()))
+        # Backlog and publisher: also of Tenants being deleted (a drain is watched
+        # through them); rollouts and repairs: only of the others.
+        every = KNOWN.tenant_bodies()
+        bodies = list(each(every))
         reports: dict[Any, TenantReport] = {}
         if self.engine is not None:
-            ids = [str((b.get("spec") or {}).get("tenantId")) for b in bodies]
+            ids = [str((b.get("spec") or {}).get("tenantId")) for b in every]
             with Session(self.engine) as session:
                 reports = tenant_reports(session, ids)
         # A Tenant whose copy and report are as they were at a tick that found its
         # status right is right still: it is skipped without computing anything.
         unchanged: dict[str, tuple[Any, ...]] = {}
-        for body in bodies:
+        for body in every:
             if "observedGeneration" not in (body.get("status") or {}):
                 # Not reconciled yet. Its reconcile writes `conditions` whole from the
                 # copy it was handed, which would drop these; and a write now would hand

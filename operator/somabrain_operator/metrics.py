@@ -13,7 +13,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECONCILES = Counter(
     "somabrain_operator_reconciles",
-    "Reconciles run, by kind, trigger and outcome (ok or error).",
+    "Reconciles run, by kind, trigger and outcome (ok, error, or waiting: a clean-up in progress).",
     ["kind", "trigger", "outcome"],
     registry=REGISTRY,
 )
@@ -34,12 +34,17 @@ STATUS_WRITES = Counter(
 
 @contextlib.contextmanager
 def observe(kind: str, trigger: str) -> Iterator[None]:
-    """Count and time one reconcile; an exception counts as an error and goes on."""
+    """Count and time one reconcile; an exception counts as an error (one that says it
+    is only waiting, as `waiting`) and goes on."""
     started = time.monotonic()
     outcome = "error"
     try:
         yield
         outcome = "ok"
+    except BaseException as exc:
+        if getattr(exc, "waiting", False):
+            outcome = "waiting"
+        raise
     finally:
         RECONCILES.labels(kind, trigger, outcome).inc()
         RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)

@@ -40,6 +40,8 @@ from somabrain_operator.resources.tenant import ResolvedTenant
 log = logging.getLogger(__name__)
 
 _locks: dict[str, threading.Lock] = {}
+# The reason of the last Event posted per Tenant uid and condition type.
+_last_posted: dict[tuple[str, str], str] = {}
 _locks_guard = threading.Lock()
 
 
@@ -52,6 +54,8 @@ def _lock(uid: str) -> threading.Lock:
 def forget(uid: str) -> None:
     with _locks_guard:
         _locks.pop(uid, None)
+        for key in [k for k in _last_posted if k[0] == uid]:
+            del _last_posted[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +134,13 @@ def reconcile_tenant(
         )
     previous = (body.get("status") or {}).get("conditions") or []
     for changed in transitions(previous, outcome.status.get("conditions", [])):
+        # Reconciles of one Tenant racing from copies that have not seen each other's
+        # status find the same transition: one Event for it.
+        key = (str(meta["uid"]), str(changed["type"]))
+        with _locks_guard:
+            if _last_posted.get(key) == changed["reason"]:
+                continue
+            _last_posted[key] = str(changed["reason"])
         post_event(
             api,
             body,
@@ -157,7 +168,7 @@ def _reconcile(
 
     def status(*updates: dict[str, Any], **fields: Any) -> dict[str, Any]:
         return {
-            **fields,
+            **{name: removing_stale(old.get(name), value) for name, value in fields.items()},
             "observedGeneration": generation,
             "conditions": merge(previous, updates),
         }
@@ -288,19 +299,33 @@ def _reconcile(
         generation=generation,
         previous=previous,
     )
-    log.info(
-        "Tenant %s/%s (tenant %s): %s (%s), generation %d",
+    ok = verdict.reason in (pools.SERVED, "ChildrenApplied")
+    log.log(
+        logging.INFO if ok else logging.WARNING,
+        "Tenant %s/%s (tenant %s): %s: %s (%s), generation %d",
         namespace,
         name,
         spec.tenant_id,
         verdict.reason,
-        ", ".join(f"{k} {v}" for k, v in sorted(applied.items())),
+        verdict.message,
+        ", ".join(f"{k} {v}" for k, v in sorted(applied.items())) or "no publisher",
         generation,
     )
     others.discard(uid)
     return Outcome(
         status(ready, alerts_cond, children=applied, **fields), others=tuple(sorted(others))
     )
+
+
+def removing_stale(old: Any, new: Any) -> Any:
+    """`new` with None for every key of `old` it no longer has, at any depth: a merge
+    patch keeps the keys it does not name (a flag the policy no longer sets, a child no
+    longer made), and a null is how it removes one."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return new
+    out = {key: removing_stale(old.get(key), value) for key, value in new.items()}
+    out.update({key: None for key in old if key not in new})
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

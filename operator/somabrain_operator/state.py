@@ -144,7 +144,17 @@ def _plain(value: Any) -> Any:
 
 
 def _differs(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    return any(current.get(key) != value for key, value in wanted.items())
+    """Whether a merge patch of `wanted` would change `current` (a None removes a key)."""
+    for key, value in wanted.items():
+        if value is None:
+            if current.get(key) is not None:
+                return True
+        elif isinstance(value, Mapping) and isinstance(current.get(key), Mapping):
+            if _differs(current[key], value):
+                return True
+        elif current.get(key) != value:
+            return True
+    return False
 
 
 class StaleCopy(Exception):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -37,7 +38,27 @@ from somabrain_operator.reconcile import first_holder, forget, reconcile_tenant
 from somabrain_operator.resources import TenantSpec
 from somabrain_operator.state import KNOWN, follow_others, reconcile_known, snapshot
 
+log = logging.getLogger(__name__)
+
 DELETE_CHUNK = 5_000
+
+
+class Waiting(kopf.TemporaryError):
+    """A clean-up still in progress (draining, deleting): Kopf calls the handler again
+    after `delay`. Logged at INFO, not as a failure, and counted as `waiting`."""
+
+    waiting = True
+    MARK = "cleanup in progress: "
+
+    def __init__(self, message: str, *, delay: float) -> None:
+        super().__init__(self.MARK + message, delay=delay)
+
+
+def _ready_reason(body: Mapping[str, Any]) -> str | None:
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return next((c.get("reason") for c in conditions if c.get("type") == READY), None)
+
+
 DELETE_BUDGET_SECONDS = 10.0
 
 
@@ -196,11 +217,22 @@ def _drain(
     waited = _since_deletion(meta)
     limit = KNOWN.settings.drain_timeout_seconds
     if pending == 0:
+        log.info(
+            "Tenant %s/%s drained: no pending events; it goes", meta["namespace"], meta["name"]
+        )
         post_event(
             api, body, warning=False, reason="Drained", message="no pending events; deleting"
         )
         return
     if waited >= limit:
+        log.warning(
+            "Tenant %s/%s: %d events still pending after the drain timeout (%g s); it goes, "
+            "its events stay in the outbox",
+            meta["namespace"],
+            meta["name"],
+            pending,
+            limit,
+        )
         post_event(
             api,
             body,
@@ -214,9 +246,10 @@ def _drain(
         f"draining: {pending} events pending; the publisher keeps running until they are "
         f"delivered or {limit - waited:.0f} s more have passed"
     )
+    if _ready_reason(body) != "Draining":  # an Event when it starts; then the condition
+        post_event(api, body, warning=False, reason="Draining", message=message)
     _set_ready(patch, body, reason="Draining", message=message)
-    post_event(api, body, warning=False, reason="Draining", message=message)
-    raise kopf.TemporaryError(message, delay=5)
+    raise Waiting(message, delay=5)
 
 
 def _delete_events(
@@ -247,7 +280,7 @@ def _delete_events(
         if not locked:
             message = "deleting: waiting for the tenant's publisher to stop"
             _set_ready(patch, body, reason="Deleting", message=message)
-            raise kopf.TemporaryError(message, delay=5)
+            raise Waiting(message, delay=5)
         deadline = time.monotonic() + DELETE_BUDGET_SECONDS
         while True:
             with Session(engine) as session, session.begin():
@@ -258,7 +291,14 @@ def _delete_events(
             if time.monotonic() >= deadline:
                 message = f"deleting: {deleted} more events deleted, continuing"
                 _set_ready(patch, body, reason="Deleting", message=message)
-                raise kopf.TemporaryError(message, delay=0.1)
+                raise Waiting(message, delay=0.1)
+    log.info(
+        "Tenant %s/%s: the events of tenant %s are deleted (%d in the last pass)",
+        meta["namespace"],
+        meta["name"],
+        tenant,
+        deleted,
+    )
     post_event(
         api,
         body,

@@ -24,10 +24,11 @@ are enforced: a configuration that would allow duplicates or reordering is refus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -292,6 +293,25 @@ def order_breaks(events: Sequence[PendingEvent], result: BatchResult) -> list[st
     return broken
 
 
+@contextlib.contextmanager
+def _fenced_stops(owner: str) -> Iterator[None]:
+    """A producer that another incarnation fenced (or that hit any fatal error) fails
+    every later call, from librdkafka's own thread: as a KafkaException, or, when it
+    surfaces inside a delivery callback, as a SystemError caused by one. Either way it
+    is ProducerFenced, which stops the publisher cleanly."""
+    try:
+        yield
+    except (KafkaException, SystemError) as exc:
+        cause = exc if isinstance(exc, KafkaException) else exc.__cause__
+        if isinstance(cause, KafkaException):
+            error: KafkaError = cause.args[0]
+            if error.fatal() or error.code() == KafkaError._FENCED:
+                raise ProducerFenced(
+                    f"publisher of {owner} was fenced by a newer one ({error}); stopping"
+                ) from exc
+        raise
+
+
 class TransactionalDelivery:
     """Exactly-once: each batch and its checkpoint record commit as one transaction."""
 
@@ -327,22 +347,25 @@ class TransactionalDelivery:
         if any(e.tenant_id != tenant for e in events):
             raise ValueError("a batch holds the events of one tenant only")
         reports = _Reports()
-        self._producer.begin_transaction()
-        for event in events:
-            _produce(self._producer, event, reports)
-        if self._producer.flush(timeout):
+        with _fenced_stops(self.owner):
+            self._producer.begin_transaction()
+            for event in events:
+                _produce(self._producer, event, reports)
+            unflushed = self._producer.flush(timeout)
+        if unflushed:
             reports.settle_missing(events, f"no delivery report within {timeout:.0f}s")
         if reports.result.failed:
             self._abort(timeout)
             return BatchResult(failed=reports.result.failed)
 
         checkpoint = _Reports()
-        self._producer.produce(
-            self.checkpoint_topic,
-            key=tenant.encode(),
-            value=encode_checkpoint(self.owner, reports.result.delivered),
-            on_delivery=checkpoint.callback(0),
-        )
+        with _fenced_stops(self.owner):
+            self._producer.produce(
+                self.checkpoint_topic,
+                key=tenant.encode(),
+                value=encode_checkpoint(self.owner, reports.result.delivered),
+                on_delivery=checkpoint.callback(0),
+            )
         if before_commit is not None:
             try:
                 before_commit()
@@ -361,9 +384,10 @@ class TransactionalDelivery:
     ) -> set[int]:
         """Copy events to the dead-letter topic in a transaction of their own; return the
         row ids Kafka committed (all or none)."""
-        self._producer.begin_transaction()
-        reports = _produce_dead_letters(self._producer, copies, topic)
-        self._producer.flush(timeout)
+        with _fenced_stops(self.owner):
+            self._producer.begin_transaction()
+            reports = _produce_dead_letters(self._producer, copies, topic)
+            self._producer.flush(timeout)
         if len(reports.result.delivered) < len(copies):
             self._abort(timeout)
             return set()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from somabrain_operator.config import RULE_CRD
 
 from tests.chart_support import write_service_account_kubeconfig
 from tests.e2e.conftest import ChartCluster, OperatorProcess, Release
-from tests.e2e.helpers import GROUP, PROMETHEUS_RULE_CRD, VERSION, policy, tenant
+from tests.e2e.helpers import GROUP, PROMETHEUS_RULE_CRD, VERSION, clean_namespace, policy, tenant
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -54,14 +54,16 @@ def rule_crd(chart_cluster: ChartCluster) -> None:
 
 
 @pytest.fixture
-def namespace(chart_cluster: ChartCluster, rule_crd: None) -> str:
+def namespace(chart_cluster: ChartCluster, rule_crd: None) -> Iterator[str]:
     """A namespace of the test's own for its Tenants (never deleted: no controller-manager
-    would finish the deletion)."""
+    would finish the deletion), emptied afterwards: tenant ids are global, and the next
+    test's Tenants use the same ones."""
     name = f"op-{uuid.uuid4().hex[:8]}"
     client.CoreV1Api(chart_cluster.api).create_namespace(
         client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
     )
-    return name
+    yield name
+    clean_namespace(chart_cluster.api, name)
 
 
 def _service_account_kubeconfig(release: Release, tmp_path: Path) -> Path:

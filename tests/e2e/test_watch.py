@@ -23,7 +23,7 @@ from devenv import common
 from devenv.mainjob import MainJob
 from somabrain.store.engine import make_sessionmaker
 from somabrain.store.outbox import report_tenant
-from tests.e2e.helpers import has_condition, tenant
+from tests.e2e.helpers import clean_up, has_condition, tenant
 from tests.silent_proxy import SilentProxy
 from tests.support import wait_for
 
@@ -93,6 +93,8 @@ def start_proxied(stack_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
 
     yield start
     for proxied in started:
+        proxied.job.stop_operator()
+        clean_up(proxied.job)
         proxied.job.stop()
         proxied.proxy.close()
 

@@ -15,7 +15,12 @@ from somabrain import enqueue_event
 from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
 from somabrain.delivery import metrics
-from somabrain.delivery.producer import TransactionalDelivery, build_config, transactional_id
+from somabrain.delivery.producer import (
+    ProducerFenced,
+    TransactionalDelivery,
+    build_config,
+    transactional_id,
+)
 from somabrain.delivery.publisher import build_publisher
 from somabrain.delivery.recovery import ensure_checkpoint_topic
 from somabrain.store.outbox import backlog, claim_pending, record_failure
@@ -313,3 +318,26 @@ def test_at_least_once_crash_after_confirmation_republishes_same_ids_and_counts_
     )
     assert republished == 6
     assert publisher.lane(tenant).circuit.state.name == "CLOSED"
+
+
+def test_a_publisher_fenced_by_a_newer_incarnation_stops_with_producer_fenced(
+    engine: Engine, sessions: sessionmaker[Session], bootstrap: str, tenant: str
+) -> None:
+    # Two incarnations of one publisher (same transactional id): the newer one's start
+    # fences the older, whose next batch must stop it with ProducerFenced (not with
+    # whatever librdkafka's callback thread left behind) and commit nothing.
+    topic = f"{tenant}.orders"
+    with sessions.begin() as session:
+        for i in range(3):
+            enqueue_event(session, tenant_id=tenant, topic=topic, payload={"i": i})
+    settings = _settings(tenant, bootstrap)
+    older = _incarnation(settings)
+    with Session(engine) as session:
+        batch = claim_pending(session, tenant_id=TenantId(tenant), limit=10)
+    older.deliver(batch[:1], timeout=30)
+    _incarnation(settings)  # fences `older`
+
+    with pytest.raises(ProducerFenced):
+        older.deliver(batch[1:], timeout=30)
+
+    assert len(read_committed(bootstrap, topic)) == 1  # the older one's first batch only

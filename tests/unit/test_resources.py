@@ -104,7 +104,7 @@ def test_tenant_fields_win_over_policy_fields_over_defaults() -> None:
             "tenantId": "acme",
             "policyRef": {"name": "standard"},
             "quotas": {"batchSize": 50},
-            "featureFlags": {"fast-encode": False},
+            "featureFlags": {"dead-letter": False},
             "alerts": {"thresholds": {"backlogWarning": 7}},
             "deadLetterTopic": "{tenant}.dead",
         }
@@ -114,20 +114,20 @@ def test_tenant_fields_win_over_policy_fields_over_defaults() -> None:
             "quotas": {"batchSize": 100, "maxInFlight": 400},
             "poisonPolicy": "skip",
             "retry": {"maxAttempts": 3},
-            "featureFlags": {"fast-encode": True, "compact-headers": True},
+            "featureFlags": {"dead-letter": True, "exactly-once": True},
             "alerts": {"thresholds": {"backlogWarning": 8, "backlogCritical": 9}},
         }
     )
 
-    resolved = resolve(spec, policy, rollout_flags={"compact-headers": False, "canary": True})
+    resolved = resolve(spec, policy, rollout_flags={"exactly-once": False, "canary": True})
 
     assert resolved.policy == "standard"
     assert (resolved.quotas.batch_size, resolved.quotas.max_in_flight) == (50, 400)
     assert resolved.poison_policy == "skip"
     assert resolved.max_attempts == 3
     assert resolved.feature_flags == {
-        "fast-encode": False,
-        "compact-headers": False,
+        "dead-letter": False,
+        "exactly-once": False,
         "canary": True,
     }
     assert resolved.alert_thresholds.backlog_warning == 7

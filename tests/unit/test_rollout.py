@@ -12,7 +12,7 @@ TENANTS = [f"tenant-{i:03d}" for i in range(200)]
 
 
 def _rollout(**extra: object) -> Rollout:
-    return Rollout.from_body({"flag": "fast-encode", "steps": [10, 50, 100], **extra})
+    return Rollout.from_body({"flag": "dead-letter", "steps": [10, 50, 100], **extra})
 
 
 def _healthy() -> list[rollout.Health]:
@@ -21,15 +21,15 @@ def _healthy() -> list[rollout.Health]:
 
 def test_cohorts_are_stable_and_grow_with_the_percent() -> None:
     for tenant in TENANTS:
-        assert rollout.cohort("fast-encode", tenant) == rollout.cohort("fast-encode", tenant)
-        on = [rollout.flag_on("fast-encode", tenant, p) for p in (0, 5, 25, 50, 100)]
+        assert rollout.cohort("dead-letter", tenant) == rollout.cohort("dead-letter", tenant)
+        on = [rollout.flag_on("dead-letter", tenant, p) for p in (0, 5, 25, 50, 100)]
         assert on == sorted(on), "a tenant never loses the flag as the percent grows"
         assert on[-1] is True
         assert on[0] is False
 
 
 def test_cohorts_spread_roughly_evenly() -> None:
-    at_half = sum(rollout.flag_on("fast-encode", t, 50) for t in TENANTS)
+    at_half = sum(rollout.flag_on("dead-letter", t, 50) for t in TENANTS)
 
     assert 70 <= at_half <= 130
 
@@ -55,7 +55,7 @@ def test_a_step_holds_for_its_dwell_then_advances_while_healthy() -> None:
 
 def test_a_finished_rollout_is_complete_at_100_percent() -> None:
     # K-17: whatever the steps, the end is every tenant with the flag on.
-    r = Rollout.from_body({"flag": "fast-encode", "steps": [33, 66, 100], "dwellSeconds": 1})
+    r = Rollout.from_body({"flag": "dead-letter", "steps": [33, 66, 100], "dwellSeconds": 1})
     state = None
     now = T0
     for _ in range(10):

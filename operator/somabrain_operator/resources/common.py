@@ -21,14 +21,15 @@ from somabrain_operator.resources import defaults
 from somabrain_operator.resources.base import ResourceModel, Rule
 
 MAX_TOPICS = 50
-MAX_FEATURE_FLAGS = 32
+# The flags this operator knows: a name it does not know would gate nothing.
+KNOWN_FLAG_NAMES = tuple(flags.KNOWN)
+MAX_FEATURE_FLAGS = len(KNOWN_FLAG_NAMES)
 MAX_ALERT_LABELS = 16
 MAX_CONDITIONS = 16
-MAX_ROLLOUTS = 16
+MAX_ROLLOUTS = len(KNOWN_FLAG_NAMES)  # at most one per flag
 
 TOPIC_PATTERN = r"^[a-zA-Z0-9._-]+$"
 TOPIC_MAX_LENGTH = 249
-FLAG_PATTERN = r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$"
 LABEL_NAME_PATTERN = r"^[a-zA-Z_][a-zA-Z0-9_]{0,62}$"
 # A Kubernetes label value is also a valid Prometheus label value; the labels go on both.
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
@@ -67,14 +68,16 @@ Quantity = Annotated[
 Duration = Annotated[
     str, Field(min_length=2, max_length=DURATION_MAX_LENGTH, pattern=DURATION_PATTERN)
 ]
+_FLAGS_CEL = "[" + ", ".join(f"'{name}'" for name in KNOWN_FLAG_NAMES) + "]"
+_FLAGS_LISTED = ", ".join(KNOWN_FLAG_NAMES)
 FlagName = Annotated[
     str,
     Field(min_length=1, max_length=63),
     Rule(
-        f"self.matches('{FLAG_PATTERN}')",
-        "flag must be 1-63 lowercase letters, digits or '-', starting with a letter and "
-        "not ending with '-' (for example fast-encode)",
-        check=matches(FLAG_PATTERN),
+        f"self in {_FLAGS_CEL}",
+        f"flag must be one of {_FLAGS_LISTED} (a flag the operator does not know would "
+        "gate nothing)",
+        check=lambda name: name in KNOWN_FLAG_NAMES,
     ),
 ]
 KNOWN_FLAGS_SHOWN = "; ".join(
@@ -85,10 +88,10 @@ FeatureFlags = Annotated[
     dict[str, bool],
     Field(max_length=MAX_FEATURE_FLAGS),
     Rule(
-        f"self.all(name, name.matches('{FLAG_PATTERN}'))",
-        "featureFlags names must be 1-63 lowercase letters, digits or '-', starting with a "
-        "letter and not ending with '-' (for example fast-encode: true)",
-        check=_keys_match(FLAG_PATTERN),
+        f"self.all(name, name in {_FLAGS_CEL})",
+        f"featureFlags names must be among {_FLAGS_LISTED} (a flag the operator does not "
+        "know would gate nothing)",
+        check=lambda mapping: all(name in KNOWN_FLAG_NAMES for name in mapping),
     ),
 ]
 AlertLabels = Annotated[

@@ -1,0 +1,22 @@
+"""What the operator's log says of a clean-up in progress."""
+
+import logging
+
+from somabrain_operator.__main__ import _CleanupProgress
+from somabrain_operator.tenant import Waiting
+
+
+def _record(level: int, message: str) -> logging.LogRecord:
+    return logging.LogRecord("kopf.objects", level, __file__, 1, message, None, None)
+
+
+def test_a_waiting_clean_up_is_logged_as_progress_and_a_failure_as_an_error() -> None:
+    waiting = Waiting("draining: 30 events pending", delay=5)
+    progress = _record(logging.ERROR, f"Handler 'clean_up' failed temporarily: {waiting}")
+    failure = _record(logging.ERROR, "Handler 'reconcile' failed temporarily: 500")
+
+    assert _CleanupProgress().filter(progress)
+    assert _CleanupProgress().filter(failure)
+
+    assert progress.levelno == logging.INFO
+    assert failure.levelno == logging.ERROR
