@@ -13,9 +13,21 @@ import pytest
 from kubernetes import client
 from somabrain_operator.children import TENANT_FILE, publisher_name
 from somabrain_operator.config import FIELD_MANAGER
+from sqlalchemy import text
 
 from devenv.mainjob import MainJob
-from tests.e2e.helpers import batch_size, condition, get, has_condition, tenant
+from somabrain import enqueue_event
+from somabrain.store.engine import make_sessionmaker
+from tests.e2e.helpers import (
+    GROUP,
+    VERSION,
+    batch_size,
+    clean_namespace,
+    condition,
+    get,
+    has_condition,
+    tenant,
+)
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -157,3 +169,64 @@ def test_every_child_is_applied_under_the_one_field_manager(job: MainJob) -> Non
 
     managers = {kind: _managers(obj) for kind, obj in children.items()}
     assert managers == {kind: {(FIELD_MANAGER, "Apply")} for kind in children}
+
+
+def test_a_tenant_id_used_in_another_namespace_is_refused_and_its_delete_leaves_the_events(
+    job: MainJob,
+) -> None:
+    # Tenant ids are global in the outbox: the older Tenant has it, wherever it lives.
+    job.apply_tenants([tenant("owner-t")])
+    job.wait_ready(["owner-t"], timeout=60)
+    other = f"{job.namespace}-b"
+    custom = client.CustomObjectsApi(job.api)
+    client.CoreV1Api(job.api).create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=other))
+    )
+    copy = tenant("copy", deletionPolicy="Delete")
+    copy["spec"]["tenantId"] = "owner-t"
+    try:
+        custom.create_namespaced_custom_object(GROUP, VERSION, other, "tenants", copy)
+
+        def refused() -> dict[str, Any] | None:
+            obj: dict[str, Any] = custom.get_namespaced_custom_object(  # type: ignore[assignment]
+                GROUP, VERSION, other, "tenants", "copy"
+            )
+            ready = next(
+                (
+                    c
+                    for c in (obj.get("status") or {}).get("conditions") or []
+                    if c["type"] == "Ready"
+                ),
+                None,
+            )
+            return ready if ready and ready["reason"] == "TenantIdConflict" else None
+
+        ready = wait_for(refused, timeout=60)
+        assert ready is not None
+        assert f"{job.namespace}/owner-t" in ready["message"]
+        assert client.AppsV1Api(job.api).list_namespaced_deployment(other).items == []
+
+        sessions = make_sessionmaker(job.engine)
+        with sessions.begin() as session:
+            for i in range(4):
+                enqueue_event(
+                    session, tenant_id="owner-t", topic="owner-t.orders", payload={"i": i}
+                )
+        custom.delete_namespaced_custom_object(GROUP, VERSION, other, "tenants", "copy")
+
+        def gone() -> bool:
+            try:
+                custom.get_namespaced_custom_object(GROUP, VERSION, other, "tenants", "copy")
+            except client.ApiException as exc:
+                return exc.status == 404
+            return False
+
+        assert wait_for(gone, timeout=60)
+        with job.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT count(*) FROM outbox_events WHERE tenant_id = 'owner-t'")
+            ).scalar_one()
+        assert rows == 4, "the refused Tenant's Delete removed the owner's events"
+        assert has_condition(job, "owner-t", "Ready", "True", "ChildrenApplied")
+    finally:
+        clean_namespace(job.api, other)

@@ -14,7 +14,16 @@ from sqlalchemy import text
 from devenv.mainjob import MainJob
 from somabrain import enqueue_event
 from somabrain.store.engine import make_sessionmaker
-from tests.e2e.helpers import GROUP, VERSION, apply, condition, get, has_condition, tenant
+from tests.e2e.helpers import (
+    GROUP,
+    VERSION,
+    apply,
+    clean_namespace,
+    condition,
+    get,
+    has_condition,
+    tenant,
+)
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -190,3 +199,32 @@ def test_a_pool_member_deleted_under_delete_policy_loses_its_events_and_the_pool
     assert wait_for(lambda: job.start_publishers() == 1 and get(job, "doomed") is None, timeout=90)
     assert _rows(job, "doomed") == 0
     assert _pool_tenants(job) == "keeper"
+
+
+def test_pools_of_one_name_in_two_namespaces_publish_under_different_names(
+    job: MainJob,
+) -> None:
+    other = f"{job.namespace}-b"
+    client.CoreV1Api(job.api).create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=other))
+    )
+    apply(job, "tenants", tenant("here", publisher=SHARED))
+    there = tenant("there", publisher=SHARED)
+    client.CustomObjectsApi(job.api).create_namespaced_custom_object(
+        GROUP, VERSION, other, "tenants", {**there, "metadata": {"name": "there"}}
+    )
+    core = client.CoreV1Api(job.api)
+
+    def pool_name(namespace: str) -> str | None:
+        try:
+            cm = core.read_namespaced_config_map(pool_publisher_name(POOL), namespace)
+        except client.ApiException:
+            return None
+        return str(cm.data["SOMABRAIN_POOL"])
+
+    try:
+        assert wait_for(lambda: pool_name(job.namespace) and pool_name(other))
+        # The name is the Kafka transactional id: one for both would fence one pool.
+        assert pool_name(job.namespace) != pool_name(other)
+    finally:
+        clean_namespace(job.api, other)
