@@ -339,6 +339,13 @@ INVALID_TENANTS = [
 
 INVALID_POLICIES = [
     Invalid(
+        "no-steps",
+        _rollout([]),
+        "spec.rollouts[0].steps",
+        "should have at least 1 items",
+        rule=False,
+    ),
+    Invalid(
         "steps-not-ending-at-100",
         _rollout([5, 25, 50]),
         "spec.rollouts[0].steps",

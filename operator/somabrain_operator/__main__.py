@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -143,12 +144,19 @@ def main(argv: list[str] | None = None) -> None:
         description="Reconcile somabrain.io Tenants and OutboxPolicies into publisher "
         "Deployments, ConfigMaps, Services, PrometheusRules and ResourceQuotas in every "
         "namespace. Uses the in-cluster service account, else $KUBECONFIG.",
-        epilog="settings (environment): "
-        + " ".join(
-            f"SOMABRAIN_OPERATOR_{name.upper()}: {_described(field)}"
+        # One wrapped paragraph per setting, as argparse wraps options.
+        epilog="settings (environment variables):\n\n"
+        + "\n".join(
+            textwrap.fill(
+                f"SOMABRAIN_OPERATOR_{name.upper()}: {_described(field)}",
+                width=88,
+                initial_indent="  ",
+                subsequent_indent="      ",
+            )
             for name, field in OperatorSettings.model_fields.items()
         )
-        + " example: KUBECONFIG=~/.kube/config somabrain-operator --metrics-port 8080",
+        + "\n\nexample:\n  KUBECONFIG=~/.kube/config somabrain-operator --metrics-port 8080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--metrics-port",

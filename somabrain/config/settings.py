@@ -77,8 +77,10 @@ class PublisherSettings(Settings):
     )
     tenant_config_file: Path | None = Field(
         default=None,
-        description="YAML or JSON file of per-tenant overrides (quotas, circuit, poison "
-        "policy), re-read when it changes; see TenantOverrides.",
+        description="YAML or JSON file of per-tenant overrides, re-read when it changes: "
+        "{tenants: {<tenant>: {batch_size, max_in_flight, max_pending, events_per_second, "
+        "circuit_failure_threshold, circuit_open_seconds, poison_policy, dead_letter_topic, "
+        "feature_flags}}}.",
     )
     batch_size: int = Field(default=500, ge=1, le=10_000, description="Rows claimed per batch.")
     max_in_flight: int = Field(
@@ -159,7 +161,10 @@ class PublisherSettings(Settings):
         default=1.0, gt=0, le=86_400, description="Longest time one purge round may take."
     )
     metrics_port: int = Field(
-        default=0, ge=0, le=65535, description="Port serving /metrics; 0 turns it off."
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port serving /metrics, /healthz and /readyz; 0 turns it off.",
     )
     shutdown_grace_seconds: float = Field(
         default=20.0,

@@ -293,25 +293,6 @@ def order_breaks(events: Sequence[PendingEvent], result: BatchResult) -> list[st
     return broken
 
 
-@contextlib.contextmanager
-def _fenced_stops(owner: str) -> Iterator[None]:
-    """A producer that another incarnation fenced (or that hit any fatal error) fails
-    every later call, from librdkafka's own thread: as a KafkaException, or, when it
-    surfaces inside a delivery callback, as a SystemError caused by one. Either way it
-    is ProducerFenced, which stops the publisher cleanly."""
-    try:
-        yield
-    except (KafkaException, SystemError) as exc:
-        cause = exc if isinstance(exc, KafkaException) else exc.__cause__
-        if isinstance(cause, KafkaException):
-            error: KafkaError = cause.args[0]
-            if error.fatal() or error.code() == KafkaError._FENCED:
-                raise ProducerFenced(
-                    f"publisher of {owner} was fenced by a newer one ({error}); stopping"
-                ) from exc
-        raise
-
-
 class TransactionalDelivery:
     """Exactly-once: each batch and its checkpoint record commit as one transaction."""
 
@@ -320,7 +301,8 @@ class TransactionalDelivery:
     ) -> None:
         self.owner = owner
         self.checkpoint_topic = checkpoint_topic
-        self._producer = Producer(dict(config))
+        self._fatal: KafkaError | None = None
+        self._producer = Producer({**config, "error_cb": self._on_error})
         try:
             # Aborts whatever an earlier incarnation left open, and fences it out.
             self._producer.init_transactions(timeout)
@@ -329,6 +311,34 @@ class TransactionalDelivery:
             if error.fatal():
                 raise ProducerFenced(f"publisher of {owner} cannot start: {error}") from exc
             raise KafkaUnavailable(f"cannot start a transactional producer: {error}") from exc
+
+    def _on_error(self, error: KafkaError) -> None:
+        """librdkafka's errors of the client itself (not of one message)."""
+        if error.fatal():
+            self._fatal = error
+            log.error("publisher of %s: Kafka producer failed for good: %s", self.owner, error)
+        else:
+            log.warning("publisher of %s: Kafka client: %s", self.owner, error)
+
+    @contextlib.contextmanager
+    def _fenced_stops(self) -> Iterator[None]:
+        """A producer that another incarnation fenced (or that hit any other fatal
+        error) fails every later call: as a KafkaException, or, raised inside
+        confluent-kafka's own callbacks, as a SystemError with or without one as its
+        cause. Either way it is ProducerFenced, which stops the publisher cleanly."""
+        try:
+            yield
+        except (KafkaException, SystemError) as exc:
+            cause = exc if isinstance(exc, KafkaException) else exc.__cause__
+            error = cause.args[0] if isinstance(cause, KafkaException) else self._fatal
+            if error is not None and (error.fatal() or error.code() == KafkaError._FENCED):
+                raise ProducerFenced(
+                    f"publisher of {self.owner} was fenced by a newer one ({error}); stopping"
+                ) from exc
+            if isinstance(exc, SystemError):
+                # No fatal error seen: aborting tells (a fatal producer refuses it).
+                self._abort(5.0)
+            raise
 
     def deliver(
         self,
@@ -347,7 +357,7 @@ class TransactionalDelivery:
         if any(e.tenant_id != tenant for e in events):
             raise ValueError("a batch holds the events of one tenant only")
         reports = _Reports()
-        with _fenced_stops(self.owner):
+        with self._fenced_stops():
             self._producer.begin_transaction()
             for event in events:
                 _produce(self._producer, event, reports)
@@ -359,7 +369,7 @@ class TransactionalDelivery:
             return BatchResult(failed=reports.result.failed)
 
         checkpoint = _Reports()
-        with _fenced_stops(self.owner):
+        with self._fenced_stops():
             self._producer.produce(
                 self.checkpoint_topic,
                 key=tenant.encode(),
@@ -384,7 +394,7 @@ class TransactionalDelivery:
     ) -> set[int]:
         """Copy events to the dead-letter topic in a transaction of their own; return the
         row ids Kafka committed (all or none)."""
-        with _fenced_stops(self.owner):
+        with self._fenced_stops():
             self._producer.begin_transaction()
             reports = _produce_dead_letters(self._producer, copies, topic)
             self._producer.flush(timeout)

@@ -121,7 +121,7 @@ def test_second_tenant_with_the_same_tenant_id_is_refused_with_a_condition(job: 
     ready = wait_for(refused, timeout=60)
     assert ready is not None, "no TenantIdConflict condition within 60 s"
     assert ready["status"] == "False"
-    assert "already served by another Tenant" in ready["message"]
+    assert f"already used by Tenant {NAMESPACE}/pied" in ready["message"]
     config = client.CoreV1Api(job.api).read_namespaced_config_map(
         "somabrain-publisher-piper", NAMESPACE
     )

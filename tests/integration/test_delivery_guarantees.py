@@ -325,7 +325,7 @@ def test_a_publisher_fenced_by_a_newer_incarnation_stops_with_producer_fenced(
 ) -> None:
     # Two incarnations of one publisher (same transactional id): the newer one's start
     # fences the older, whose next batch must stop it with ProducerFenced (not with
-    # whatever librdkafka's callback thread left behind) and commit nothing.
+    # whatever confluent-kafka's callbacks left behind) and commit nothing.
     topic = f"{tenant}.orders"
     with sessions.begin() as session:
         for i in range(3):
@@ -334,10 +334,11 @@ def test_a_publisher_fenced_by_a_newer_incarnation_stops_with_producer_fenced(
     older = _incarnation(settings)
     with Session(engine) as session:
         batch = claim_pending(session, tenant_id=TenantId(tenant), limit=10)
-    older.deliver(batch[:1], timeout=30)
+    assert len(older.deliver(batch[:1], timeout=30).delivered) == 1
     _incarnation(settings)  # fences `older`
 
     with pytest.raises(ProducerFenced):
         older.deliver(batch[1:], timeout=30)
 
-    assert len(read_committed(bootstrap, topic)) == 1  # the older one's first batch only
+    # The older one's first batch only.
+    assert len(read_committed(bootstrap, topic, expected=1)) == 1

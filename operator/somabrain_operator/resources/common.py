@@ -81,7 +81,7 @@ FlagName = Annotated[
     ),
 ]
 KNOWN_FLAGS_SHOWN = "; ".join(
-    f"{f.name} (default {'on' if f.default else 'off'}): {f.description}"
+    f"{f.name} (default {'on' if f.default else 'off'}): {f.description.rstrip('.')}"
     for f in flags.KNOWN.values()
 )
 FeatureFlags = Annotated[

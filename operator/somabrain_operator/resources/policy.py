@@ -45,10 +45,11 @@ Steps = Annotated[
         check=lambda steps: all(a < b for a, b in itertools.pairwise(steps)),
     ),
     Rule(
-        "self[self.size() - 1] == 100",
+        # An empty list is minItems' to refuse (CEL still runs this rule on it).
+        "self.size() == 0 || self[self.size() - 1] == 100",
         "steps must end at 100 so that a finished rollout covers every tenant: add 100 as "
         "the last step, for example [5, 25, 50, 100]",
-        check=lambda steps: steps[-1] == 100,
+        check=lambda steps: not steps or steps[-1] == 100,
     ),
 ]
 

@@ -212,8 +212,9 @@ class TenantSpec(ResourceModel):
 
     tenant_id: TenantIdField = Field(
         description="Id of the tenant in the outbox (the tenant_id of its events): 1-40 "
-        "lowercase letters, digits or '-', starting with a letter. Cannot change after "
-        "creation."
+        "lowercase letters, digits or '-', starting with a letter and not ending with '-'. "
+        "Unique across namespaces (of two Tenants with one id, the older has it). Cannot "
+        "change after creation."
     )
     policy_ref: PolicyReference | None = Field(
         default=None,
