@@ -26,11 +26,19 @@ import re
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from devenv.common import MissingPrerequisite, StartFailed, cache_dir, require_tool, run, tail
+from devenv.common import (
+    MissingPrerequisite,
+    StartFailed,
+    cache_dir,
+    exclusive_lock,
+    require_tool,
+    run,
+    tail,
+)
 
 GO_HINT = (
     "install the Go toolchain (1.21+; it fetches the 1.26 toolchain these builds need from the "
@@ -201,3 +209,26 @@ def build(
         raise StartFailed(f"{package}: {exc}; log {log}:\n{tail(log)}") from exc
     partial.chmod(0o755)
     os.replace(partial, target)
+
+
+def build_once(root: Path, binaries: Sequence[str], build: Callable[[Path], None]) -> Path:
+    """The `bin/` folder of `root` holding every one of `binaries`, calling `build(bin)`
+    first when one is missing, under a lock so that concurrent processes build once.
+    `build` must put each binary in place complete (an atomic rename)."""
+    bin_dir = root / "bin"
+
+    def present() -> bool:
+        return all(os.access(bin_dir / name, os.X_OK) for name in binaries)
+
+    # Fast path without the lock: binaries only ever appear complete.
+    if present():
+        return bin_dir
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(
+        root / ".build.lock", waiting=f"waiting for another process building into {root} ..."
+    ):
+        # Another process may have finished the build while this one waited.
+        if not present():
+            bin_dir.mkdir(parents=True, exist_ok=True)
+            build(bin_dir)
+    return bin_dir

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from devenv import gobuild
-from devenv.common import Running, cache_dir, exclusive_lock, step
+from devenv.common import Running, cache_dir, step
 
 MODULE = "helm.sh/helm/v4"
 MODULE_VERSION = "v4.3.2"
@@ -51,27 +51,10 @@ def install_dir() -> Path:
     return cache_dir() / f"helm-{MODULE_VERSION}"
 
 
-def _binary_present(bin_dir: Path) -> bool:
-    return os.access(bin_dir / "helm", os.X_OK)
-
-
 def ensure_installed() -> Path:
     """Build helm once per module version; return the folder holding it."""
     root = install_dir()
-    bin_dir = root / "bin"
-    # Fast path without the lock: the binary only ever appears complete (atomic rename).
-    if _binary_present(bin_dir):
-        return bin_dir
-    root.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(
-        root / ".build.lock", waiting=f"waiting for another process building into {root} ..."
-    ):
-        # Another process may have finished the build while we waited for the lock.
-        if _binary_present(bin_dir):
-            return bin_dir
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        _build(gobuild.find_go(BUILDS), root)
-    return bin_dir
+    return gobuild.build_once(root, ["helm"], lambda _: _build(gobuild.find_go(BUILDS), root))
 
 
 def _build(go: gobuild.Go, root: Path) -> None:

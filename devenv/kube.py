@@ -50,7 +50,6 @@ from devenv.common import (
     Running,
     StartFailed,
     cache_dir,
-    exclusive_lock,
     free_port,
     pid_alive,
     require_tool,
@@ -104,31 +103,18 @@ def install_dir() -> Path:
     return cache_dir() / f"kube-{KUBERNETES_VERSION}-etcd-{ETCD_VERSION}"
 
 
-def _binaries_present(bin_dir: Path) -> bool:
-    return all(os.access(bin_dir / name, os.X_OK) for name in ("etcd", "kube-apiserver"))
-
-
 def ensure_installed() -> Path:
     """Build etcd and kube-apiserver once per version pair; return the folder holding both."""
     root = install_dir()
-    bin_dir = root / "bin"
-    # Fast path without the lock: binaries only ever appear complete (atomic rename).
-    if _binaries_present(bin_dir):
-        return bin_dir
-    root.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(
-        root / ".build.lock", waiting=f"waiting for another process building into {root} ..."
-    ):
-        # Another process may have finished the build while we waited for the lock.
-        if _binaries_present(bin_dir):
-            return bin_dir
-        bin_dir.mkdir(parents=True, exist_ok=True)
+
+    def build(bin_dir: Path) -> None:
         go = gobuild.find_go(BUILDS)
         if not os.access(bin_dir / "etcd", os.X_OK):
             _build_etcd(go, root)
         if not os.access(bin_dir / "kube-apiserver", os.X_OK):
             _build_kube_apiserver(go, root)
-    return bin_dir
+
+    return gobuild.build_once(root, ["etcd", "kube-apiserver"], build)
 
 
 def _build_etcd(go: gobuild.Go, root: Path) -> None:

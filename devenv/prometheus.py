@@ -45,7 +45,6 @@ from devenv.common import (
     Running,
     StartFailed,
     cache_dir,
-    exclusive_lock,
     free_port,
     pid_alive,
     port_open,
@@ -90,27 +89,10 @@ def install_dir() -> Path:
     return cache_dir() / f"prometheus-{MODULE_VERSION}"
 
 
-def _binaries_present(bin_dir: Path) -> bool:
-    return all(os.access(bin_dir / name, os.X_OK) for name in BINARIES)
-
-
 def ensure_installed() -> Path:
     """Build prometheus and promtool once per module version; return the folder holding both."""
     root = install_dir()
-    bin_dir = root / "bin"
-    # Fast path without the lock: binaries only ever appear complete (atomic rename).
-    if _binaries_present(bin_dir):
-        return bin_dir
-    root.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(
-        root / ".build.lock", waiting=f"waiting for another process building into {root} ..."
-    ):
-        # Another process may have finished the build while we waited for the lock.
-        if _binaries_present(bin_dir):
-            return bin_dir
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        _build(gobuild.find_go(BUILDS), root)
-    return bin_dir
+    return gobuild.build_once(root, list(BINARIES), lambda _: _build(gobuild.find_go(BUILDS), root))
 
 
 def _build(go: gobuild.Go, root: Path) -> None:

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes import client
@@ -211,7 +211,7 @@ def apply_shared(api: client.ApiClient, obj: dict[str, Any]) -> None:
     """Like `apply`, for an object of a shared pool, owned by every member and controlled
     by none: it is ours when it carries the labels `obj` has."""
     wanted = obj["metadata"]["labels"]
-    _apply(api, obj, ours=lambda live: _has_labels(live, wanted), holder=lambda _: None)
+    _apply(api, obj, ours=lambda live: has_labels(live, wanted), holder=lambda _: None)
 
 
 def _apply(
@@ -252,7 +252,8 @@ def _labels(live: Any) -> dict[str, str]:
     return dict((live.metadata.labels if live.metadata else None) or {})
 
 
-def _has_labels(live: Any, wanted: dict[str, str]) -> bool:
+def has_labels(live: Any, wanted: Mapping[str, str]) -> bool:
+    """Whether a live object (typed or dict) carries every label of `wanted`."""
     have = _labels(live)
     return all(have.get(k) == v for k, v in wanted.items())
 
@@ -267,24 +268,26 @@ def _message(exc: client.ApiException) -> str:
 
 def delete(api: client.ApiClient, kind: str, *, name: str, namespace: str, controller: str) -> bool:
     """Delete a child no longer wanted, if it exists and `controller` controls it."""
-    live = read(api, kind, name=name, namespace=namespace)
-    if live is None or controller_uid(live) != controller:
-        return False
-    _remember_delete(kind, name, namespace)
-    try:
-        _verbs(api, kind).delete(name, namespace)
-    except client.ApiException as exc:
-        if exc.status != 404:
-            raise
-    return True
+    return _delete(
+        api, kind, name=name, namespace=namespace,
+        ours=lambda live: controller_uid(live) == controller,
+    )  # fmt: skip
 
 
 def delete_shared(
     api: client.ApiClient, kind: str, *, name: str, namespace: str, labels: dict[str, str]
 ) -> bool:
     """Delete a pool's object no longer wanted, if it exists and carries `labels`."""
+    return _delete(
+        api, kind, name=name, namespace=namespace, ours=lambda live: has_labels(live, labels)
+    )
+
+
+def _delete(
+    api: client.ApiClient, kind: str, *, name: str, namespace: str, ours: Callable[[Any], bool]
+) -> bool:
     live = read(api, kind, name=name, namespace=namespace)
-    if live is None or not _has_labels(live, labels):
+    if live is None or not ours(live):
         return False
     _remember_delete(kind, name, namespace)
     try:

@@ -100,6 +100,27 @@ def _metadata(
     }
 
 
+def _publisher_metadata(
+    spec: TenantSpec, *, namespace: str, owner: dict[str, Any]
+) -> dict[str, Any]:
+    """Metadata of the dedicated publisher's Deployment, ConfigMap and Service."""
+    return _metadata(
+        publisher_name(spec.tenant_id),
+        namespace=namespace,
+        owner=owner,
+        tenant_id=spec.tenant_id,
+        component="publisher",
+    )
+
+
+def _publisher_selector(tenant_id: str) -> dict[str, str]:
+    return {LABEL_TENANT: tenant_id, LABEL_COMPONENT: "publisher"}
+
+
+def _pool_selector(pool: str) -> dict[str, str]:
+    return {LABEL_POOL: pool, LABEL_COMPONENT: "publisher"}
+
+
 def _number(value: float) -> str:
     return f"{value:g}"
 
@@ -169,13 +190,7 @@ def config_map(
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(
-            publisher_name(spec.tenant_id),
-            namespace=namespace,
-            owner=owner,
-            tenant_id=spec.tenant_id,
-            component="publisher",
-        ),
+        "metadata": _publisher_metadata(spec, namespace=namespace, owner=owner),
         "data": {
             **publisher_environment(spec, resolved, settings),
             TENANT_FILE: tenant_file(spec, resolved),
@@ -202,14 +217,8 @@ def deployment(
 ) -> dict[str, Any]:
     """The tenant's publisher; a second replica only waits as a standby."""
     return _publisher_deployment(
-        _metadata(
-            publisher_name(spec.tenant_id),
-            namespace=namespace,
-            owner=owner,
-            tenant_id=spec.tenant_id,
-            component="publisher",
-        ),
-        selector={LABEL_TENANT: spec.tenant_id, LABEL_COMPONENT: "publisher"},
+        _publisher_metadata(spec, namespace=namespace, owner=owner),
+        selector=_publisher_selector(spec.tenant_id),
         args=["--tenant", spec.tenant_id],
         replicas=resolved.replicas,
         resources=_resources(spec),
@@ -307,14 +316,8 @@ def service(
 ) -> dict[str, Any]:
     """The publisher's metrics and health endpoints, for Prometheus and people."""
     return _publisher_service(
-        _metadata(
-            publisher_name(spec.tenant_id),
-            namespace=namespace,
-            owner=owner,
-            tenant_id=spec.tenant_id,
-            component="publisher",
-        ),
-        selector={LABEL_TENANT: spec.tenant_id, LABEL_COMPONENT: "publisher"},
+        _publisher_metadata(spec, namespace=namespace, owner=owner),
+        selector=_publisher_selector(spec.tenant_id),
         settings=settings,
     )
 
@@ -416,7 +419,7 @@ def pool_deployment(
     pool waits for every tenant's lock and gains little)."""
     return _publisher_deployment(
         _pool_metadata(pool, namespace=namespace, members=members),
-        selector={LABEL_POOL: pool, LABEL_COMPONENT: "publisher"},
+        selector=_pool_selector(pool),
         args=["--pool", pool_identity(namespace, pool)],
         replicas=1,
         resources=copy.deepcopy(defaults.PUBLISHER_RESOURCES),
@@ -430,7 +433,7 @@ def pool_service(
 ) -> dict[str, Any]:
     return _publisher_service(
         _pool_metadata(pool, namespace=namespace, members=members),
-        selector={LABEL_POOL: pool, LABEL_COMPONENT: "publisher"},
+        selector=_pool_selector(pool),
         settings=settings,
     )
 

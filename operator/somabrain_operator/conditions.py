@@ -118,3 +118,9 @@ def _create_event(
         reporting_instance="somabrain-operator",
     )
     client.CoreV1Api(api).create_namespaced_event(meta["namespace"], event)
+
+
+def ready_reason(body: Mapping[str, Any]) -> str | None:
+    """The reason of the object's Ready condition, if it has one."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return next((c.get("reason") for c in conditions if c.get("type") == READY), None)

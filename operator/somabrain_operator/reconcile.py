@@ -24,13 +24,22 @@ import pydantic
 from kubernetes import client
 
 from somabrain_operator import children, pools, rollout
-from somabrain_operator.apply import ChildConflict, apply, claim, controller_of, delete, read
+from somabrain_operator.apply import (
+    ChildConflict,
+    apply,
+    claim,
+    controller_of,
+    delete,
+    has_labels,
+    read,
+)
 from somabrain_operator.conditions import (
     ALERTS,
     READY,
     condition,
     merge,
     post_event,
+    ready_reason,
     transitions,
 )
 from somabrain_operator.config import OperatorSettings
@@ -424,25 +433,14 @@ def _converge_pool(
     candidates = [c for b in bodies if (c := _candidate(b, policy_of)) is not None]
     chosen = pools.plan(pool, candidates)
     live = read(api, "Deployment", name=children.pool_publisher_name(pool), namespace=namespace)
-    if live is not None and not _has_pool_labels(live, pool):
+    if live is not None and not has_labels(live, children.pool_labels(pool)):
         raise ChildConflict("Deployment", children.pool_publisher_name(pool), controller_of(live))
     pools.converge(api, namespace, chosen, settings=settings)
-    stale: set[str] = set()
-    for other in bodies:
-        other_uid = str(other["metadata"]["uid"])
-        verdict = chosen.verdicts.get(other_uid)
-        if other_uid == uid or verdict is None:
-            continue
-        ready = next(
-            (
-                c
-                for c in (other.get("status") or {}).get("conditions") or []
-                if c.get("type") == READY
-            ),
-            None,
-        )
-        if ready is None or ready.get("reason") != verdict.reason:
-            stale.add(other_uid)
+    stale = {
+        str(b["metadata"]["uid"])
+        for b in _misjudged(bodies, chosen.verdicts)
+        if str(b["metadata"]["uid"]) != uid
+    }
     return chosen, stale
 
 
@@ -461,31 +459,23 @@ def misjudged_members(
     """Members of `pool` whose Ready condition disagrees with what the pool's plan does
     for them now (a status write that lost a race, a member that left while the operator
     was down). Pure: reads only the bodies given."""
-    verdicts = pool_plan(pool, bodies, policy_of).verdicts
+    return _misjudged(bodies, pool_plan(pool, bodies, policy_of).verdicts)
+
+
+def _misjudged(
+    bodies: list[Mapping[str, Any]], verdicts: Mapping[str, pools.Verdict]
+) -> list[Mapping[str, Any]]:
+    """Of `bodies`, those whose Ready reason is a pool's (or none) and not the one
+    `verdicts` gives them."""
     wrong = []
     for body in bodies:
         verdict = verdicts.get(str(body["metadata"]["uid"]))
-        ready = next(
-            (
-                c
-                for c in (body.get("status") or {}).get("conditions") or []
-                if c.get("type") == READY
-            ),
-            None,
-        )
-        reason = ready.get("reason") if ready else None
-        if (
-            verdict is not None
-            and reason != verdict.reason
-            and (reason in POOL_REASONS or not reason)
-        ):
+        reason = ready_reason(body)
+        if verdict is None or reason == verdict.reason:
+            continue
+        if reason is None or reason in POOL_REASONS:
             wrong.append(body)
     return wrong
-
-
-def _has_pool_labels(live: Any, pool: str) -> bool:
-    labels = (live.metadata.labels if live.metadata else None) or {}
-    return all(labels.get(k) == v for k, v in children.pool_labels(pool).items())
 
 
 def _remove_dedicated(api: client.ApiClient, spec: TenantSpec, *, namespace: str, uid: str) -> None:

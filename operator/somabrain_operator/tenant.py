@@ -31,7 +31,7 @@ from somabrain.store.engine import make_engine
 from somabrain.store.outbox import advisory_lock_key, backlog, delete_tenant_events
 from somabrain_operator import children, pools
 from somabrain_operator.apply import delete
-from somabrain_operator.conditions import READY, condition, merge, post_event
+from somabrain_operator.conditions import READY, condition, merge, post_event, ready_reason
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION
 from somabrain_operator.metrics import observe
 from somabrain_operator.reconcile import first_holder, forget, reconcile_tenant
@@ -52,11 +52,6 @@ class Waiting(kopf.TemporaryError):
 
     def __init__(self, message: str, *, delay: float) -> None:
         super().__init__(self.MARK + message, delay=delay)
-
-
-def _ready_reason(body: Mapping[str, Any]) -> str | None:
-    conditions = (body.get("status") or {}).get("conditions") or []
-    return next((c.get("reason") for c in conditions if c.get("type") == READY), None)
 
 
 DELETE_BUDGET_SECONDS = 10.0
@@ -246,7 +241,7 @@ def _drain(
         f"draining: {pending} events pending; the publisher keeps running until they are "
         f"delivered or {limit - waited:.0f} s more have passed"
     )
-    if _ready_reason(body) != "Draining":  # an Event when it starts; then the condition
+    if ready_reason(body) != "Draining":  # an Event when it starts; then the condition
         post_event(api, body, warning=False, reason="Draining", message=message)
     _set_ready(patch, body, reason="Draining", message=message)
     raise Waiting(message, delay=5)
