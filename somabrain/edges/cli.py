@@ -30,9 +30,14 @@ app = typer.Typer(
     help="SomaBrain: drain a multi-tenant PostgreSQL outbox into Kafka.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help: option names with their metavars (`--tenant TENANT`), as in man pages,
+    # rather than Typer's boxed tables with Python types (`<list[str]>`, `<bool>`).
+    rich_markup_mode=None,
 )
-publisher_app = typer.Typer(help="Run the publisher that drains a tenant's outbox.")
-db_app = typer.Typer(help="Inspect and migrate the outbox schema.")
+publisher_app = typer.Typer(
+    help="Run the publisher that drains a tenant's outbox.", rich_markup_mode=None
+)
+db_app = typer.Typer(help="Inspect and migrate the outbox schema.", rich_markup_mode=None)
 app.add_typer(publisher_app, name="publisher")
 app.add_typer(db_app, name="db")
 
@@ -42,6 +47,11 @@ class LogLevel(enum.StrEnum):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
+
+
+LogLevelOption = Annotated[
+    LogLevel, typer.Option(help="Log level: debug, info, warning or error.", metavar="LEVEL")
+]
 
 
 def _configure_logging(level: str) -> None:
@@ -67,16 +77,19 @@ def publisher_run(
         list[str] | None,
         typer.Option(
             help="Tenant id to drain; repeat it (with --pool) to drain several in turns.",
+            metavar="TENANT",
             show_default=False,
         ),
     ] = None,
     pool: Annotated[
         str | None,
         typer.Option(
-            help="Name of a shared publisher serving several tenants.", show_default=False
+            help="Name of a shared publisher serving several tenants.",
+            metavar="POOL",
+            show_default=False,
         ),
     ] = None,
-    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.INFO,
+    log_level: LogLevelOption = LogLevel.INFO,
 ) -> None:
     """Drain the tenants' pending events into Kafka until SIGTERM.
 
@@ -128,8 +141,8 @@ def _refuse_old_schema(database_url: str) -> None:
 
 @db_app.command("upgrade")
 def db_upgrade(
-    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
-    log_level: Annotated[LogLevel, typer.Option(help="Log level.")] = LogLevel.INFO,
+    revision: Annotated[str, typer.Option(help="Target revision.", metavar="REVISION")] = "head",
+    log_level: LogLevelOption = LogLevel.INFO,
 ) -> None:
     """Migrate the outbox schema up to REVISION (default: the newest).
 

@@ -62,3 +62,13 @@ def test_publisher_help_lists_every_setting_with_its_default() -> None:
     assert "SOMABRAIN_BATCH_SIZE" in result.stdout
     assert "(default: 500)" in result.stdout
     assert "SOMABRAIN_DELIVERY_MODE" in result.stdout
+
+
+def test_help_names_option_values_not_python_types() -> None:
+    for command in ((), ("publisher", "run"), ("db", "upgrade")):
+        result = _run(*command, "--help")
+
+        assert result.returncode == 0
+        assert "<bool>" not in result.stdout
+        assert "list[str]" not in result.stdout
+    assert "--tenant TENANT" in _run("publisher", "run", "--help").stdout

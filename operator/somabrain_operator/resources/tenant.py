@@ -238,7 +238,9 @@ class TenantSpec(ResourceModel):
         default=None,
         description="exactly-once: Kafka transactions, no duplicates for read_committed "
         "consumers; at-least-once: for brokers without transactions, a crash may republish "
-        f"a batch. Unset: {defaults.publisher('delivery_mode')}.",
+        "a batch. Set, it wins over the exactly-once feature flag (of the Tenant, its "
+        "policy or a rollout); unset, that flag decides (true: exactly-once, false: "
+        f"at-least-once), and without it: {defaults.publisher('delivery_mode')}.",
     )
     poison_policy: PoisonPolicy | None = Field(
         default=None,
