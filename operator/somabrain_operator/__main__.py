@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 import textwrap
 import time
@@ -37,6 +38,22 @@ class _CleanupProgress(logging.Filter):
         if record.levelno >= logging.ERROR and Waiting.MARK in record.getMessage():
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+class _RoutineSuccess(logging.Filter):
+    """Kopf logs at INFO each handler that succeeded and each event it processed: five
+    lines for a new Tenant and one per child event, saying nothing the operator's own
+    line per reconcile (what it applied, what it found) does not. They are kept at
+    --log-level debug; failures and retries are WARNING or ERROR and always pass."""
+
+    ROUTINE = re.compile(
+        r"(Handler '[^']+' succeeded|\w+ is processed: \d+ succeeded; 0 failed)\.$"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or log.isEnabledFor(logging.DEBUG):
+            return True
+        return self.ROUTINE.fullmatch(record.getMessage()) is None
 
 
 class MissingCRDs(Exception):
@@ -87,6 +104,7 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
     settings.networking.request_timeout = ours.api_request_timeout_seconds
     settings.posting.level = logging.WARNING
     logging.getLogger("kopf.objects").addFilter(_CleanupProgress())
+    logging.getLogger("kopf.objects").addFilter(_RoutineSuccess())
     # Kopf's own progress records go into annotations; nothing else of Kopf's in status.
     settings.persistence.finalizer = f"{GROUP}/cleanup"
     try:
@@ -114,12 +132,19 @@ def configure(settings: kopf.OperatorSettings, **indices: Any) -> None:
     Loop(KNOWN.settings, KNOWN.peering).start()
     log.info(
         "operator started: backlog from %s every %g s; watch requests end after %d s and "
-        "are given up after %g s",
+        "are given up after %g s; every Tenant repaired once in %g s",
         "the outbox database" if ours.database_url else "nowhere (no database access)",
         ours.status_interval_seconds,
         ours.watch_server_timeout_seconds,
         ours.watch_client_timeout_seconds,
+        ours.repair_interval_seconds,
     )
+    if not ours.database_url:
+        log.warning(
+            "no database URL (SOMABRAIN_OPERATOR_DATABASE_URL or DATABASE_URL): Tenants "
+            "show no backlog, PublisherAvailable stays Unknown, and deletionPolicy Drain "
+            "and Delete leave the events in the outbox"
+        )
 
 
 @kopf.on.cleanup()
@@ -141,9 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     """Run the operator for all namespaces until SIGTERM."""
     parser = argparse.ArgumentParser(
         prog="somabrain-operator",
-        description="Reconcile somabrain.io Tenants and OutboxPolicies into publisher "
-        "Deployments, ConfigMaps, Services, PrometheusRules and ResourceQuotas in every "
-        "namespace. Uses the in-cluster service account, else $KUBECONFIG.",
+        description=textwrap.fill(
+            "Reconcile somabrain.io Tenants and OutboxPolicies into publisher Deployments, "
+            "ConfigMaps, Services, PrometheusRules and ResourceQuotas in every namespace. "
+            "Uses the in-cluster service account, else $KUBECONFIG.",
+            width=88,
+        ),
         # One wrapped paragraph per setting, as argparse wraps options.
         epilog="settings (environment variables):\n\n"
         + "\n".join(
@@ -179,6 +207,14 @@ def main(argv: list[str] | None = None) -> None:
         help="this process's priority in peering (default: a random one, so that replicas "
         "started alike differ; peers of equal priority all pause)",
     )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning"),
+        default="info",
+        help="info (the default): one line per reconcile and per transition, warnings and "
+        "errors; debug adds Kopf's line for every handler run and API request; warning "
+        "keeps only what needs attention",
+    )
     args = parser.parse_args(argv)
     if args.priority is not None and args.peering is None:
         parser.error("--priority needs --peering")
@@ -190,7 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=REGISTRY)
     # Kopf's formatter prefixes each line about an object with its namespace/name.
-    kopf.configure(log_format=kopf.LogFormat.FULL, log_prefix=True)
+    kopf.configure(
+        log_format=kopf.LogFormat.FULL,
+        log_prefix=True,
+        debug=args.log_level == "debug",
+        quiet=args.log_level == "warning",
+    )
     if args.peering is None:
         asyncio.run(kopf.operator(clusterwide=True, standalone=True))
         return

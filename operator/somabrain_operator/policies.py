@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 @kopf.index(GROUP, VERSION, POLICY_PLURAL)
-def policy_bodies(
+async def policy_bodies(
     namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], Any]:
     return {(str(namespace), name): snapshot(body)}

@@ -1,8 +1,8 @@
-"""What the operator's log says of a clean-up in progress."""
+"""What the operator's log says of a clean-up in progress, and what it leaves out."""
 
 import logging
 
-from somabrain_operator.__main__ import _CleanupProgress
+from somabrain_operator.__main__ import _CleanupProgress, _RoutineSuccess
 from somabrain_operator.tenant import Waiting
 
 
@@ -20,3 +20,20 @@ def test_a_waiting_clean_up_is_logged_as_progress_and_a_failure_as_an_error() ->
 
     assert progress.levelno == logging.INFO
     assert failure.levelno == logging.ERROR
+
+
+def test_kopf_s_routine_successes_are_left_out_and_failures_kept() -> None:
+    routine = [
+        "Handler 'reconcile' succeeded.",
+        "Handler 'deployment_changed' succeeded.",
+        "Creation is processed: 1 succeeded; 0 failed.",
+        "Resuming is processed: 1 succeeded; 0 failed.",
+    ]
+    kept = [
+        "Creation is processed: 0 succeeded; 1 failed.",
+        "Tenant team-a/acme (tenant acme): ChildrenApplied: publisher Deployment ... applied",
+    ]
+
+    assert not any(_RoutineSuccess().filter(_record(logging.INFO, m)) for m in routine)
+    assert all(_RoutineSuccess().filter(_record(logging.INFO, m)) for m in kept)
+    assert _RoutineSuccess().filter(_record(logging.WARNING, routine[0]))
