@@ -7,12 +7,14 @@ tests/e2e/test_chart.py.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from somabrain_operator import peering
+from somabrain_operator.config import OperatorSettings
 from somabrain_operator.crds import PEERING_FILE
 
 from tests.chart_support import (
@@ -57,10 +59,15 @@ def test_chart_passes_helm_lint_strict(helm: Helm) -> None:
         # Peers of equal priority all pause: replicas must draw their own.
         ("peering.enabled=true,replicas=2,peering.priority=5", "at '/peering/priority'"),
         ("peering.priority=high", "at '/peering/priority'"),
+        ("settings.repairInterval=60", "at '/settings': additional properties 'repairInterval'"),
+        ("settings.drainTimeoutSeconds=0", "at '/settings/drainTimeoutSeconds'"),
+        ("logLevel=loud", "at '/logLevel'"),
+        ("metrics.port=70000", "at '/metrics/port'"),
     ],
     ids=["negative-replicas", "replicas-without-peering", "unknown-key", "pull-policy",
          "secret-name", "label-name", "label-value", "not-a-boolean", "shared-priority",
-         "priority-not-a-number"],
+         "priority-not-a-number", "unknown-setting", "zero-timeout", "log-level",
+         "metrics-port"],
 )  # fmt: skip
 def test_helm_lint_refuses_a_value_against_the_schema_naming_the_field(
     helm: Helm, value: str, named: str
@@ -80,7 +87,7 @@ def test_chart_runs_one_operator_replaced_by_recreate(helm: Helm) -> None:
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["somabrain-operator"]
     # Standalone: no peering arguments.
-    assert "args" not in container
+    assert container["args"] == ["--log-level", "info", "--metrics-port", "8080"]
     assert container["image"] == "somabrain:0.1.0"
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "somabrain-operator"
 
@@ -101,9 +108,10 @@ def test_peering_passes_its_name_and_priority_to_the_operator(helm: Helm) -> Non
     )  # fmt: skip
     drawn = only(helm.template("--set", "peering.enabled=true"), "Deployment")
 
-    assert _args(named) == ["--peering", "payments-operators", "--priority", "100"]
+    assert _args(named)[-4:] == ["--peering", "payments-operators", "--priority", "100"]
     # No priority: each process draws its own.
-    assert _args(drawn) == ["--peering", "somabrain-operator"]
+    assert _args(drawn)[-2:] == ["--peering", "somabrain-operator"]
+    assert "--priority" not in _args(drawn)
 
 
 def test_replicas_with_peering_draw_their_own_priorities_and_roll(helm: Helm) -> None:
@@ -112,7 +120,7 @@ def test_replicas_with_peering_draw_their_own_priorities_and_roll(helm: Helm) ->
     )
 
     assert deployment["spec"]["replicas"] == 3
-    assert _args(deployment) == ["--peering", "somabrain-operator"]
+    assert _args(deployment)[-2:] == ["--peering", "somabrain-operator"]
     # Peers never act at once, so new pods may start beside the old ones.
     assert deployment["spec"]["strategy"] == {"type": "RollingUpdate"}
 
@@ -180,6 +188,65 @@ def test_operator_settings_reach_its_environment(helm: Helm) -> None:
     assert custom["SOMABRAIN_OPERATOR_DATABASE_URL"] == {
         "secretKeyRef": {"name": "operator-db", "key": "url"}
     }
+
+
+def _schema_settings() -> dict[str, Any]:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    settings: dict[str, Any] = schema["properties"]["settings"]["properties"]
+    return settings
+
+
+def test_chart_can_set_every_operator_setting(helm: Helm) -> None:
+    # Set elsewhere in the values: publisher.image, publisher.connectionSecret,
+    # prometheusRule.labels, database.urlSecret.
+    elsewhere = {"publisher_image", "connection_secret", "rule_labels", "database_url"}
+    from_settings = {re.sub(r"(?<!^)([A-Z])", r"_\1", k).lower() for k in _schema_settings()}
+
+    assert from_settings == set(OperatorSettings.model_fields) - elsewhere
+
+
+def test_settings_reach_the_operator_as_the_values_it_reads(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = {
+        "statusIntervalSeconds": 2.5,
+        "repairIntervalSeconds": 7200,
+        "publisherReportMaxAgeSeconds": 45,
+        "drainTimeoutSeconds": 120,
+        "watchServerTimeoutSeconds": 200,
+        "watchClientTimeoutSeconds": 230.5,
+        "apiRequestTimeoutSeconds": 20,
+        "publisherMetricsPort": 9500,
+    }
+    env = container_env(
+        only(helm.template("--set-json", f"settings={json.dumps(values)}"), "Deployment")
+    )
+
+    for name, value in env.items():
+        if isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    read = OperatorSettings()
+    assert read.status_interval_seconds == 2.5
+    assert read.repair_interval_seconds == 7200
+    assert read.publisher_report_max_age_seconds == 45
+    assert read.drain_timeout_seconds == 120
+    assert read.watch_server_timeout_seconds == 200
+    assert read.watch_client_timeout_seconds == 230.5
+    assert read.api_request_timeout_seconds == 20
+    assert read.publisher_metrics_port == 9500
+
+
+def test_operator_metrics_port_and_log_level_are_passed_and_can_be_turned_off(
+    helm: Helm,
+) -> None:
+    quiet = only(
+        helm.template("--set", "logLevel=warning", "--set", "metrics.port=0"), "Deployment"
+    )
+    [container] = only(helm.template(), "Deployment")["spec"]["template"]["spec"]["containers"]
+
+    assert container["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
+    assert _args(quiet) == ["--log-level", "warning"]
+    assert "ports" not in quiet["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_cluster_role_grants_exactly_what_the_operator_needs(helm: Helm) -> None:
