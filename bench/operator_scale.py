@@ -20,7 +20,9 @@ Measured, from watches on the namespace (nothing is polled):
 3. idle CPU: the operator's user + system CPU seconds over the watch window divided by
    the window; the window starts once the namespace has had no write for --quiet s.
 4. writes in steady state: watch events on Tenants, OutboxPolicies, Deployments,
-   ConfigMaps, Services, ResourceQuotas and Events in the namespace during the window.
+   ConfigMaps, Services, ResourceQuotas and Events in the namespace during the window;
+   and the write requests the operator's client sent in it (its own counter), which
+   also catches writes that change nothing or are refused, and so make no event.
 5. policy change: quotas.batchSize of the first OutboxPolicy raised by one; the time
    until the `tenants.yaml` of every one of its Tenants' ConfigMaps holds it.
 
@@ -31,8 +33,9 @@ comparable between a busy machine and a quiet one. CPU seconds of the operator,
 kube-apiserver, etcd, PostgreSQL and this process are given per phase: they share the
 cpus.
 
-With --profile, py-spy records the operator's stacks (raw format, --idle) while it
-converges and while the policy change spreads; the files are named in the result.
+With --profile, py-spy records the operator's stacks (raw format) while it converges
+and while the policy change spreads (every thread's, --idle), and while idle (only
+stacks on a cpu); the files are named in the result.
 That slows the operator: a profiled run's figures are not the bench's.
 
 Clean-up: the operator is stopped, then every object the run made in the two
@@ -418,7 +421,8 @@ class Usage:
 
 
 def reconciles(port: int) -> dict[str, float]:
-    """The operator's own counters: reconciles by kind/trigger/outcome, status writes."""
+    """The operator's own counters: reconciles by kind/trigger/outcome, status writes,
+    its client's API requests by method and status."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     counts: dict[str, float] = {}
@@ -431,6 +435,8 @@ def reconciles(port: int) -> dict[str, float]:
                 key = f"status_writes/{labels['kind']}"
             elif sample.name == "somabrain_operator_reconcile_seconds_sum":
                 key = f"reconcile_seconds_sum/{labels['kind']}"
+            elif sample.name == "somabrain_operator_api_requests_total":
+                key = f"api_requests/{labels['method']}/{labels['code']}"
             else:
                 continue
             counts[key] = counts.get(key, 0.0) + sample.value
@@ -442,12 +448,14 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 
 
 class Profile:
-    """py-spy recording the operator's stacks into a raw file until stopped."""
+    """py-spy recording the operator's stacks into a raw file until stopped: every
+    thread's (`idle`), or only those running on a cpu."""
 
-    def __init__(self, pid: int, path: Path) -> None:
+    def __init__(self, pid: int, path: Path, *, idle: bool = True) -> None:
         self.path = path
         exe = Path(sys.executable).with_name("py-spy")
-        argv = [str(exe), "record", "--pid", str(pid), "--idle", "--format", "raw"]
+        argv = [str(exe), "record", "--pid", str(pid), "--format", "raw"]
+        argv += ["--idle"] if idle else []
         self.process = subprocess.Popen(
             [*argv, "--rate", "50", "--output", str(path)],
             stdout=subprocess.DEVNULL,
@@ -765,7 +773,10 @@ def operator_phases(
     usage.mark("settle")
     counters.append(reconciles(port))
     progress(f"settled: {out['settle']}; watching for {args.watch_seconds:g} s ...")
+    profile = Profile(pid, work_dir / "stacks-idle.txt", idle=False) if args.profile else None
     out["idle"] = idle(seen, pid, args.watch_seconds)
+    if profile:
+        out["profile_idle"] = profile.stop()
     usage.mark("idle")
     counters.append(reconciles(port))
     progress(f"idle: {out['idle']}")
@@ -796,6 +807,21 @@ def operator_phases(
     return out
 
 
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def write_requests(result: dict[str, Any], phase: str) -> float:
+    """Write requests the operator's client sent in a phase, whatever their answer: a
+    write the API server refuses (409) or finds changes nothing makes no watch event."""
+    counters = result.get("operator_counters_by_phase", {}).get(phase, {})
+    writes = [
+        v
+        for k, v in counters.items()
+        if k.startswith("api_requests/") and k.split("/")[1] in WRITE_METHODS
+    ]
+    return float(sum(writes))
+
+
 def table(result: dict[str, Any]) -> str:
     """The figures against their targets, one line each."""
     conv, idle_, change = result["converge"], result["idle"], result["policy_change"]
@@ -816,6 +842,7 @@ def table(result: dict[str, Any]) -> str:
         ("operator peak RSS, VmHWM (MiB)", "<= 200 MB", mem["vm_hwm_mib"]),
         ("operator idle CPU (fraction of a cpu)", "~ 0", idle_["operator_cpu_fraction"]),
         ("writes per minute in steady state", "0", idle_["writes_per_minute"]),
+        ("  write requests, refused ones too", "0", write_requests(result, "idle")),
         ("policy change to all its ConfigMaps (s)", "-", change["seconds_to_all"]),
     ]
     width = max(len(r[0]) for r in rows)

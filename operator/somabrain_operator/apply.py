@@ -10,11 +10,18 @@ Applying an object that exists already would merge into it, whoever it belongs t
 `claim` checks first that no wanted name is held by an object the Tenant does not
 control (another Tenant's, another controller's, or one with no controller at all):
 such an object is a `ChildConflict`, and none of the children are applied.
+
+An object is sent only when it is not in place already (cases K-2, K-3): each applied
+object carries the digest of what was applied (`somabrain.io/applied`), and a live
+object with the digest of the wanted one and every wanted field at its wanted value
+is left alone. The digest catches what a comparison of fields cannot: a field the
+operator set before and no longer wants, which an apply removes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -23,11 +30,38 @@ from typing import Any
 
 from kubernetes import client
 
-from somabrain_operator.config import FIELD_MANAGER, RULE_GROUP, RULE_PLURAL, RULE_VERSION
+from somabrain_operator.config import (
+    FIELD_MANAGER,
+    GROUP,
+    RULE_GROUP,
+    RULE_PLURAL,
+    RULE_VERSION,
+)
 
 log = logging.getLogger(__name__)
 
 APPLY = "application/apply-patch+yaml"
+APPLIED = f"{GROUP}/applied"
+
+
+class _KindMissing:
+    """What `read` gives for an object whose kind the API server does not serve (a
+    PrometheusRule without its CRD, case K-11)."""
+
+    def __repr__(self) -> str:
+        return "KIND_MISSING"
+
+
+KIND_MISSING: Any = _KindMissing()
+
+
+@dataclasses.dataclass(frozen=True)
+class Lives:
+    """What `claim` read: each live object by (kind, namespace, name) (a dict, None when
+    absent, or KIND_MISSING), and those it adopted from a controller that is gone."""
+
+    objects: dict[tuple[str, str, str], Any] = dataclasses.field(default_factory=dict)
+    adopted: frozenset[tuple[str, str, str]] = frozenset()
 
 
 # resourceVersions of each object as the operator's latest applies left it: a watch
@@ -181,37 +215,131 @@ def controller_uid(live: Any) -> str | None:
     return holder.uid if holder else None
 
 
-def read(api: client.ApiClient, kind: str, *, name: str, namespace: str) -> Any | None:
-    """The live object, or None when it does not exist."""
+def read(api: client.ApiClient, kind: str, *, name: str, namespace: str) -> Any:
+    """The live object as a dict; None when it does not exist, KIND_MISSING when the
+    API server does not serve its kind."""
     try:
-        return _verbs(api, kind).read(name, namespace)
+        if kind == "PrometheusRule":
+            found: dict[str, Any] = _verbs(api, kind).read(name, namespace)
+            return found
+        # The JSON as it came: the client's typed models cost far more to build.
+        response = _verbs(api, kind).read(name, namespace, _preload_content=False)
+        raw: dict[str, Any] = json.loads(response.data)
+        return raw
     except client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
+        if exc.status != 404:
+            raise
+        # An object that is not there is a NotFound Status naming it; a path the API
+        # server does not serve at all is a plain "404 page not found".
+        return None if _names_object(exc) else KIND_MISSING
 
 
-def claim(api: client.ApiClient, objs: list[dict[str, Any]], *, controller: str) -> None:
+def _names_object(exc: client.ApiException) -> bool:
+    try:
+        details = json.loads(exc.body or "").get("details") or {}
+    except (ValueError, AttributeError):
+        return False
+    return bool(details.get("name"))
+
+
+def claim(
+    api: client.ApiClient,
+    objs: list[dict[str, Any]],
+    *,
+    controller: str,
+    gone: Callable[[Controller], bool] = lambda _: False,
+) -> Lives:
     """Raise `ChildConflict` for the first of `objs` whose name is held by an existing
-    object that `controller` (a Tenant's uid) does not control."""
+    object that `controller` (a Tenant's uid) does not control, unless its controller is
+    `gone` (a Tenant deleted with its children left for the garbage collector): that
+    object is adopted. Else the live objects read, for `apply` to tell which are in
+    place already."""
+    objects: dict[tuple[str, str, str], Any] = {}
+    adopted = set()
     for obj in objs:
         meta = obj["metadata"]
         live = read(api, obj["kind"], name=meta["name"], namespace=meta["namespace"])
-        if live is not None and controller_uid(live) != controller:
-            raise ChildConflict(obj["kind"], meta["name"], controller_of(live))
+        holder = controller_of(live) if isinstance(live, dict) else None
+        if isinstance(live, dict) and (holder is None or holder.uid != controller):
+            if holder is None or not gone(holder):
+                raise ChildConflict(obj["kind"], meta["name"], holder)
+            log.info(
+                "%s %s/%s was controlled by %s %s (uid %s), which no longer exists; "
+                "adopted by the Tenant of uid %s",
+                obj["kind"], meta["namespace"], meta["name"], holder.kind, holder.name,
+                holder.uid, controller,
+            )  # fmt: skip
+            adopted.add(_key(obj))
+        objects[_key(obj)] = live
+    return Lives(objects, frozenset(adopted))
 
 
-def apply(api: client.ApiClient, obj: dict[str, Any], *, controller: str) -> None:
+def stamped(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` with the digest of its content in annotation APPLIED."""
+    meta = obj["metadata"]
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != APPLIED}
+    bare = {**obj, "metadata": {**meta, "annotations": annotations}}
+    if not annotations:
+        del bare["metadata"]["annotations"]
+    text = json.dumps(bare, sort_keys=True, separators=(",", ":"), default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    return {
+        **bare,
+        "metadata": {**bare["metadata"], "annotations": {**annotations, APPLIED: digest}},
+    }
+
+
+def in_place(wanted: Mapping[str, Any], live: Any) -> bool:
+    """Whether applying `wanted` (stamped) would change nothing on `live`: the live
+    object carries its digest and every wanted field at the wanted value (lists of the
+    same length, item by item; fields the API server or others added are ignored)."""
+    return isinstance(live, dict) and _contains(live, wanted)
+
+
+def _contains(have: Any, want: Any) -> bool:
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(
+            k in have and _contains(have[k], v) for k, v in want.items()
+        )
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(have) == len(want)
+            and all(_contains(h, w) for h, w in zip(have, want, strict=True))
+        )
+    return bool(have == want)
+
+
+def apply(
+    api: client.ApiClient, obj: dict[str, Any], *, controller: str, lives: Lives | None = None
+) -> bool:
     """Converge one object on `obj`: created if missing, our fields set, others' left
-    alone; `controller` is the uid of the Tenant that must control it."""
-    _apply(api, obj, ours=lambda live: controller_uid(live) == controller, holder=controller_of)
+    alone; `controller` is the uid of the Tenant that must control it. With `lives`
+    (from `claim`), an object found in place is not sent. True when it was sent."""
+    lives = lives or Lives()
+    adopted = _key(obj) in lives.adopted
+    return _apply(
+        api,
+        obj,
+        ours=lambda live: adopted or controller_uid(live) == controller,
+        holder=controller_of,
+        live=lives.objects.get(_key(obj)),
+    )
 
 
-def apply_shared(api: client.ApiClient, obj: dict[str, Any]) -> None:
+def apply_shared(api: client.ApiClient, obj: dict[str, Any]) -> bool:
     """Like `apply`, for an object of a shared pool, owned by every member and controlled
-    by none: it is ours when it carries the labels `obj` has."""
+    by none: it is ours when it carries the labels `obj` has. It is read first, and
+    not sent when in place."""
     wanted = obj["metadata"]["labels"]
-    _apply(api, obj, ours=lambda live: has_labels(live, wanted), holder=lambda _: None)
+    meta = obj["metadata"]
+    return _apply(
+        api,
+        obj,
+        ours=lambda live: has_labels(live, wanted),
+        holder=lambda _: None,
+        live=read(api, obj["kind"], name=meta["name"], namespace=meta["namespace"]),
+    )
 
 
 def _apply(
@@ -220,22 +348,28 @@ def _apply(
     *,
     ours: Callable[[Any], bool],
     holder: Callable[[Any], Controller | None],
-) -> None:
+    live: Any = None,
+) -> bool:
+    obj = stamped(obj)
     kind, meta = obj["kind"], obj["metadata"]
+    if live is KIND_MISSING:
+        raise client.ApiException(status=404, reason=f"the API server does not serve {kind}")
+    if in_place(obj, live) and ours(live):
+        return False
     verbs = _verbs(api, kind)
     options: dict[str, Any] = {"field_manager": FIELD_MANAGER, "_content_type": APPLY}
     try:
         _remember(obj, verbs.patch(meta["name"], meta["namespace"], obj, **options))
-        return
+        return True
     except client.ApiException as exc:
         if exc.status != 409:
             raise
         conflict = exc
     live = read(api, kind, name=meta["name"], namespace=meta["namespace"])
-    if live is None or not ours(live):
-        raise ChildConflict(kind, meta["name"], holder(live) if live is not None else None) from (
-            conflict
-        )
+    if not isinstance(live, dict) or not ours(live):
+        raise ChildConflict(
+            kind, meta["name"], holder(live) if isinstance(live, dict) else None
+        ) from conflict
     log.warning(
         "%s %s/%s had fields changed by another manager; restoring them (%s)",
         kind,
@@ -244,6 +378,7 @@ def _apply(
         _message(conflict),
     )
     _remember(obj, verbs.patch(meta["name"], meta["namespace"], obj, force=True, **options))
+    return True
 
 
 def _labels(live: Any) -> dict[str, str]:
@@ -287,7 +422,7 @@ def _delete(
     api: client.ApiClient, kind: str, *, name: str, namespace: str, ours: Callable[[Any], bool]
 ) -> bool:
     live = read(api, kind, name=name, namespace=namespace)
-    if live is None or not ours(live):
+    if not isinstance(live, dict) or not ours(live):
         return False
     _remember_delete(kind, name, namespace)
     try:

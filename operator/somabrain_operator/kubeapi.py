@@ -18,7 +18,8 @@ import urllib3
 from kubernetes import client
 from kubernetes.client import rest
 
-from somabrain_operator.config import OperatorSettings
+from somabrain_operator.config import GROUP, VERSION, OperatorSettings
+from somabrain_operator.metrics import API_REQUESTS
 
 
 class _TimedRestClient(rest.RESTClientObject):
@@ -32,11 +33,14 @@ class _TimedRestClient(rest.RESTClientObject):
         if kwargs.get("_request_timeout") is None:
             kwargs["_request_timeout"] = self.timeout
         try:
-            return super().request(method, url, *args, **kwargs)  # type: ignore[no-untyped-call]
+            response = super().request(method, url, *args, **kwargs)  # type: ignore[no-untyped-call]
         except urllib3.exceptions.HTTPError as exc:
+            API_REQUESTS.labels(method, "0").inc()
             raise client.ApiException(
                 status=0, reason=f"{method} {url}: no answer ({type(exc).__name__}: {exc})"
             ) from exc
+        API_REQUESTS.labels(method, str(response.status)).inc()
+        return response
 
 
 def api_client(
@@ -53,3 +57,17 @@ def api_client(
         api.configuration, timeout=settings.api_request_timeout_seconds
     )
     return api
+
+
+def get_own(api: client.ApiClient, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    """A Tenant or OutboxPolicy (by `plural`) as the API server has it now, or None when
+    it does not exist."""
+    try:
+        found: dict[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, namespace, plural, name
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return found

@@ -44,6 +44,7 @@ from somabrain.store.outbox import TenantReport, tenant_reports
 from somabrain_operator import pools, rollout
 from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
+from somabrain_operator.kubeapi import get_own
 from somabrain_operator.metrics import STATUS_WRITES, observe
 from somabrain_operator.peering import Peering
 from somabrain_operator.reconcile import (
@@ -344,10 +345,9 @@ class Loop:
                     message=f"{flag} at {state.percent}%: {state.reason}",
                 )
             # The index has not seen the new status yet: reconcile from a fresh read.
-            fresh: Mapping[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(  # type: ignore[assignment]
-                GROUP, VERSION, namespace, POLICY_PLURAL, name
-            )
-            self._follow(api, fresh, tenants)
+            fresh = get_own(api, POLICY_PLURAL, namespace, name)
+            if fresh is not None:
+                self._follow(api, fresh, tenants)
 
     def _follow(
         self, api: client.ApiClient, policy: Mapping[str, Any], tenants: list[Mapping[str, Any]]

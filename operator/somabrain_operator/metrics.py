@@ -30,6 +30,13 @@ STATUS_WRITES = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+API_REQUESTS = Counter(
+    "somabrain_operator_api_requests",
+    "Requests to the Kubernetes API server by the operator's reconciles and status loop "
+    "(not Kopf's own watches and patches), by method and HTTP status (0: no answer).",
+    ["method", "code"],
+    registry=REGISTRY,
+)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,8 @@ from kubernetes import client
 from somabrain_operator import children, pools, rollout
 from somabrain_operator.apply import (
     ChildConflict,
+    Controller,
+    Lives,
     apply,
     claim,
     controller_of,
@@ -42,7 +44,8 @@ from somabrain_operator.conditions import (
     ready_reason,
     transitions,
 )
-from somabrain_operator.config import OperatorSettings
+from somabrain_operator.config import TENANT_PLURAL, OperatorSettings
+from somabrain_operator.kubeapi import get_own
 from somabrain_operator.resources import OutboxPolicySpec, TenantSpec, resolve
 from somabrain_operator.resources.tenant import ResolvedTenant
 
@@ -230,7 +233,7 @@ def _reconcile(
             others |= stale
         if resolved.publisher_mode == "shared":
             assert resolved.pool is not None  # the schema requires a pool in shared mode
-            claim(api, own, controller=uid)
+            lives = claim(api, own, controller=uid, gone=_gone(api, namespace))
             _remove_dedicated(api, spec, namespace=namespace, uid=uid)
             chosen, stale = _converge_pool(
                 api, namespace, resolved.pool, body, members_of, policy_of, settings
@@ -246,7 +249,7 @@ def _reconcile(
                 else {}
             )
         else:
-            applied = _apply_dedicated(
+            applied, lives = _apply_dedicated(
                 api,
                 spec,
                 resolved,
@@ -260,7 +263,9 @@ def _reconcile(
                 "ChildrenApplied",
                 f"publisher Deployment {applied['deployment']} and its settings are applied",
             )
-        extra, alerts = _apply_own(api, spec, quota, rule, namespace=namespace, uid=uid)
+        extra, alerts = _apply_own(
+            api, spec, quota, rule, namespace=namespace, uid=uid, lives=lives
+        )
     except ChildConflict as exc:
         if resolved.pool and exc.name == children.pool_publisher_name(resolved.pool):
             return not_ready(
@@ -478,6 +483,21 @@ def _misjudged(
     return wrong
 
 
+def _gone(api: client.ApiClient, namespace: str) -> Callable[[Controller], bool]:
+    """Whether a child's controller is a Tenant that no longer exists: deleted with
+    deletionPolicy Retain, or deleted and applied again (a new uid), its children left
+    for the garbage collector. A Tenant still being deleted (a Drain in progress) is
+    not gone."""
+
+    def gone(holder: Controller) -> bool:
+        if holder.kind != "Tenant":
+            return False
+        live = get_own(api, TENANT_PLURAL, namespace, holder.name)
+        return live is None or str(live["metadata"]["uid"]) != holder.uid
+
+    return gone
+
+
 def _remove_dedicated(api: client.ApiClient, spec: TenantSpec, *, namespace: str, uid: str) -> None:
     """The dedicated children of a Tenant that moved to a pool."""
     for kind in ("Deployment", "ConfigMap", "Service"):
@@ -497,9 +517,10 @@ def _apply_dedicated(
     owner: dict[str, Any],
     settings: OperatorSettings,
     also_claim: list[dict[str, Any]],
-) -> dict[str, str]:
-    """The dedicated publisher's Deployment, ConfigMap and Service; their names. Nothing
-    is applied unless every one of them and of `also_claim` is free or this Tenant's."""
+) -> tuple[dict[str, str], Lives]:
+    """The dedicated publisher's Deployment, ConfigMap and Service; their names, and
+    the live objects read. Nothing is applied unless every one of them and of
+    `also_claim` is free or this Tenant's."""
     config = children.config_map(
         spec, resolved, namespace=namespace, owner=owner, settings=settings
     )
@@ -510,14 +531,20 @@ def _apply_dedicated(
     # One field manager applies every Tenant's children, and applying merges into an
     # existing object, so it cannot tell two Tenants with one tenant id apart, nor
     # someone else's object of the same name: the live objects' controllers do.
-    claim(api, [deployment, config, service, *also_claim], controller=uid)
+    lives = claim(
+        api,
+        [deployment, config, service, *also_claim],
+        controller=uid,
+        gone=_gone(api, namespace),
+    )
     for child in (deployment, config, service):
-        apply(api, child, controller=uid)
-    return {
+        apply(api, child, controller=uid, lives=lives)
+    names = {
         "deployment": deployment["metadata"]["name"],
         "configMap": config["metadata"]["name"],
         "service": service["metadata"]["name"],
     }
+    return names, lives
 
 
 def _apply_own(
@@ -528,19 +555,20 @@ def _apply_own(
     *,
     namespace: str,
     uid: str,
+    lives: Lives,
 ) -> tuple[dict[str, str], _Alerts]:
     """The children every Tenant has of its own, whatever its mode (ResourceQuota,
     PrometheusRule); their names and what AlertsConfigured says."""
     applied: dict[str, str] = {}
     quota_name = f"somabrain-tenant-{spec.tenant_id}"
     if quota is not None:
-        apply(api, quota, controller=uid)
+        apply(api, quota, controller=uid, lives=lives)
         applied["resourceQuota"] = quota_name
     else:
         delete(api, "ResourceQuota", name=quota_name, namespace=namespace, controller=uid)
 
     try:
-        apply(api, rule, controller=uid)
+        apply(api, rule, controller=uid, lives=lives)
     except client.ApiException as exc:
         if exc.status != 404:
             raise

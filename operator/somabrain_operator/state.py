@@ -19,7 +19,7 @@ import kopf
 from kubernetes import client
 
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION, OperatorSettings
-from somabrain_operator.kubeapi import api_client
+from somabrain_operator.kubeapi import api_client, get_own
 from somabrain_operator.peering import Peering
 from somabrain_operator.reconcile import Outcome, PolicyLookup, reconcile_tenant
 
@@ -255,15 +255,7 @@ def fresh(api: client.ApiClient, body: Mapping[str, Any]) -> Mapping[str, Any] |
     """The Tenant as the API server has it now (the index may lag behind a write), or
     None when it is gone."""
     meta = body["metadata"]
-    try:
-        current: Mapping[str, Any] = client.CustomObjectsApi(api).get_namespaced_custom_object(  # type: ignore[assignment]
-            GROUP, VERSION, meta["namespace"], TENANT_PLURAL, meta["name"]
-        )
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return current
+    return get_own(api, TENANT_PLURAL, meta["namespace"], meta["name"])
 
 
 def each(bodies: list[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import urllib.request
 from typing import Any
 
 import yaml
 from kubernetes import client
+from prometheus_client.parser import text_string_to_metric_families
 from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY, TENANT_FILE, publisher_name
 from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
 from sqlalchemy import text
@@ -179,3 +181,19 @@ PROMETHEUS_RULE_CRD = {
         ],
     },
 }
+
+
+def operator_counter(port: int, name: str, **labels: str | tuple[str, ...]) -> float:
+    """The sum of an operator counter's samples whose labels match `labels` (a value, or
+    a tuple of accepted values), from its /metrics on `port`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text_ = response.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text_):
+        for sample in family.samples:
+            if sample.name != name:
+                continue
+            accepted = {k: v if isinstance(v, tuple) else (v,) for k, v in labels.items()}
+            if all(sample.labels.get(k) in values for k, values in accepted.items()):
+                total += sample.value
+    return total

@@ -230,3 +230,41 @@ def test_a_tenant_id_used_in_another_namespace_is_refused_and_its_delete_leaves_
         assert has_condition(job, "owner-t", "Ready", "True", "ChildrenApplied")
     finally:
         clean_namespace(job.api, other)
+
+
+@pytest.mark.parametrize("again", ["same name", "another name"])
+def test_children_left_by_a_deleted_tenant_are_adopted_by_the_next_with_its_id(
+    job: MainJob, again: str
+) -> None:
+    # A Tenant deleted with deletionPolicy Retain leaves its children to the garbage
+    # collector (this stack has none, so they stay, as they do in a cluster until the
+    # collector gets to them). A Tenant applied again with that tenant id, under the
+    # same name (a new uid) or another, takes them over instead of being refused.
+    custom, apps = client.CustomObjectsApi(job.api), client.AppsV1Api(job.api)
+    job.apply_tenants([tenant("reborn", quotas={"batchSize": 40}, deletionPolicy="Retain")])
+    job.wait_ready(["reborn"], timeout=60)
+    old_uid = (get(job, "reborn") or {})["metadata"]["uid"]
+    custom.delete_namespaced_custom_object(GROUP, VERSION, job.namespace, "tenants", "reborn")
+    assert wait_for(lambda: get(job, "reborn") is None, timeout=30)
+    left = apps.read_namespaced_deployment(publisher_name("reborn"), job.namespace)
+    assert [o.uid for o in left.metadata.owner_references] == [old_uid]
+
+    name = "reborn" if again == "same name" else "reborn-2"
+    new = tenant(name, quotas={"batchSize": 60})
+    new["spec"]["tenantId"] = "reborn"
+    job.apply_tenants([new])
+    job.wait_ready([name], timeout=60)
+
+    new_uid = (get(job, name) or {})["metadata"]["uid"]
+    assert new_uid != old_uid
+    core = client.CoreV1Api(job.api)
+    for child in (
+        apps.read_namespaced_deployment(publisher_name("reborn"), job.namespace),
+        core.read_namespaced_config_map(publisher_name("reborn"), job.namespace),
+        core.read_namespaced_service(publisher_name("reborn"), job.namespace),
+    ):
+        assert [o.uid for o in child.metadata.owner_references] == [new_uid]
+    assert batch_size(job, "reborn") == 60
+    assert has_condition(job, name, "Ready", "True", "ChildrenApplied")
+    log = (job.work_dir / "operator.log").read_text()
+    assert f"(uid {old_uid}), which no longer exists; adopted by the Tenant of uid {new_uid}" in log

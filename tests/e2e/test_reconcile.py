@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,10 @@ from tests.e2e.helpers import (
     VERSION,
     apply,
     batch_size,
+    clean_up,
     get,
     has_condition,
+    operator_counter,
     policy,
     tenant,
 )
@@ -111,6 +114,51 @@ def test_steady_state_makes_no_writes_for_a_minute(job: MainJob) -> None:
     writes = _writes_during(job, 60)
 
     assert writes == [], f"writes in steady state: {writes}"
+
+
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def test_repairs_of_converged_tenants_send_no_write_request(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    # K-2, K-3, stricter than counting watch events: a write that changes nothing, or
+    # is refused, makes no event but is still a request the API server must serve.
+    job = MainJob(stack_env, work_dir=tmp_path, namespace=f"e2e-{uuid.uuid4().hex[:8]}")
+    job.prepare([])
+    port = common.free_port()
+    # Every Tenant visited by the repair pass every 4 s.
+    job.start_operator(
+        "--metrics-port", str(port), env={"SOMABRAIN_OPERATOR_REPAIR_INTERVAL_SECONDS": "4"}
+    )
+    try:
+        job.apply_tenants(
+            [
+                tenant("quiet-a", resourceQuota={"hard": {"pods": "4"}}),
+                tenant("quiet-b", publisher={"mode": "shared", "pool": "quiet"}),
+                tenant("quiet-c", publisher={"mode": "shared", "pool": "quiet"}),
+            ]
+        )
+        job.wait_ready(["quiet-a", "quiet-b", "quiet-c"], timeout=60)
+        time.sleep(8)  # the status loop's first reports written
+        repairs = operator_counter(port, "somabrain_operator_reconciles_total", trigger="repair")
+        writes = operator_counter(port, "somabrain_operator_api_requests_total", method=WRITES)
+
+        time.sleep(20)
+
+        repaired = (
+            operator_counter(port, "somabrain_operator_reconciles_total", trigger="repair")
+            - repairs
+        )
+        written = (
+            operator_counter(port, "somabrain_operator_api_requests_total", method=WRITES) - writes
+        )
+        assert repaired >= 6, f"only {repaired} repair visits in 20 s"
+        assert written == 0, f"{written} write requests in {repaired} repair visits"
+    finally:
+        job.stop_operator()
+        clean_up(job)
+        job.stop()
 
 
 def test_a_child_deleted_or_edited_by_hand_is_restored(job: MainJob) -> None:
