@@ -8,6 +8,7 @@ event). Its status counts those Tenants.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -29,13 +30,18 @@ async def policy_bodies(
     return {(str(namespace), name): snapshot(body)}
 
 
-def _tenants_follow(namespace: str, name: str) -> int:
-    """Reconcile the policy's Tenants; return how many there are."""
+def _tenants_follow(namespace: str, name: str, *, deleted: bool = False) -> int:
+    """Reconcile the policy's Tenants (as if it did not exist when `deleted`, whether or
+    not the index has let it go yet); return how many there are."""
     tenants = KNOWN.tenants_of_policy(namespace, name)
     api = KNOWN.api()
+
+    def without(ns: str, policy: str) -> Mapping[str, Any] | None:
+        return None if (ns, policy) == (namespace, name) else KNOWN.policy(ns, policy)
+
     for body in each(tenants):
         with observe("Tenant", "policy"):
-            reconcile_known(api, body)
+            reconcile_known(api, body, policy_of=without if deleted else None)
     log.info("OutboxPolicy %s/%s: %d referencing Tenants reconciled", namespace, name, len(tenants))
     return len(tenants)
 
@@ -100,7 +106,17 @@ def _rollouts_after_edit(
     return None if kept == states else kept
 
 
-@kopf.on.delete(GROUP, VERSION, POLICY_PLURAL, optional=True)
+def _deleted(type: str, **_: Any) -> bool:
+    return type == "DELETED"
+
+
+# An event handler, not `kopf.on.delete`: without a finalizer (none is needed) the
+# policy is gone before Kopf could call a delete handler, and this event is all the
+# operator sees of its deletion.
+@kopf.on.event(GROUP, VERSION, POLICY_PLURAL, when=_deleted)
 def policy_deleted(name: str, namespace: str | None, **_: Any) -> None:
     """Its Tenants report PolicyNotFound (and keep their children as they are)."""
-    _tenants_follow(str(namespace), name)
+    count = _tenants_follow(str(namespace), name, deleted=True)
+    log.info(
+        "OutboxPolicy %s/%s deleted: %d referencing Tenants reconciled", namespace, name, count
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from kubernetes import client
 
@@ -110,6 +111,24 @@ def _differences(first: PoolMember, other: PoolMember) -> str:
     )
 
 
+def wanted(chosen: Plan, *, namespace: str, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The pool's ConfigMap, Deployment and Service for the members it serves (none when
+    it serves none). Pure."""
+    members = list(chosen.served)
+    if not members:
+        return []
+    config = children.pool_config_map(
+        chosen.pool, namespace=namespace, members=members, settings=settings
+    )
+    deployment = children.pool_deployment(
+        chosen.pool, namespace=namespace, members=members, settings=settings, config=config
+    )
+    service = children.pool_service(
+        chosen.pool, namespace=namespace, members=members, settings=settings
+    )
+    return [config, deployment, service]
+
+
 def converge(
     api: client.ApiClient, namespace: str, chosen: Plan, *, settings: OperatorSettings
 ) -> None:
@@ -127,15 +146,6 @@ def converge(
                 labels=children.pool_labels(chosen.pool),
             )
         return
-    config = children.pool_config_map(
-        chosen.pool, namespace=namespace, members=members, settings=settings
-    )
-    deployment = children.pool_deployment(
-        chosen.pool, namespace=namespace, members=members, settings=settings, config=config
-    )
-    service = children.pool_service(
-        chosen.pool, namespace=namespace, members=members, settings=settings
-    )
-    for child in (config, deployment, service):
+    for child in wanted(chosen, namespace=namespace, settings=settings):
         apply_shared(api, child)
     _applied[(namespace, chosen.pool)] = tuple(m.uid for m in members)

@@ -217,10 +217,7 @@ def _reconcile(
         "resolved": resolved.to_body(),
     }
     owner = children.owner_reference(name=name, uid=uid)
-    quota = children.resource_quota(spec, namespace=namespace, owner=owner)
-    rule = children.prometheus_rule(
-        spec, resolved, namespace=namespace, owner=owner, settings=settings
-    )
+    quota, rule = _own_children(spec, resolved, namespace=namespace, owner=owner, settings=settings)
     own = [*([quota] if quota else []), rule]
     others: set[str] = set()
     try:
@@ -483,6 +480,72 @@ def _misjudged(
     return wrong
 
 
+def _own_children(
+    spec: TenantSpec,
+    resolved: ResolvedTenant,
+    *,
+    namespace: str,
+    owner: dict[str, Any],
+    settings: OperatorSettings,
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The ResourceQuota (None when the Tenant asks for none) and the PrometheusRule
+    every Tenant has of its own, whatever its mode. Pure."""
+    quota = children.resource_quota(spec, namespace=namespace, owner=owner)
+    rule = children.prometheus_rule(
+        spec, resolved, namespace=namespace, owner=owner, settings=settings
+    )
+    return quota, rule
+
+
+def _dedicated_children(
+    spec: TenantSpec,
+    resolved: ResolvedTenant,
+    *,
+    namespace: str,
+    owner: dict[str, Any],
+    settings: OperatorSettings,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The dedicated publisher's Deployment, ConfigMap and Service. Pure."""
+    config = children.config_map(
+        spec, resolved, namespace=namespace, owner=owner, settings=settings
+    )
+    deployment = children.deployment(
+        spec, resolved, namespace=namespace, owner=owner, settings=settings, config=config
+    )
+    service = children.service(spec, namespace=namespace, owner=owner, settings=settings)
+    return deployment, config, service
+
+
+def wanted_children(
+    body: Mapping[str, Any],
+    *,
+    policy_of: PolicyLookup,
+    settings: OperatorSettings,
+    members_of: MemberLookup = _no_members,
+) -> list[dict[str, Any]]:
+    """Every child the Tenant `body` wants as a reconcile would apply it now: its
+    dedicated publisher's Deployment, ConfigMap and Service, or its pool's (as the
+    pool's plan has them), its ResourceQuota and PrometheusRule. Empty when its spec
+    cannot be resolved. Pure: reads only what the lookups give."""
+    found = _resolve(body, policy_of)
+    if isinstance(found, _Unresolved):
+        return []
+    spec, resolved = found.spec, found.resolved
+    meta = body["metadata"]
+    namespace = str(meta["namespace"])
+    owner = children.owner_reference(name=str(meta["name"]), uid=str(meta["uid"]))
+    quota, rule = _own_children(spec, resolved, namespace=namespace, owner=owner, settings=settings)
+    own = [*([quota] if quota else []), rule]
+    if resolved.publisher_mode == "shared" and resolved.pool:
+        members = members_of(namespace, resolved.pool)
+        plan = pool_plan(resolved.pool, members, policy_of)
+        return [*pools.wanted(plan, namespace=namespace, settings=settings), *own]
+    dedicated = _dedicated_children(
+        spec, resolved, namespace=namespace, owner=owner, settings=settings
+    )
+    return [*dedicated, *own]
+
+
 def _gone(api: client.ApiClient, namespace: str) -> Callable[[Controller], bool]:
     """Whether a child's controller is a Tenant that no longer exists: deleted with
     deletionPolicy Retain, or deleted and applied again (a new uid), its children left
@@ -521,13 +584,9 @@ def _apply_dedicated(
     """The dedicated publisher's Deployment, ConfigMap and Service; their names, and
     the live objects read. Nothing is applied unless every one of them and of
     `also_claim` is free or this Tenant's."""
-    config = children.config_map(
+    deployment, config, service = _dedicated_children(
         spec, resolved, namespace=namespace, owner=owner, settings=settings
     )
-    deployment = children.deployment(
-        spec, resolved, namespace=namespace, owner=owner, settings=settings, config=config
-    )
-    service = children.service(spec, namespace=namespace, owner=owner, settings=settings)
     # One field manager applies every Tenant's children, and applying merges into an
     # existing object, so it cannot tell two Tenants with one tenant id apart, nor
     # someone else's object of the same name: the live objects' controllers do.

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from somabrain_operator.apply import is_own_delete, is_own_write
+from somabrain_operator.apply import in_place, is_own_delete, is_own_write, stamped
 from somabrain_operator.children import LABEL_MANAGED_BY, MANAGED_BY
 from somabrain_operator.conditions import ALERTS
 from somabrain_operator.config import RULE_CRD, RULE_GROUP, RULE_PLURAL, RULE_VERSION
 from somabrain_operator.metrics import observe
+from somabrain_operator.reconcile import wanted_children
 from somabrain_operator.state import KNOWN, each, reconcile_known
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
     )
     if tenant is None:
         return
+    if change == "MODIFIED" and _as_wanted(body, tenant):
+        # The operator's own apply, seen before that apply returned; or a change to
+        # what the operator does not set (a Deployment's status, another's label).
+        return
     meta = body["metadata"]
     log.warning(
         "%s %s/%s was %s by someone else; restoring it from Tenant %s",
@@ -62,6 +68,18 @@ def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
     api = KNOWN.api()
     with observe("Tenant", "child"):
         reconcile_known(api, tenant)
+
+
+def _as_wanted(body: kopf.Body, tenant: Mapping[str, Any]) -> bool:
+    """Whether a child is as the Tenant wants it now, computed from the index alone."""
+    key = (body.get("kind"), body["metadata"].get("namespace"), body["metadata"].get("name"))
+    for wanted in wanted_children(
+        tenant, policy_of=KNOWN.policy, settings=KNOWN.settings, members_of=KNOWN.pool_members
+    ):
+        meta = wanted["metadata"]
+        if (wanted["kind"], meta["namespace"], meta["name"]) == key:
+            return in_place(stamped(wanted), dict(body))
+    return False
 
 
 async def _on_child_event(kind: str, change: str | None, body: kopf.Body) -> None:

@@ -221,6 +221,28 @@ def test_a_tenant_whose_policy_is_missing_waits_then_follows_it(job: MainJob) ->
     assert wait_for(lambda: has_condition(job, "late", "Ready", "True", "ChildrenApplied"))
 
 
+def test_a_deleted_policy_is_reported_by_its_tenants_at_once_and_they_keep_their_children(
+    job: MainJob,
+) -> None:
+    # K-6: the policy has no finalizer, so its DELETED event is all the operator sees.
+    apply(job, "outboxpolicies", policy("brief", quotas={"batchSize": 44}))
+    job.apply_tenants([tenant("follower", policyRef={"name": "brief"})])
+    job.wait_ready(["follower"], timeout=60)
+
+    client.CustomObjectsApi(job.api).delete_namespaced_custom_object(
+        GROUP, VERSION, job.namespace, "outboxpolicies", "brief"
+    )
+
+    # Well within the repair interval (an hour): the policy's own event did it.
+    assert wait_for(
+        lambda: has_condition(job, "follower", "Ready", "False", "PolicyNotFound"), timeout=20
+    ), get(job, "follower")
+    assert batch_size(job, "follower") == 44
+    apply(job, "outboxpolicies", policy("brief", quotas={"batchSize": 45}))
+    assert wait_for(lambda: batch_size(job, "follower") == 45)
+    assert wait_for(lambda: has_condition(job, "follower", "Ready", "True", "ChildrenApplied"))
+
+
 def test_rapid_successive_edits_converge_on_the_last_spec(job: MainJob) -> None:
     # K-8: one reconcile reads the spec as it is; the last edit wins.
     for size in range(1, 11):
