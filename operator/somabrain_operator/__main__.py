@@ -14,6 +14,7 @@ from typing import Any
 
 import kopf
 import pydantic
+import pydantic_settings
 from kubernetes import client
 from kubernetes import config as kube_config
 from prometheus_client import start_http_server
@@ -54,6 +55,18 @@ class _RoutineSuccess(logging.Filter):
         if record.levelno != logging.INFO or log.isEnabledFor(logging.DEBUG):
             return True
         return self.ROUTINE.fullmatch(record.getMessage()) is None
+
+
+class _RetriedRequest(logging.Filter):
+    """Kopf logs a failed API request it is about to retry as an error (for example a
+    429 while the API server initialises a CRD's storage); it is a warning, and only
+    the request given up on ("escalating") is an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage() if record.levelno == logging.ERROR else ""
+        if message.startswith("Request attempt") and "; will retry:" in message:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class MissingCRDs(Exception):
@@ -162,6 +175,24 @@ def _described(field: FieldInfo) -> str:
     return f"{text} (default {shown})."
 
 
+def _settings_failure(exc: Exception) -> str:
+    """What is wrong with the operator's environment, naming each variable."""
+    if isinstance(exc, pydantic.ValidationError):
+        problems = []
+        for error in exc.errors():
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if not error["loc"]:  # a rule across settings, which names them itself
+                problems.append(message)
+                continue
+            variable = f"SOMABRAIN_OPERATOR_{str(error['loc'][0]).upper()}"
+            problems.append(f"{variable}: {message} (got {error.get('input')!r})")
+        return "invalid operator settings: " + "; ".join(problems)
+    # A value that is not JSON where JSON is wanted (SOMABRAIN_OPERATOR_RULE_LABELS).
+    named = re.search(r'field "(\w+)"', str(exc))
+    variable = f"SOMABRAIN_OPERATOR_{named.group(1).upper()}" if named else "a setting"
+    return f"invalid operator settings: {variable} is not valid JSON ({exc})"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the operator for all namespaces until SIGTERM."""
     parser = argparse.ArgumentParser(
@@ -220,18 +251,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--priority needs --peering")
     try:
         KNOWN.settings = OperatorSettings()
-    except pydantic.ValidationError as exc:
-        sys.stderr.write(f"FAILED: invalid operator settings: {exc}\n")
+    except (pydantic.ValidationError, pydantic_settings.SettingsError) as exc:
+        sys.stderr.write(f"FAILED: {_settings_failure(exc)}\n")
         raise SystemExit(2) from exc
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=REGISTRY)
-    # Kopf's formatter prefixes each line about an object with its namespace/name.
+    # Kopf's formatter prefixes each line about an object with its namespace/name; the
+    # logger's name in full (Kopf's own format cuts it to 20 characters).
     kopf.configure(
-        log_format=kopf.LogFormat.FULL,
+        log_format="[%(asctime)s] %(levelname)-7s %(name)s: %(message)s",  # type: ignore[arg-type]
         log_prefix=True,
         debug=args.log_level == "debug",
         quiet=args.log_level == "warning",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RetriedRequest())
     if args.peering is None:
         asyncio.run(kopf.operator(clusterwide=True, standalone=True))
         return

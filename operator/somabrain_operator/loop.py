@@ -42,7 +42,14 @@ from urllib3.exceptions import HTTPError as TransportError
 from somabrain.store.engine import make_engine
 from somabrain.store.outbox import TenantReport, tenant_reports
 from somabrain_operator import pools, rollout
-from somabrain_operator.conditions import PUBLISHER, condition, merge, now, post_event
+from somabrain_operator.conditions import (
+    PUBLISHER,
+    condition,
+    merge,
+    now,
+    post_event,
+    transitions,
+)
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION, OperatorSettings
 from somabrain_operator.kubeapi import get_own
 from somabrain_operator.metrics import STATUS_WRITES, observe
@@ -53,7 +60,7 @@ from somabrain_operator.reconcile import (
     pool_plan,
     removing_stale,
 )
-from somabrain_operator.resources import OutboxPolicySpec
+from somabrain_operator.resources import OutboxPolicySpec, TenantSpec
 from somabrain_operator.state import KNOWN, StaleCopy, each, reconcile_known, write_status
 
 log = logging.getLogger(__name__)
@@ -114,14 +121,45 @@ def backlog_status(
     return fields
 
 
+def _publisher_moved(
+    api: client.ApiClient, body: Mapping[str, Any], fields: Mapping[str, Any]
+) -> None:
+    """An Event and a log line when PublisherAvailable changes reason: a publisher
+    started reporting, or stopped (not the first NoReport of a new Tenant)."""
+    before = (body.get("status") or {}).get("conditions") or []
+    if not any(c.get("type") == PUBLISHER for c in before):
+        return
+    for changed in transitions(before, fields.get("conditions") or []):
+        if changed["type"] != PUBLISHER:
+            continue
+        meta = body["metadata"]
+        ok = changed["status"] == "True"
+        log.log(
+            logging.INFO if ok else logging.WARNING,
+            "Tenant %s/%s: %s: %s",
+            meta["namespace"],
+            meta["name"],
+            changed["reason"],
+            changed["message"],
+        )
+        post_event(api, body, warning=not ok, reason=changed["reason"], message=changed["message"])
+
+
 def no_database_status(body: Mapping[str, Any]) -> dict[str, Any]:
     previous = list((body.get("status") or {}).get("conditions") or [])
+    policy = (body.get("spec") or {}).get("deletionPolicy")
+    cleanup = (
+        f"; and deletionPolicy {policy} cannot run: deleting this Tenant will leave its "
+        "events in the outbox"
+        if policy in ("Drain", "Delete")
+        else ""
+    )
     unknown = condition(
         PUBLISHER,
         ok=None,
         reason="NoDatabaseAccess",
         message="the operator has no database access (SOMABRAIN_OPERATOR_DATABASE_URL), so "
-        "it cannot see the tenant's publisher or backlog",
+        f"it cannot see the tenant's publisher or backlog{cleanup}",
         generation=int(body["metadata"].get("generation", 0)),
         previous=previous,
     )
@@ -132,11 +170,17 @@ def _health(
     tenant: Mapping[str, Any], reports: Mapping[Any, TenantReport], max_age: float
 ) -> rollout.Health:
     tenant_id = str((tenant.get("spec") or {}).get("tenantId"))
+    try:
+        spec = TenantSpec.from_body(tenant.get("spec") or {})
+        key = rollout.cohort_key(spec, str(tenant["metadata"]["namespace"]))
+    except pydantic.ValidationError:
+        key = tenant_id
     report = reports.get(tenant_id)
     if report is None or report.seen_seconds_ago is None or report.seen_seconds_ago > max_age:
-        return rollout.Health(tenant_id=tenant_id, reported=False)
+        return rollout.Health(tenant_id=tenant_id, reported=False, key=key)
     return rollout.Health(
         tenant_id=tenant_id,
+        key=key,
         reported=True,
         pending=report.pending,
         oldest_pending_seconds=report.oldest_pending_seconds,
@@ -225,6 +269,7 @@ class Loop:
             try:
                 if write_status(api, body, fields):
                     STATUS_WRITES.labels("Tenant").inc()
+                    _publisher_moved(api, body, fields)
                 elif seen[0] is not None:
                     unchanged[uid] = seen
             except StaleCopy:
@@ -234,7 +279,19 @@ class Loop:
         if self.engine is not None:
             self._advance_rollouts(api, bodies, reports)
         self._repair_slice(api, bodies, interval)
+        self._retry(api)
         self._check_pools(api)
+
+    def _retry(self, api: client.ApiClient) -> None:
+        """Reconcile again the refused Tenants whose retry delay is over."""
+        for uid in KNOWN.retries.due():
+            body = KNOWN.tenant(uid)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                KNOWN.retries.drop(uid)
+                continue
+            with observe("Tenant", "retry"):
+                if reconcile_known(api, body) is None:
+                    KNOWN.retries.drop(uid)
 
     def _shown(self, report: TenantReport | None) -> tuple[Any, ...]:
         """What of a publisher's report `backlog_status` depends on: its age only

@@ -30,6 +30,13 @@ STATUS_WRITES = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+REFUSALS = Counter(
+    "somabrain_operator_refusals",
+    "Reconciles that left a Tenant not Ready, by the Ready condition's reason "
+    "(TenantIdConflict, ChildNameTaken, PolicyNotFound, InvalidSpec, ApplyFailed, ...).",
+    ["reason"],
+    registry=REGISTRY,
+)
 API_REQUESTS = Counter(
     "somabrain_operator_api_requests",
     "Requests to the Kubernetes API server by the operator's reconciles and status loop "

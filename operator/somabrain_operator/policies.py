@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 import pydantic
 
-from somabrain_operator.conditions import READY, condition
+from somabrain_operator.conditions import READY, condition, now
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION
 from somabrain_operator.metrics import observe
 from somabrain_operator.resources import OutboxPolicySpec
@@ -96,14 +96,37 @@ def _rollouts_after_edit(
     """The rollout states to keep, or None when they stay as they are: a rollout
     removed from the spec loses its state, and an edit of the policy restarts the
     rollouts that were rolled back (from their first step)."""
-    flags = {r.get("flag") for r in spec.get("rollouts") or []}
+    steps = {r.get("flag"): list(r.get("steps") or []) for r in spec.get("rollouts") or []}
     states = list(status.get("rollouts") or [])
     kept = [
-        s
+        _on_steps(s, steps[s.get("flag")])
         for s in states
-        if s.get("flag") in flags and not (edited and s.get("phase") == "RolledBack")
+        if s.get("flag") in steps and not (edited and s.get("phase") == "RolledBack")
     ]
     return None if kept == states else kept
+
+
+def _on_steps(state: dict[str, Any], steps: list[int]) -> dict[str, Any]:
+    """A rollout's state placed on its steps as they are now: unchanged when its step
+    still has its percent; else at the first step at or above that percent, so that no
+    tenant loses the flag, dwelling there from now (a Complete one at its last)."""
+    step, percent = int(state.get("step", 0)), int(state.get("percent", 0))
+    if (
+        state.get("phase") == "RolledBack"
+        or not steps
+        or (step < len(steps) and steps[step] == percent)
+    ):
+        return state
+    if state.get("phase") == "Complete":
+        return {**state, "step": len(steps) - 1, "percent": steps[-1]}
+    at = next((i for i, p in enumerate(steps) if p >= percent), len(steps) - 1)
+    return {
+        **state,
+        "step": at,
+        "percent": steps[at],
+        "reason": f"steps edited: at {steps[at]}%",
+        "stepStartedAt": now(),
+    }
 
 
 def _deleted(type: str, **_: Any) -> bool:

@@ -46,6 +46,7 @@ from somabrain_operator.conditions import (
 )
 from somabrain_operator.config import TENANT_PLURAL, OperatorSettings
 from somabrain_operator.kubeapi import get_own
+from somabrain_operator.metrics import REFUSALS
 from somabrain_operator.resources import OutboxPolicySpec, TenantSpec, resolve
 from somabrain_operator.resources.tenant import ResolvedTenant
 
@@ -121,6 +122,22 @@ def first_holder(bodies: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     )
 
 
+def _log_refusal(meta: Mapping[str, Any], outcome: Outcome, *, again: bool) -> None:
+    """A refused reconcile at WARNING when Ready just changed, at DEBUG when it says
+    again what the Tenant's status already shows."""
+    reason = ready_reason({"status": outcome.status}) or "Unknown"
+    REFUSALS.labels(reason).inc()
+    log.log(
+        logging.DEBUG if again else logging.WARNING,
+        "Tenant %s/%s refused: %s: %s%s",
+        meta["namespace"],
+        meta["name"],
+        reason,
+        outcome.error,
+        f" (tried again in {outcome.retry_after:g} s)" if outcome.retry_after else "",
+    )
+
+
 def reconcile_tenant(
     api: client.ApiClient,
     body: Mapping[str, Any],
@@ -145,7 +162,10 @@ def reconcile_tenant(
             holders_of=holders_of,
         )
     previous = (body.get("status") or {}).get("conditions") or []
-    for changed in transitions(previous, outcome.status.get("conditions", [])):
+    moved = transitions(previous, outcome.status.get("conditions", []))
+    if outcome.error is not None:
+        _log_refusal(meta, outcome, again=not any(c["type"] == READY for c in moved))
+    for changed in moved:
         # Reconciles of one Tenant racing from copies that have not seen each other's
         # status find the same transition: one Event for it.
         key = (str(meta["uid"]), str(changed["type"]))
@@ -383,7 +403,9 @@ def _resolve(body: Mapping[str, Any], policy_of: PolicyLookup) -> _Resolved | _U
     rollout_flags: dict[str, bool] = {}
     if policy is not None and policy_body is not None:
         states = rollout.states_of(policy_body.get("status"))
-        rollout_flags = rollout.flags_for(policy.rollouts or [], states, spec.tenant_id)
+        rollout_flags = rollout.flags_for(
+            policy.rollouts or [], states, rollout.cohort_key(spec, namespace)
+        )
     return _Resolved(spec, resolve(spec, policy, rollout_flags=rollout_flags))
 
 

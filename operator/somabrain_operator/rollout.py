@@ -2,8 +2,12 @@
 
 Cohorts: a tenant's place in a rollout is a number from 0 to 99 taken from a stable
 hash of (flag, tenant id); at a step of P percent the flag is on for the tenants whose
-number is below P. Steps only grow, so a tenant that got the flag keeps it at every
-later step, and membership never flips back and forth.
+number is below P. The members of a shared pool take the place of the pool (a hash of
+flag, namespace and pool), so they move together: they share one publisher, started
+with one delivery mode, and a member whose flags split it from the others would be
+refused from the pool for the length of the rollout. Steps only grow, so a tenant
+that got the flag keeps it at every later step, and membership never flips back and
+forth.
 
 `advance` is the state machine, a pure function of the rollout, its last state, the
 health of the canary tenants (those with the flag on) and the time:
@@ -28,6 +32,7 @@ from typing import Any
 
 from somabrain_operator.resources import defaults
 from somabrain_operator.resources.policy import HealthGate, Rollout, RolloutState
+from somabrain_operator.resources.tenant import TenantSpec
 
 DEFAULT_GATE = HealthGate(circuit_closed=True)
 
@@ -48,6 +53,8 @@ class Health:
 
     tenant_id: str
     reported: bool
+    # Its place in rollouts (`cohort_key`); empty: its tenant id.
+    key: str = ""
     pending: int = 0
     oldest_pending_seconds: float | None = None
     circuit: str | None = None
@@ -96,7 +103,7 @@ def advance(
     percent = steps[step]
 
     gate = rollout.health_gate or DEFAULT_GATE
-    canaries = [t for t in tenants if flag_on(rollout.flag, t.tenant_id, percent)]
+    canaries = [t for t in tenants if flag_on(rollout.flag, t.key or t.tenant_id, percent)]
     failed = next((why for t in canaries if t.reported and (why := failure(gate, t))), None)
     if failed is not None:
         return _state(
@@ -128,15 +135,23 @@ def states_of(status: Mapping[str, Any] | None) -> dict[str, RolloutState]:
     return out
 
 
+def cohort_key(spec: TenantSpec, namespace: str) -> str:
+    """What places a Tenant in rollouts: its tenant id, or its pool's name."""
+    publisher = spec.publisher
+    if publisher is not None and publisher.mode == "shared" and publisher.pool:
+        return f"pool\x00{namespace}\x00{publisher.pool}"
+    return str(spec.tenant_id)
+
+
 def flags_for(
-    rollouts: Sequence[Rollout], states: Mapping[str, RolloutState], tenant_id: str
+    rollouts: Sequence[Rollout], states: Mapping[str, RolloutState], key: str
 ) -> dict[str, bool]:
-    """The flags the policy's rollouts set for one tenant: on inside the cohort of the
-    current step, off outside it (and for everyone after a rollback). A rollout not
-    started yet sets nothing."""
+    """The flags the policy's rollouts set for one tenant, placed by `key` (its
+    `cohort_key`): on inside the cohort of the current step, off outside it (and for
+    everyone after a rollback). A rollout not started yet sets nothing."""
     out = {}
     for rollout in rollouts:
         state = states.get(rollout.flag)
         if state is not None:
-            out[rollout.flag] = flag_on(rollout.flag, tenant_id, state.percent)
+            out[rollout.flag] = flag_on(rollout.flag, key, state.percent)
     return out

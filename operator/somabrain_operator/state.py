@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -24,6 +25,35 @@ from somabrain_operator.peering import Peering
 from somabrain_operator.reconcile import Outcome, PolicyLookup, reconcile_tenant
 
 log = logging.getLogger(__name__)
+
+
+class Retries:
+    """When to reconcile again each Tenant whose last reconcile was refused with a
+    retry delay (a name conflict, a failed apply). The status loop runs them, so that a
+    refused Tenant costs no write while it waits: a handler retry would rewrite Kopf's
+    progress annotation every time (case K-3)."""
+
+    def __init__(self) -> None:
+        self._due: dict[str, float] = {}
+        self._guard = threading.Lock()
+
+    def note(self, uid: str, outcome: Outcome, *, now: float | None = None) -> None:
+        """Schedule the Tenant's next try after a refusal, or drop it after a success."""
+        with self._guard:
+            if outcome.retry_after is None:
+                self._due.pop(uid, None)
+            else:
+                self._due[uid] = (time.monotonic() if now is None else now) + outcome.retry_after
+
+    def due(self, now: float | None = None) -> list[str]:
+        """The Tenants whose time has come; they stay scheduled until `note`d again."""
+        moment = time.monotonic() if now is None else now
+        with self._guard:
+            return [uid for uid, at in self._due.items() if at <= moment]
+
+    def drop(self, uid: str) -> None:
+        with self._guard:
+            self._due.pop(uid, None)
 
 
 class Known:
@@ -44,6 +74,7 @@ class Known:
         self.api_client: client.ApiClient | None = None
         # Kopf's thread pool for handlers (None: the event loop's default).
         self.executor: concurrent.futures.Executor | None = None
+        self.retries = Retries()
 
     def api(self) -> client.ApiClient:
         """The process's one API client, shared by Kopf's handler threads and the status
@@ -215,6 +246,7 @@ def reconcile_known(
             members_of=KNOWN.pool_members,
             holders_of=KNOWN.holders,
         )
+        KNOWN.retries.note(str(current["metadata"]["uid"]), outcome)
         try:
             write_status(api, current, outcome.status)
         except StaleCopy:

@@ -31,7 +31,14 @@ from somabrain.store.engine import make_engine
 from somabrain.store.outbox import advisory_lock_key, backlog, delete_tenant_events
 from somabrain_operator import children, pools
 from somabrain_operator.apply import delete
-from somabrain_operator.conditions import READY, condition, merge, post_event, ready_reason
+from somabrain_operator.conditions import (
+    PUBLISHER,
+    READY,
+    condition,
+    merge,
+    post_event,
+    ready_reason,
+)
 from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION
 from somabrain_operator.metrics import observe
 from somabrain_operator.reconcile import first_holder, forget, reconcile_tenant
@@ -106,13 +113,9 @@ def reconcile(
         )
         follow_others(api, outcome)
     patch.status.update(outcome.status)
-    if outcome.error is None:
-        return
-    if outcome.retry_after is None:
-        raise kopf.PermanentError(f"Tenant {namespace}/{name}: {outcome.error}")
-    raise kopf.TemporaryError(
-        f"Tenant {namespace}/{name}: {outcome.error}", delay=outcome.retry_after
-    )
+    # A refusal is in the status (Ready=False with its reason) and the log; it is tried
+    # again by the status loop when it says when, or by the next change that may end it.
+    KNOWN.retries.note(str(body["metadata"]["uid"]), outcome)
 
 
 def _pool_of(body: Mapping[str, Any]) -> str | None:
@@ -161,7 +164,7 @@ def _cleans_up(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, TENANT_PLURAL, when=_cleans_up)
-def clean_up(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, retry: int, **_: Any) -> None:
+def clean_up(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, **_: Any) -> None:
     """Drain the backlog, or delete the tenant's events, before the Tenant goes."""
     try:
         spec = TenantSpec.from_body(body.get("spec") or {})
@@ -198,7 +201,7 @@ def clean_up(body: kopf.Body, meta: kopf.Meta, patch: kopf.Patch, retry: int, **
         if policy == "Drain":
             _drain(api, engine, body, meta, patch, tenant)
         else:
-            _delete_events(api, engine, body, meta, patch, tenant, retry=retry)
+            _delete_events(api, engine, body, meta, patch, tenant)
     forget(str(meta["uid"]))
 
 
@@ -240,10 +243,21 @@ def _drain(
             "and its publisher, the events stay in the outbox",
         )
         return
-    message = (
-        f"draining: {pending} events pending; the publisher keeps running until they are "
-        f"delivered or {limit - waited:.0f} s more have passed"
+    publisher = next(
+        (c for c in (body.get("status") or {}).get("conditions") or [] if c["type"] == PUBLISHER),
+        None,
     )
+    if publisher is not None and publisher.get("status") != "True":
+        message = (
+            f"draining: {pending} events pending, but no publisher reports for the tenant "
+            f"({publisher.get('reason')}): unless one does, the Tenant goes in "
+            f"{limit - waited:.0f} s and its events stay in the outbox"
+        )
+    else:
+        message = (
+            f"draining: {pending} events pending; the publisher keeps running until they "
+            f"are delivered or {limit - waited:.0f} s more have passed"
+        )
     if ready_reason(body) != "Draining":  # an Event when it starts; then the condition
         post_event(api, body, warning=False, reason="Draining", message=message)
     _set_ready(patch, body, reason="Draining", message=message)
@@ -257,8 +271,6 @@ def _delete_events(
     meta: kopf.Meta,
     patch: kopf.Patch,
     tenant: TenantId,
-    *,
-    retry: int,
 ) -> None:
     # The publisher must be gone first: the operator then takes the tenant's lock, so
     # none can start while the rows go. A pool's publisher serves a Tenant being
@@ -274,6 +286,14 @@ def _delete_events(
     if pool is not None:
         _leave_pool(body, pool)
     deleted = 0
+    if ready_reason(body) != "Deleting":  # an Event when it starts; then the condition
+        post_event(
+            api,
+            body,
+            warning=False,
+            reason="Deleting",
+            message=f"deleting the events of tenant {tenant} from the outbox",
+        )
     with _tenant_lock(engine, tenant) as locked:
         if not locked:
             message = "deleting: waiting for the tenant's publisher to stop"
@@ -302,8 +322,7 @@ def _delete_events(
         body,
         warning=False,
         reason="EventsDeleted",
-        message=f"the tenant's events are deleted from the outbox (last pass {deleted}, "
-        f"after {retry} earlier passes)",
+        message=f"the tenant's events are deleted from the outbox ({deleted} in the last pass)",
     )
 
 

@@ -253,11 +253,13 @@ def test_kubectl_get_shows_mode_ready_pending_and_circuit(
     )
 
     columns = [c["name"] for c in table["columnDefinitions"] if c["priority"] == 0]
-    assert columns == ["Name", "Tenant", "Mode", "Ready", "Pending", "Circuit", "Age"]
+    assert columns == ["Name", "Tenant", "Mode", "Ready", "Publisher", "Pending", "Circuit", "Age"]
     [row] = table["rows"]
     cells = dict(zip((c["name"] for c in table["columnDefinitions"]), row["cells"], strict=True))
     assert (cells["Tenant"], cells["Mode"], cells["Ready"]) == ("acme", "dedicated", "True")
     assert (cells["Pending"], cells["Circuit"]) == (12, "half-open")
+    # The reason of PublisherAvailable (this example's is the one its helper gives all).
+    assert cells["Publisher"] == "ChildrenApplied"
 
 
 def test_kinds_have_short_names_and_the_somabrain_category(api: client.ApiClient) -> None:

@@ -89,16 +89,23 @@ def _writes_during(job: MainJob, seconds: float) -> list[str]:
 
 def test_steady_state_makes_no_writes_for_a_minute(job: MainJob) -> None:
     # K-2, K-3: with nothing changing, no object is written, not even status.
+    # A refused Tenant too: its retries (every 60 s, so one falls in the window) write
+    # nothing while nothing changes.
     apply(job, "outboxpolicies", policy("standard", quotas={"batchSize": 50}))
+    client.CoreV1Api(job.api).create_namespaced_config_map(
+        job.namespace, {"metadata": {"name": publisher_name("steady-c")}, "data": {"x": "y"}}
+    )
     job.apply_tenants(
         [
             tenant("steady-a", policyRef={"name": "standard"}),
             tenant("steady-b", resourceQuota={"hard": {"pods": "4"}}),
+            tenant("steady-c"),
         ]
     )
     job.wait_ready(["steady-a", "steady-b"], timeout=60)
+    assert wait_for(lambda: has_condition(job, "steady-c", "Ready", "False", "ChildNameTaken"))
     # Settled: the status loop has reported on both (no publisher runs here).
-    for name in ("steady-a", "steady-b"):
+    for name in ("steady-a", "steady-b", "steady-c"):
         assert wait_for(
             lambda n=name: has_condition(job, n, "PublisherAvailable", "False", "NoReport"),
             timeout=30,
@@ -328,6 +335,15 @@ def test_backlog_and_publisher_availability_come_from_the_publishers_reports(
         lambda: has_condition(job, "reporting", "PublisherAvailable", "False", "ReportStale"),
         timeout=60,
     )
+
+    # The publisher starting and stopping are Events of the Tenant; its first NoReport,
+    # when it was created, is not.
+    def reasons() -> list[str]:
+        events = client.CoreV1Api(job.api).list_namespaced_event(job.namespace).items
+        return [e.reason for e in events if e.involved_object.name == "reporting"]
+
+    assert wait_for(lambda: {"Reporting", "ReportStale"} <= set(reasons()), timeout=15), reasons()
+    assert "NoReport" not in reasons()
 
 
 def test_retain_tenant_has_no_finalizer_and_goes_at_once_leaving_its_events(

@@ -194,7 +194,7 @@ def test_printer_columns_names_and_categories() -> None:
 
     tenant, policy = KINDS
 
-    assert columns(tenant) == ["Tenant", "Mode", "Ready", "Pending", "Circuit", "Age"]
+    assert columns(tenant) == ["Tenant", "Mode", "Ready", "Publisher", "Pending", "Circuit", "Age"]
     assert columns(policy) == ["Tenants", "Rollout", "Age"]
     assert crds.crd(tenant)["spec"]["names"]["shortNames"] == ["tn"]
     assert crds.crd(policy)["spec"]["names"]["shortNames"] == ["obp"]

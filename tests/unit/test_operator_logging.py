@@ -37,3 +37,17 @@ def test_kopf_s_routine_successes_are_left_out_and_failures_kept() -> None:
     assert not any(_RoutineSuccess().filter(_record(logging.INFO, m)) for m in routine)
     assert all(_RoutineSuccess().filter(_record(logging.INFO, m)) for m in kept)
     assert _RoutineSuccess().filter(_record(logging.WARNING, routine[0]))
+
+
+def test_a_request_kopf_retries_is_a_warning_and_one_it_gives_up_an_error() -> None:
+    from somabrain_operator.__main__ import _RetriedRequest
+
+    retried = _record(
+        logging.ERROR, "Request attempt #1/9 failed; will retry: PATCH x -> APIClientError(429)"
+    )
+    given_up = _record(logging.ERROR, "Request attempt #9/9 failed; escalating: PATCH x -> 429")
+
+    assert _RetriedRequest().filter(retried)
+    assert _RetriedRequest().filter(given_up)
+    assert retried.levelno == logging.WARNING
+    assert given_up.levelno == logging.ERROR

@@ -56,6 +56,24 @@ def test_a_client_timeout_not_above_the_server_timeout_is_refused_before_connect
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("SOMABRAIN_OPERATOR_STATUS_INTERVAL_SECONDS", "-1", "greater than 0 (got '-1')"),
+        ("SOMABRAIN_OPERATOR_RULE_LABELS", "notjson", "is not valid JSON"),
+    ],
+)
+def test_an_invalid_setting_is_one_line_naming_its_variable(
+    variable: str, value: str, said: str
+) -> None:
+    result = _run(**{variable: value})
+
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"FAILED: invalid operator settings: {variable}")
+    assert said in line
+
+
 def test_watch_timeouts_default_to_five_minutes_and_a_half_more() -> None:
     settings = OperatorSettings()
 

@@ -131,3 +131,53 @@ def test_a_silent_canary_pauses_the_rollout_until_it_reports() -> None:
 
 def test_a_rollout_not_started_sets_no_flag() -> None:
     assert rollout.flags_for([_rollout()], {}, "tenant-001") == {}
+
+
+def test_members_of_a_shared_pool_move_together_and_count_as_one_cohort() -> None:
+    # One publisher serves a pool, started with one delivery mode: a rollout of
+    # exactly-once must not split it (the member left out would be refused).
+    from somabrain_operator.resources import TenantSpec
+
+    def member(tenant_id: str, pool: str) -> TenantSpec:
+        return TenantSpec.from_body(
+            {"tenantId": tenant_id, "publisher": {"mode": "shared", "pool": pool}}
+        )
+
+    states = {"exactly-once": rollout.RolloutState.from_body(
+        {"flag": "exactly-once", "step": 0, "percent": 50, "phase": "Progressing",
+         "reason": "", "stepStartedAt": T0.isoformat()}
+    )}  # fmt: skip
+    rollouts = [Rollout.from_body({"flag": "exactly-once", "steps": [50, 100]})]
+    for pool in (f"pool-{i}" for i in range(20)):
+        flags = {
+            rollout.flags_for(rollouts, states, rollout.cohort_key(member(t, pool), "team-a"))[
+                "exactly-once"
+            ]
+            for t in TENANTS[:12]
+        }
+        assert len(flags) == 1, f"members of {pool} split"
+    # Outside pools, tenants are placed one by one, as before.
+    dedicated = TenantSpec.from_body({"tenantId": "acme"})
+    assert rollout.cohort_key(dedicated, "team-a") == "acme"
+    # The same pool name in another namespace is another pool, placed on its own.
+    assert rollout.cohort_key(member("a", "p"), "ns-1") != rollout.cohort_key(
+        member("a", "p"), "ns-2"
+    )
+
+
+def test_an_edit_of_the_steps_keeps_every_tenant_that_has_the_flag() -> None:
+    from somabrain_operator.policies import _on_steps
+
+    def state(step: int, percent: int, phase: str) -> dict[str, object]:
+        return {"flag": "dead-letter", "step": step, "percent": percent, "phase": phase,
+                "reason": "", "stepStartedAt": "2026-12-04T12:00:00Z"}  # fmt: skip
+
+    # Finished at step 2 of [25, 50, 100]; the steps become [50, 100]: still finished.
+    assert _on_steps(state(2, 100, "Complete"), [50, 100])["step"] == 1
+    assert _on_steps(state(2, 100, "Complete"), [50, 100])["percent"] == 100
+    # At 25 %, the steps become [10, 40, 100]: on at 40 %, never back to 10.
+    moved = _on_steps(state(0, 25, "Progressing"), [10, 40, 100])
+    assert (moved["step"], moved["percent"], moved["phase"]) == (1, 40, "Progressing")
+    # Unchanged where the step still has its percent; a rollback stays rolled back.
+    assert _on_steps(state(1, 50, "Paused"), [25, 50, 100]) == state(1, 50, "Paused")
+    assert _on_steps(state(0, 0, "RolledBack"), [50, 100]) == state(0, 0, "RolledBack")

@@ -428,9 +428,22 @@ TENANT = Kind(
             '.status.conditions[?(@.type=="Ready")].status',
             "Whether the publisher and its settings are in place.",
         ),
-        PrinterColumn("Pending", "integer", ".status.backlog.pending", "Events not yet sent."),
+        PrinterColumn(
+            "Publisher",
+            "string",
+            '.status.conditions[?(@.type=="PublisherAvailable")].reason',
+            "Reporting: a publisher reports for the tenant; ReportStale: its last report is "
+            "too old (Pending is as it then said); NoReport: none ever did.",
+        ),
+        PrinterColumn(
+            "Pending",
+            "integer",
+            ".status.backlog.pending",
+            "Events not yet sent, as last reported.",
+        ),
         PrinterColumn("Circuit", "string", ".status.backlog.circuit", "closed, open or half-open."),
         PrinterColumn("Policy", "string", ".spec.policyRef.name", "The OutboxPolicy.", priority=1),
+        PrinterColumn("Pool", "string", ".status.resolved.pool", "The shared pool.", priority=1),
         PrinterColumn("Age", "date", ".metadata.creationTimestamp", "Time since creation."),
     ),
 )
