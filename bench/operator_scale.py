@@ -4,8 +4,9 @@ memory, its CPU and API writes once idle, and how fast a policy change reaches t
 Set-up: a namespace of its own per run (`bench-ops-<run>`), the CRDs, --policies
 OutboxPolicies and N Tenants spread over them round-robin (deletionPolicy Retain, so
 no finalizer), and the real operator process, `somabrain-operator`, started as the e2e
-tests start it (database access, status loop every 2 s). No publisher runs, so every
-Tenant's PublisherAvailable settles on False (NoReport). The stack has no
+tests start it (database access), with the status loop every --status-interval s
+(default 2, as in the e2e tests; the operator's own default is 10). No publisher runs,
+so every Tenant's PublisherAvailable settles on False (NoReport). The stack has no
 controller-manager: Deployments stay as applied (no ReplicaSets, no pods) and nothing
 is garbage-collected.
 
@@ -731,7 +732,11 @@ def operator_phases(
     for policy in policies:
         apply(api, job.namespace, policy)
     port = common.free_port()
-    pid = job.start_operator("--metrics-port", str(port))
+    pid = job.start_operator(
+        "--metrics-port",
+        str(port),
+        env={"SOMABRAIN_OPERATOR_STATUS_INTERVAL_SECONDS": f"{args.status_interval:g}"},
+    )
     memory = MemoryWatch(pid)
     usage.pids["operator"] = pid
 
@@ -886,6 +891,13 @@ def main(argv: list[str] | None = None) -> int:
         help="longest wait for each phase, in seconds (default 900)",
     )
     parser.add_argument(
+        "--status-interval",
+        type=float,
+        default=2.0,
+        help="the operator's status loop interval in seconds (default 2, as the e2e tests; "
+        "the operator's default is 10)",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="record the operator's stacks with py-spy (slows it)"
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -908,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
         "policies": args.policies,
         "apply_threads": args.threads,
         "watch_seconds": args.watch_seconds,
+        "status_interval_seconds": args.status_interval,
         "profiled": args.profile,
         "targets": TARGETS,
         **figures,
