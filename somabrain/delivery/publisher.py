@@ -74,14 +74,15 @@ from somabrain.delivery.scheduling import Quota, RoundRobin, TokenBucket, bucket
 from somabrain.store.outbox import (
     NOTIFY_CHANNEL,
     PendingEvent,
+    TenantState,
     advisory_lock_key,
-    backlog,
+    backlogs,
     claim_pending,
     mark_dead,
     mark_dispatched,
     mark_sent,
     record_failure,
-    report_tenant,
+    report_tenants,
     save_checkpoint_position,
 )
 
@@ -309,7 +310,9 @@ class Publisher:
                 # neighbour must not hide a quiet tenant's new event.
                 self._collect_notifications(raw)
                 if self._turn() == 0:
-                    self._wait_for_notify(raw, self._idle_seconds())
+                    # Woken for the next report too: a poll interval may be longer
+                    # than the report interval, and an idle publisher must still report.
+                    self._wait_for_notify(raw, self._idle_seconds(), wake_at=self._next_report_at())
         finally:
             for lane in self.lanes.values():
                 if lane.holds_lock:
@@ -419,39 +422,65 @@ class Publisher:
     # -- housekeeping ------------------------------------------------------------------
 
     def _housekeeping(self) -> None:
-        """Backlog gauges and retention, for at most one lane of each per call, so a
-        publisher of many tenants never stalls its turns on housekeeping."""
+        """Reports and retention, between two turns.
+
+        Every lane due for a report is reported in this call, all in one transaction of
+        a few statements: every tenant's row is refreshed within the report interval
+        whatever the pool's size, idle (a turn then lasts up to a poll interval) or
+        busy. Reported one lane per call, first due first, an idle pool's first five
+        members took every turn of the 5 s interval and the later ones never reported:
+        no backlog in their status, no cap for enqueue, a rollout waiting for them.
+
+        Retention purges at most one lane per call, since a purge may run for its
+        budget; the lane that has waited longest goes first, so every lane gets its
+        purge however many there are.
+        """
         now = time.monotonic()
-        report = next(
-            (x for x in self.lanes.values() if x.holds_lock and now >= x.next_backlog_at), None
-        )
-        if report is not None:
-            report.next_backlog_at = now + BACKLOG_REPORT_SECONDS
-            with Session(self.engine) as session, session.begin():
-                current = backlog(
-                    session,
-                    tenant_id=report.tenant,
-                    dead_blocks_key=report.poison_policy == "block",
-                )
-                # Enqueue reads the cap and this count (see check_backlog).
-                report_tenant(
-                    session,
-                    tenant_id=report.tenant,
-                    pending=current.pending,
-                    max_pending=report.max_pending,
-                    publisher=self.owner,
-                    oldest_pending_age=current.oldest_age_seconds,
-                    circuit=report.circuit.state.name.lower().replace("_", "-"),
-                )
-            metrics.PENDING.labels(report.tenant).set(current.pending)
-            metrics.OLDEST_PENDING_AGE.labels(report.tenant).set(current.oldest_age_seconds)
-            metrics.BLOCKED_KEYS.labels(report.tenant).set(current.blocked_keys)
-        purge = next(
-            (x for x in self.lanes.values() if x.holds_lock and now >= x.next_purge_at), None
+        due = [x for x in self.lanes.values() if x.holds_lock and now >= x.next_backlog_at]
+        if due:
+            self._report(due, now)
+        purge = min(
+            (x for x in self.lanes.values() if x.holds_lock and now >= x.next_purge_at),
+            key=lambda x: x.next_purge_at,
+            default=None,
         )
         if purge is not None:
             purge.next_purge_at = now + self.settings.retention_interval_seconds
             self._purge(purge)
+
+    def _report(self, lanes: Sequence[Lane], now: float) -> None:
+        """Count the lanes' backlogs and record them with their caps and circuits in
+        `outbox_tenants` (enqueue reads the cap and the count there, see check_backlog;
+        the operator reads the rest), then set the lanes' gauges."""
+        for lane in lanes:
+            lane.next_backlog_at = now + BACKLOG_REPORT_SECONDS
+        with Session(self.engine) as session, session.begin():
+            counted = backlogs(
+                session, {lane.tenant: lane.poison_policy == "block" for lane in lanes}
+            )
+            report_tenants(
+                session,
+                [
+                    TenantState(
+                        tenant_id=lane.tenant,
+                        pending=counted[lane.tenant].pending,
+                        max_pending=lane.max_pending,
+                        oldest_pending_age=counted[lane.tenant].oldest_age_seconds,
+                        circuit=lane.circuit.state.name.lower().replace("_", "-"),
+                    )
+                    for lane in lanes
+                ],
+                publisher=self.owner,
+            )
+        for lane in lanes:
+            current = counted[lane.tenant]
+            metrics.PENDING.labels(lane.tenant).set(current.pending)
+            metrics.OLDEST_PENDING_AGE.labels(lane.tenant).set(current.oldest_age_seconds)
+            metrics.BLOCKED_KEYS.labels(lane.tenant).set(current.blocked_keys)
+
+    def _next_report_at(self) -> float | None:
+        """When the next lane this process serves is due for a report (monotonic)."""
+        return min((x.next_backlog_at for x in self.lanes.values() if x.holds_lock), default=None)
 
     def _purge(self, lane: Lane) -> None:
         purged = purge_expired(
@@ -770,16 +799,20 @@ class Publisher:
             for lane in self.lanes.values():
                 lane.due = True
 
-    def _wait_for_notify(self, raw: Any, seconds: float) -> None:
+    def _wait_for_notify(self, raw: Any, seconds: float, *, wake_at: float | None = None) -> None:
         """Wait up to `seconds` for a notification naming one of our tenants.
 
         A notification marks its tenant due; the end of the wait marks every tenant due
         (the polling fallback that covers lost notifications and expired backoffs).
+        `wake_at` (monotonic) ends the wait earlier for housekeeping, without marking
+        anyone due: the polling fallback still comes at its own time, from the end of a
+        later wait or from `_collect_notifications` once the poll tick has passed.
         """
         dbapi = raw.dbapi_connection
         deadline = time.monotonic() + seconds
+        end = deadline if wake_at is None else min(deadline, wake_at)
         while not self.stopping.is_set():
-            remaining = deadline - time.monotonic()
+            remaining = end - time.monotonic()
             if remaining <= 0:
                 break
             readable, _, _ = select.select([dbapi], [], [], min(remaining, 0.5))
@@ -793,6 +826,8 @@ class Publisher:
                 lane.due = True
             if ours:
                 return
+        if time.monotonic() < deadline:
+            return  # woken for housekeeping (or stopping)
         for lane in self.lanes.values():
             lane.due = True
 

@@ -391,24 +391,71 @@ def report_tenant(
     circuit: str | None = None,
 ) -> None:
     """Record what the tenant's active publisher knows: backlog, cap, circuit, identity."""
-    stmt = insert(OutboxTenant).values(
-        tenant_id=tenant_id,
+    report = TenantState(
+        tenant_id=TenantId(tenant_id),
         pending=pending,
-        oldest_pending_at=None
-        if pending == 0
-        else func.now() - func.make_interval(0, 0, 0, 0, 0, 0, oldest_pending_age),
         max_pending=max_pending,
-        counted_at=func.now(),
+        oldest_pending_age=oldest_pending_age,
         circuit=circuit,
-        publisher=publisher,
-        publisher_seen_at=func.now(),
     )
+    report_tenants(session, [report], publisher=publisher)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TenantState:
+    """What a publisher records about one tenant it serves (see `report_tenants`)."""
+
+    tenant_id: TenantId
+    pending: int
+    max_pending: int | None
+    oldest_pending_age: float = 0.0  # seconds; ignored when nothing is pending
+    circuit: str | None = None
+
+
+def report_tenants(session: Session, reports: Sequence[TenantState], *, publisher: str) -> None:
+    """Record, for each tenant of `reports`, what its active publisher knows, in one
+    statement whatever their number.
+
+    A shared publisher reports every tenant that is due at once: reported one per turn,
+    a large pool's later members waited for the earlier ones and, idle, never came.
+    Rows are written in tenant order, so two writers of overlapping sets cannot
+    deadlock on them; a tenant given twice keeps its last report.
+    """
+    by_tenant = {report.tenant_id: report for report in reports}
+    if not by_tenant:
+        return
+    rows = list(by_tenant.values())
     session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["tenant_id"],
-            set_={column: stmt.excluded[column] for column in _REPORTED},
-        )
+        _REPORT_ROWS,
+        {
+            "tenants": [r.tenant_id for r in rows],
+            "pending": [r.pending for r in rows],
+            "ages": [r.oldest_pending_age for r in rows],
+            "caps": [r.max_pending for r in rows],
+            "circuits": [r.circuit for r in rows],
+            "publisher": publisher,
+        },
     )
+
+
+# Element i of each array is tenant i's report; now() is the transaction's, the same for
+# every row, and is when the backlog was counted (in the same transaction, see the
+# publisher's `_report`). The oldest pending event's time is kept as a timestamp, so its
+# age keeps growing between two reports.
+_REPORT_ROWS = text(
+    "INSERT INTO outbox_tenants"
+    " (tenant_id, pending, oldest_pending_at, max_pending, counted_at, circuit,"
+    " publisher, publisher_seen_at)"
+    " SELECT r.tenant_id, r.pending,"
+    " CASE WHEN r.pending = 0 THEN NULL ELSE now() - make_interval(secs => r.age) END,"
+    " r.max_pending, now(), r.circuit, :publisher, now()"
+    " FROM unnest(CAST(:tenants AS text[]), CAST(:pending AS bigint[]),"
+    " CAST(:ages AS float8[]), CAST(:caps AS bigint[]), CAST(:circuits AS text[]))"
+    " AS r(tenant_id, pending, age, max_pending, circuit)"
+    " ORDER BY r.tenant_id"
+    " ON CONFLICT (tenant_id) DO UPDATE SET "
+    + ", ".join(f"{column} = EXCLUDED.{column}" for column in _REPORTED)
+)
 
 
 def _check_text(
@@ -751,30 +798,66 @@ class Backlog:
 
 def backlog(session: Session, *, tenant_id: TenantId, dead_blocks_key: bool = True) -> Backlog:
     """The tenant's pending events, the age of the oldest, and its blocked keys."""
-    count, age = session.execute(
-        select(
-            func.count(),
-            func.coalesce(func.extract("epoch", func.now() - func.min(OutboxEvent.created_at)), 0),
-        ).where(
-            OutboxEvent.tenant_id == tenant_id,
-            OutboxEvent.status == EventStatus.PENDING.value,
+    return backlogs(session, {tenant_id: dead_blocks_key})[tenant_id]
+
+
+def backlogs(session: Session, tenants: Mapping[TenantId, bool]) -> dict[TenantId, Backlog]:
+    """The backlog of each of `tenants` (mapped to its poison policy's `dead_blocks_key`),
+    in at most three queries whatever their number: one count for all, and one count of
+    blocked keys per policy among those with pending events."""
+    if not tenants:
+        return {}
+    ids = list(tenants)
+    counted = {
+        TenantId(tenant): (int(count), float(age))
+        for tenant, count, age in session.execute(_BACKLOG_STATEMENT, {"ids": ids})
+    }
+    blocked: dict[TenantId, int] = {}
+    for dead_blocks_key in (True, False):
+        waiting = [t for t in ids if tenants[t] == dead_blocks_key and t in counted]
+        if waiting:
+            blocked.update(
+                (TenantId(tenant), int(keys))
+                for tenant, keys in session.execute(
+                    _blocked_keys_statement(dead_blocks_key), {"ids": waiting}
+                )
+            )
+    return {
+        tenant: Backlog(
+            pending=counted.get(tenant, (0, 0.0))[0],
+            oldest_age_seconds=counted.get(tenant, (0, 0.0))[1],
+            blocked_keys=blocked.get(tenant, 0),
         )
-    ).one()
-    blocked_keys = 0
-    if count:
-        blocked_keys = session.execute(
-            _blocked_keys_statement(dead_blocks_key), {"tenant_id": tenant_id}
-        ).scalar_one()
-    return Backlog(pending=int(count), oldest_age_seconds=float(age), blocked_keys=blocked_keys)
+        for tenant in ids
+    }
+
+
+# A tenant without pending events has no row here (it counts 0).
+_BACKLOG_STATEMENT = (
+    select(
+        OutboxEvent.tenant_id,
+        func.count(),
+        func.extract("epoch", func.now() - func.min(OutboxEvent.created_at)),
+    )
+    .where(
+        OutboxEvent.tenant_id == func.any(bindparam("ids", type_=ARRAY(String))),
+        OutboxEvent.status == EventStatus.PENDING.value,
+    )
+    .group_by(OutboxEvent.tenant_id)
+)
 
 
 @functools.cache
 def _blocked_keys_statement(dead_blocks_key: bool) -> Executable:
-    return select(func.count(func.distinct(OutboxEvent.message_key))).where(
-        OutboxEvent.tenant_id == bindparam("tenant_id", type_=String),
-        OutboxEvent.status == EventStatus.PENDING.value,
-        OutboxEvent.message_key.is_not(None),
-        _blocked(OutboxEvent, dead_blocks_key=dead_blocks_key),
+    return (
+        select(OutboxEvent.tenant_id, func.count(func.distinct(OutboxEvent.message_key)))
+        .where(
+            OutboxEvent.tenant_id == func.any(bindparam("ids", type_=ARRAY(String))),
+            OutboxEvent.status == EventStatus.PENDING.value,
+            OutboxEvent.message_key.is_not(None),
+            _blocked(OutboxEvent, dead_blocks_key=dead_blocks_key),
+        )
+        .group_by(OutboxEvent.tenant_id)
     )
 
 

@@ -3,6 +3,7 @@ in fair turns, with per-tenant quotas, and tenants moving between publishers."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 import uuid
 from collections.abc import Callable
@@ -13,10 +14,11 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from somabrain import enqueue_event
+from somabrain import NewEvent, enqueue_event, enqueue_events
+from somabrain.config.errors import BacklogOverCap
 from somabrain.config.settings import PublisherSettings
 from somabrain.config.types import TenantId
-from somabrain.delivery.publisher import Publisher, build_publisher
+from somabrain.delivery.publisher import BACKLOG_REPORT_SECONDS, Publisher, build_publisher
 from somabrain.store.outbox import claim_pending
 from tests.support import event_id, read_committed, wait_for
 
@@ -271,3 +273,117 @@ def test_a_quiet_tenants_notification_is_heard_while_a_neighbour_always_has_work
 
     assert wait_for(lambda: _status(engine, quiet) == {"sent": 1}, timeout=30)
     assert _status(engine, flooding).get("pending", 0) >= 80_000
+
+
+def _reports(engine: Engine, tenants: list[str]) -> dict[str, tuple[dt.datetime, dt.datetime]]:
+    """Each tenant's report row: when it was last counted and when its publisher was
+    last seen (the database's clock, as enqueue and the operator read them)."""
+    with engine.connect() as conn:
+        return {
+            str(r[0]): (r[1], r[2])
+            for r in conn.execute(
+                text(
+                    "SELECT tenant_id, counted_at, publisher_seen_at FROM outbox_tenants"
+                    " WHERE tenant_id = ANY(:ts)"
+                    " AND counted_at IS NOT NULL AND publisher_seen_at IS NOT NULL"
+                ),
+                {"ts": tenants},
+            )
+        }
+
+
+def _db_now(engine: Engine) -> dt.datetime:
+    with engine.connect() as conn:
+        now: dt.datetime = conn.execute(text("SELECT now()")).scalar_one()
+    return now
+
+
+def _assert_reported_every_interval(engine: Engine, tenants: list[str]) -> None:
+    """Two rounds: each tenant's row is refreshed (counted_at and publisher_seen_at)
+    within two report intervals from now, and then again within two intervals of its
+    previous report."""
+    interval = dt.timedelta(seconds=BACKLOG_REPORT_SECONDS)
+    previous = dict.fromkeys(tenants, _db_now(engine))
+    for _ in range(2):
+
+        def refreshed(after: dict[str, dt.datetime]) -> bool:
+            reports = _reports(engine, tenants)
+            return all(t in reports and min(reports[t]) > after[t] for t in tenants)
+
+        wait_for(lambda after=previous: refreshed(after), timeout=3 * BACKLOG_REPORT_SECONDS)
+        reports = _reports(engine, tenants)
+        missing = [n for n, t in enumerate(tenants, 1) if t not in reports]
+        assert not missing, f"members {missing} of the {len(tenants)} never reported"
+        for member, tenant in enumerate(tenants, 1):
+            for stamp in reports[tenant]:  # counted_at, publisher_seen_at
+                assert previous[tenant] < stamp <= previous[tenant] + 2 * interval, member
+        previous = {t: reports[t][1] for t in tenants}
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_every_member_of_a_large_pool_reports_within_two_intervals_and_its_cap_holds(
+    busy: bool,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    bootstrap: str,
+    run_publisher: Callable[[Publisher], Publisher],
+    tmp_path: Path,
+) -> None:
+    """Every tenant of a 12-tenant pool has its row in outbox_tenants (backlog, cap,
+    circuit, publisher) refreshed within two report intervals, idle or with a neighbour
+    that always has work, at the default poll interval. A publisher that reported one
+    tenant per idle turn (about 1 s) on a 5 s interval, first due tenant first, never
+    reported members after the fifth: the operator saw them NoReport/ReportStale and
+    enqueue never learnt their cap. The last member's cap (max_pending 2) is enforced
+    from its report."""
+    tenants = _tenants(12)
+    late = tenants[-1]
+    config = tmp_path / "tenants.yaml"
+    config.write_text(f"tenants:\n  {late}:\n    max_pending: 2\n", encoding="utf-8")
+    if busy:
+        _flood(engine, tenants[0], f"{tenants[0]}.flood", 100_000)
+    pool = run_publisher(
+        _pool(
+            engine,
+            bootstrap,
+            tenants,
+            batch_size=200,
+            delivery_mode="at-least-once",
+            tenant_config_file=config,
+            poll_interval_seconds=1.0,  # the default: an idle turn lasts about a second
+        )
+    )
+    assert wait_for(lambda: pool.ready and all(lane.holds_lock for lane in pool.lanes.values()))
+    if busy:
+        assert wait_for(lambda: _status(engine, tenants[0]).get("sent", 0) >= 1_000, timeout=60)
+    _assert_reported_every_interval(engine, tenants)
+    if busy:
+        assert _status(engine, tenants[0]).get("pending", 0) > 0  # busy all along
+
+    with engine.connect() as conn:
+        cap = conn.execute(
+            text("SELECT max_pending FROM outbox_tenants WHERE tenant_id = :t"), {"t": late}
+        ).scalar_one()
+    assert cap == 2
+    over = [NewEvent(tenant_id=late, topic=f"{late}.orders", payload={}) for _ in range(3)]
+    with pytest.raises(BacklogOverCap) as refused, sessions.begin() as session:
+        enqueue_events(session, over)
+    assert (refused.value.tenant, refused.value.cap) == (late, 2)
+    with sessions.begin() as session:
+        enqueue_events(session, over[:2])  # up to the cap is accepted
+
+
+def test_an_idle_publisher_with_a_poll_interval_longer_than_the_report_interval_still_reports(
+    engine: Engine,
+    bootstrap: str,
+    run_publisher: Callable[[Publisher], Publisher],
+) -> None:
+    """An idle publisher waits up to a poll interval (at most 60 s) for a notification;
+    it wakes for its reports too, or its rows would be older than the 30 s after which
+    enqueue and the operator take it for gone."""
+    tenants = _tenants(3)
+    pool = run_publisher(
+        _pool(engine, bootstrap, tenants, delivery_mode="at-least-once", poll_interval_seconds=60)
+    )
+    assert wait_for(lambda: pool.ready and all(lane.holds_lock for lane in pool.lanes.values()))
+    _assert_reported_every_interval(engine, tenants)
