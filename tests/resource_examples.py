@@ -2,7 +2,9 @@
 
 - the largest allowed specs: every list and map at its maximum, every string at its
   maximum length, every optional field set (case K-13; a Tenant in each publisher mode,
-  as some fields exclude others);
+  as some fields exclude others), and still valid for what the operator makes of them
+  (the dead-letter topic at Kafka's limit once {tenant} is expanded, alert labels valid
+  on the PrometheusRule object too);
 - statuses with every field the schema declares (case K-1);
 - invalid specs, each with the field the API server names and the message it gives.
 
@@ -31,7 +33,8 @@ def _flags() -> dict[str, bool]:
 
 def _labels() -> dict[str, str]:
     return {
-        _fill(f"l{i:02d}", 63, "_"): "v" * common.LABEL_VALUE_MAX_LENGTH
+        # Both a Prometheus label name and a Kubernetes label key: no '_' at the end.
+        _fill(f"l{i:02d}_", 63): "v" * common.LABEL_VALUE_MAX_LENGTH
         for i in range(common.MAX_ALERT_LABELS)
     }
 
@@ -56,6 +59,9 @@ def _quotas() -> dict[str, Any]:
     }
 
 
+_LONGEST_DEAD_LETTER_TEMPLATE = common.TOPIC_MAX_LENGTH - TENANT_ID_MAX_LENGTH + len("{tenant}")
+
+
 def largest_tenant_spec() -> dict[str, Any]:
     """The largest Tenant spec the schema accepts."""
     quantity = common.QUANTITY_MAX_LENGTH
@@ -74,13 +80,17 @@ def largest_tenant_spec() -> dict[str, Any]:
         "quotas": _quotas(),
         "deliveryMode": "at-least-once",
         "poisonPolicy": "skip",
-        "deadLetterTopic": _fill("{tenant}.", common.TOPIC_MAX_LENGTH, "d"),
+        # Kafka's longest topic name once {tenant} is replaced by the tenant id.
+        "deadLetterTopic": _fill("{tenant}.", _LONGEST_DEAD_LETTER_TEMPLATE, "d"),
         "featureFlags": _flags(),
         "alerts": {"labels": _labels(), "thresholds": _thresholds()},
         "deletionPolicy": "Drain",
         "resourceQuota": {
             "hard": {
-                _fill(f"r{i:02d}.", 63): "9" * quantity for i in range(tenant.MAX_QUOTA_RESOURCES)
+                # Qualified names of requested extended resources: no whole number needed.
+                _fill(f"requests.r{i:02d}.example/", tenant.RESOURCE_NAME_MAX_LENGTH): "9"
+                * quantity
+                for i in range(tenant.MAX_QUOTA_RESOURCES)
             }
         },
     }
@@ -304,6 +314,22 @@ INVALID_TENANTS = [
         "deadLetterTopic cannot be one of topics",
     ),
     Invalid(
+        "dead-letter-topic-too-long-once-expanded",
+        {
+            "tenantId": "t" * TENANT_ID_MAX_LENGTH,
+            "deadLetterTopic": _fill("{tenant}.", _LONGEST_DEAD_LETTER_TEMPLATE + 1, "d"),
+        },
+        "spec.deadLetterTopic",
+        "deadLetterTopic, with {tenant} replaced by the tenant id, must be at most 249",
+    ),
+    Invalid(
+        "dead-letter-topic-too-long-with-two-tenants",
+        # Each {tenant} grows by 12 characters: 226 + 2 * 12 = 250.
+        {"tenantId": "t" * 20, "deadLetterTopic": _fill("{tenant}.{tenant}.", 226, "d")},
+        "spec.deadLetterTopic",
+        "deadLetterTopic, with {tenant} replaced by the tenant id, must be at most 249",
+    ),
+    Invalid(
         "bad-flag-name",
         _tenant(featureFlags={"fast-encode": True}),
         "spec.featureFlags",
@@ -323,10 +349,64 @@ INVALID_TENANTS = [
         "labels cannot set tenant or alertname",
     ),
     Invalid(
+        "alert-label-name-starting-with-underscore",
+        _tenant(alerts={"labels": {"_team": "payments"}}),
+        "spec.alerts.labels",
+        "alert label names must be both Prometheus label names and Kubernetes label keys",
+    ),
+    Invalid(
+        "alert-label-name-ending-with-underscore",
+        _tenant(alerts={"labels": {"team_": "payments"}}),
+        "spec.alerts.labels",
+        "alert label names must be both Prometheus label names and Kubernetes label keys",
+    ),
+    Invalid(
+        "alert-label-name-with-a-prefix",
+        _tenant(alerts={"labels": {"example.com/team": "payments"}}),
+        "spec.alerts.labels",
+        "alert label names must be both Prometheus label names and Kubernetes label keys",
+    ),
+    Invalid(
+        "alert-label-value-not-a-kubernetes-label-value",
+        _tenant(alerts={"labels": {"team": "pay ments"}}),
+        "spec.alerts.labels[team]",
+        "alert label values must be Kubernetes label values",
+    ),
+    Invalid(
+        "alert-duration-out-of-prometheus-range",
+        _tenant(alerts={"thresholds": {"backlogFor": "99999999999y"}}),
+        "spec.alerts.thresholds.backlogFor",
+        "backlogFor must be a Prometheus duration",
+    ),
+    Invalid(
+        "alert-duration-units-out-of-order",
+        _tenant(alerts={"thresholds": {"publisherDownFor": "1m1h"}}),
+        "spec.alerts.thresholds.publisherDownFor",
+        "publisherDownFor must be a Prometheus duration",
+    ),
+    Invalid(
         "warning-above-critical",
         _tenant(alerts={"thresholds": {"backlogWarning": 500, "backlogCritical": 100}}),
         "spec.alerts.thresholds.backlogCritical",
         "backlogCritical must be greater than backlogWarning",
+    ),
+    Invalid(
+        "quota-resource-not-standard",
+        _tenant(resourceQuota={"hard": {"r00.example": "1"}}),
+        "spec.resourceQuota.hard",
+        "hard keys must be resource names a ResourceQuota accepts",
+    ),
+    Invalid(
+        "quota-count-not-whole",
+        _tenant(resourceQuota={"hard": {"count/deployments.apps": "1500m"}}),
+        "spec.resourceQuota.hard",
+        "must be whole numbers of at most 9223372036854775",
+    ),
+    Invalid(
+        "quota-count-too-large",
+        _tenant(resourceQuota={"hard": {"pods": "9223372036854776"}}),
+        "spec.resourceQuota.hard",
+        "must be whole numbers of at most 9223372036854775",
     ),
     Invalid(
         "unknown-deletion-policy",
@@ -375,6 +455,18 @@ INVALID_POLICIES = [
         {"retry": {"backoffSeconds": 60, "backoffMaxSeconds": 10}},
         "spec.retry.backoffMaxSeconds",
         "backoffMaxSeconds must be at least backoffSeconds",
+    ),
+    Invalid(
+        "policy-alert-label-name-starting-with-underscore",
+        {"alerts": {"labels": {"_team": "payments"}}},
+        "spec.alerts.labels",
+        "alert label names must be both Prometheus label names and Kubernetes label keys",
+    ),
+    Invalid(
+        "policy-alert-duration-out-of-prometheus-range",
+        {"alerts": {"thresholds": {"circuitOpenFor": "300y"}}},
+        "spec.alerts.thresholds.circuitOpenFor",
+        "circuitOpenFor must be a Prometheus duration",
     ),
     Invalid(
         "negative-policy-quota",

@@ -47,7 +47,7 @@ from somabrain_operator.conditions import (
 from somabrain_operator.config import TENANT_PLURAL, OperatorSettings
 from somabrain_operator.kubeapi import get_own
 from somabrain_operator.metrics import REFUSALS
-from somabrain_operator.resources import OutboxPolicySpec, TenantSpec, resolve
+from somabrain_operator.resources import OutboxPolicySpec, TenantSpec, conflicts, resolve
 from somabrain_operator.resources.tenant import ResolvedTenant
 
 log = logging.getLogger(__name__)
@@ -400,13 +400,38 @@ def _resolve(body: Mapping[str, Any], policy_of: PolicyLookup) -> _Resolved | _U
                 + str(exc).replace("\n", "; "),
             )
 
+    # Rules the schema checks within one object, broken by the merge of the Tenant, its
+    # policy and the defaults: applying would hand the publisher what it refuses.
+    broken = conflicts(spec, policy)
+    if broken:
+        return _Unresolved(
+            "ConflictingSettings",
+            "the settings in effect (this Tenant over "
+            + (f"OutboxPolicy {spec.policy_ref.name} over " if spec.policy_ref else "")
+            + "the defaults) break "
+            + ("a rule" if len(broken) == 1 else f"{len(broken)} rules")
+            + ": "
+            + "; ".join(broken)
+            + " (children are left as they are until then)",
+        )
     rollout_flags: dict[str, bool] = {}
     if policy is not None and policy_body is not None:
         states = rollout.states_of(policy_body.get("status"))
         rollout_flags = rollout.flags_for(
             policy.rollouts or [], states, rollout.cohort_key(spec, namespace)
         )
-    return _Resolved(spec, resolve(spec, policy, rollout_flags=rollout_flags))
+    try:
+        resolved = resolve(spec, policy, rollout_flags=rollout_flags)
+    except pydantic.ValidationError as exc:
+        # A bound of the settings in effect that the schema does not check: a bug of the
+        # schema, reported on the Tenant rather than raised on every visit.
+        return _Unresolved(
+            "InvalidSettings",
+            "the settings in effect are invalid: "
+            + str(exc).replace("\n", "; ")
+            + " (children are left as they are until then)",
+        )
+    return _Resolved(spec, resolved)
 
 
 def _candidate(body: Mapping[str, Any], policy_of: PolicyLookup) -> pools.Candidate | None:

@@ -30,7 +30,11 @@ MAX_ROLLOUTS = len(KNOWN_FLAG_NAMES)  # at most one per flag
 
 TOPIC_PATTERN = r"^[a-zA-Z0-9._-]+$"
 TOPIC_MAX_LENGTH = 249
-LABEL_NAME_PATTERN = r"^[a-zA-Z_][a-zA-Z0-9_]{0,62}$"
+# Alert labels go on every alert and on the PrometheusRule's metadata: a name must be
+# both a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*) and a Kubernetes label key
+# (alphanumeric at both ends, at most 63 characters, no prefix since '/' is no
+# Prometheus character), so it starts with a letter and does not end with '_'.
+LABEL_NAME_PATTERN = r"^[a-zA-Z]([a-zA-Z0-9_]{0,61}[a-zA-Z0-9])?$"
 # A Kubernetes label value is also a valid Prometheus label value; the labels go on both.
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 LABEL_VALUE_MAX_LENGTH = 63
@@ -38,8 +42,29 @@ OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z
 OBJECT_NAME_MAX_LENGTH = 253
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
 QUANTITY_MAX_LENGTH = 20
-DURATION_PATTERN = r"^([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?$"
+# Prometheus durations (model.ParseDuration), each unit with a bounded number of digits:
+# Prometheus refuses a duration beyond int64 nanoseconds (about 292 years) as out of
+# range, and the largest duration this pattern allows (every unit at its most digits,
+# DURATION_UNIT_DIGITS) is about 211 years.
+DURATION_UNIT_DIGITS: dict[str, int] = {
+    "y": 2,
+    "w": 3,
+    "d": 4,
+    "h": 5,
+    "m": 7,
+    "s": 9,
+    "ms": 11,
+}
+DURATION_PATTERN = (
+    "^" + "".join(f"([0-9]{{1,{n}}}{unit})?" for unit, n in DURATION_UNIT_DIGITS.items()) + "$"
+)
 DURATION_MAX_LENGTH = 16
+DURATION_RULE_TEXT = (
+    "a Prometheus duration within the range Prometheus loads: units y, w, d, h, m, s, ms "
+    "in that order, each at most "
+    + ", ".join(f"{'9' * n}{unit}" for unit, n in DURATION_UNIT_DIGITS.items())
+    + " (for example 10m or 1h30m)"
+)
 RESERVED_ALERT_LABELS = ("tenant", "alertname")
 
 PoisonPolicy = Literal["block", "skip"]
@@ -65,6 +90,10 @@ ObjectName = Annotated[
 Quantity = Annotated[
     str, Field(min_length=1, max_length=QUANTITY_MAX_LENGTH, pattern=QUANTITY_PATTERN)
 ]
+# A duration as written: its form is checked by the rules of the model holding it
+# (`duration_rule`), so that the message names the field.
+DurationText = Annotated[str, Field(min_length=2, max_length=DURATION_MAX_LENGTH)]
+# A duration the operator computed or already checked.
 Duration = Annotated[
     str, Field(min_length=2, max_length=DURATION_MAX_LENGTH, pattern=DURATION_PATTERN)
 ]
@@ -94,26 +123,56 @@ FeatureFlags = Annotated[
         check=lambda mapping: all(name in KNOWN_FLAG_NAMES for name in mapping),
     ),
 ]
-AlertLabels = Annotated[
-    dict[
-        str,
-        Annotated[str, Field(max_length=LABEL_VALUE_MAX_LENGTH, pattern=LABEL_VALUE_PATTERN)],
-    ],
-    Field(max_length=MAX_ALERT_LABELS),
+AlertLabelValue = Annotated[
+    str,
+    Field(max_length=LABEL_VALUE_MAX_LENGTH),
     Rule(
-        f"self.all(name, name.matches('{LABEL_NAME_PATTERN}'))",
-        "alert label names must be Prometheus label names: letters, digits and '_', not "
-        "starting with a digit, at most 63 characters (for example team)",
-        check=_keys_match(LABEL_NAME_PATTERN),
-    ),
-    Rule(
-        " && ".join(f"!('{name}' in self)" for name in RESERVED_ALERT_LABELS),
-        "labels cannot set "
-        + " or ".join(RESERVED_ALERT_LABELS)
-        + ": every alert already carries them; remove the label",
-        check=lambda labels: not set(labels) & set(RESERVED_ALERT_LABELS),
+        f"self.matches('{LABEL_VALUE_PATTERN}')",
+        "alert label values must be Kubernetes label values (they also label the "
+        "PrometheusRule object): at most 63 letters, digits, '-', '_' or '.', starting and "
+        "ending with a letter or digit, or empty (for example payments)",
+        check=matches(LABEL_VALUE_PATTERN),
     ),
 ]
+_ALERT_LABEL_NAMES = Rule(
+    f"self.all(name, name.matches('{LABEL_NAME_PATTERN}'))",
+    "alert label names must be both Prometheus label names and Kubernetes label keys (they "
+    "label every alert and the PrometheusRule object): 1-63 letters, digits or '_', "
+    "starting with a letter and ending with a letter or digit (for example team)",
+    check=_keys_match(LABEL_NAME_PATTERN),
+)
+_RESERVED_LABELS = Rule(
+    " && ".join(f"!('{name}' in self)" for name in RESERVED_ALERT_LABELS),
+    "labels cannot set "
+    + " or ".join(RESERVED_ALERT_LABELS)
+    + ": every alert already carries them; remove the label",
+    check=lambda labels: not set(labels) & set(RESERVED_ALERT_LABELS),
+)
+AlertLabels = Annotated[
+    dict[str, AlertLabelValue],
+    Field(max_length=MAX_ALERT_LABELS),
+    _ALERT_LABEL_NAMES,
+    _RESERVED_LABELS,
+]
+# A Tenant's labels over its OutboxPolicy's: up to MAX_ALERT_LABELS from each.
+MergedAlertLabels = Annotated[
+    dict[str, AlertLabelValue],
+    Field(max_length=2 * MAX_ALERT_LABELS),
+    _ALERT_LABEL_NAMES,
+    _RESERVED_LABELS,
+]
+
+
+def duration_rule(camel: str) -> Rule:
+    """The rule of the duration field `camel` (a DurationText) of a model."""
+    field = "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
+    valid = matches(DURATION_PATTERN)
+    return Rule(
+        f"!has(self.{camel}) || self.{camel}.matches('{DURATION_PATTERN}')",
+        f"{camel} must be {DURATION_RULE_TEXT}",
+        check=lambda model: getattr(model, field) is None or valid(getattr(model, field)),
+        field_path=f".{camel}",
+    )
 
 
 _QUANTITY_FACTORS: dict[str, Decimal] = {
@@ -205,17 +264,17 @@ class AlertThresholds(ResourceModel):
         f"SomabrainOldestPendingTooOld fires. Default "
         f"{defaults.shown(defaults.alert('oldest_pending_seconds'))}.",
     )
-    publisher_down_for: Duration | None = Field(
+    publisher_down_for: DurationText | None = Field(
         default=None,
         description="How long (Prometheus duration, e.g. 1m) no publisher may be active "
         f"before SomabrainPublisherDown fires. Default {defaults.alert('publisher_down_for')}.",
     )
-    backlog_for: Duration | None = Field(
+    backlog_for: DurationText | None = Field(
         default=None,
         description="How long the backlog must stay above a threshold before its alert "
         f"fires (Prometheus duration). Default {defaults.alert('backlog_for')}.",
     )
-    circuit_open_for: Duration | None = Field(
+    circuit_open_for: DurationText | None = Field(
         default=None,
         description="How long the circuit must stay open before SomabrainCircuitOpen "
         f"fires (Prometheus duration). Default {defaults.alert('circuit_open_for')}.",
@@ -234,6 +293,9 @@ class AlertThresholds(ResourceModel):
             ),
             field_path=".backlogCritical",
         ),
+        duration_rule("publisherDownFor"),
+        duration_rule("backlogFor"),
+        duration_rule("circuitOpenFor"),
     )
 
 
@@ -245,8 +307,9 @@ class Alerts(ResourceModel):
         default=None,
         description="Labels put on the PrometheusRule object (so the Prometheus rule "
         "selector picks it up) and on every alert (so Alertmanager routes it), for example "
-        "team: payments. Names are Prometheus label names, values Kubernetes label values; "
-        "tenant and alertname are set by the rules themselves.",
+        "team: payments. Names must be both Prometheus label names and Kubernetes label keys "
+        "(letters, digits and '_', starting with a letter, not ending with '_'), values "
+        "Kubernetes label values; tenant and alertname are set by the rules themselves.",
     )
     thresholds: AlertThresholds | None = Field(
         default=None, description="Thresholds of the alerts; unset ones come from defaults."

@@ -23,11 +23,11 @@ from somabrain_operator.resources.common import (
     MAX_ROLLOUTS,
     MAX_TOPICS,
     TOPIC_MAX_LENGTH,
-    AlertLabels,
     Alerts,
     Conditions,
     Duration,
     FeatureFlags,
+    MergedAlertLabels,
     ObjectName,
     PoisonPolicy,
     Quantity,
@@ -39,7 +39,51 @@ from somabrain_operator.resources.common import (
 
 MAX_PUBLISHER_REPLICAS = 3
 MAX_QUOTA_RESOURCES = 16
-RESOURCE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9./]{0,61}[a-z0-9])?$"
+# What a ResourceQuota's spec.hard accepts as keys (Kubernetes' validation of quota
+# resource names): a standard quota resource, a hugepages one, or a qualified name with
+# a DNS-subdomain prefix (count/deployments.apps, requests.nvidia.com/gpu); at most 63
+# characters here.
+RESOURCE_NAME_MAX_LENGTH = 63
+STANDARD_QUOTA_RESOURCES = (
+    "cpu",
+    "memory",
+    "ephemeral-storage",
+    "requests.cpu",
+    "requests.memory",
+    "requests.storage",
+    "requests.ephemeral-storage",
+    "limits.cpu",
+    "limits.memory",
+    "limits.ephemeral-storage",
+    "pods",
+    "services",
+    "replicationcontrollers",
+    "resourcequotas",
+    "secrets",
+    "configmaps",
+    "persistentvolumeclaims",
+    "services.nodeports",
+    "services.loadbalancers",
+)
+# '[.]', not a backslash, which a CEL string literal would need escaped.
+_NAME_PART = "[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_DNS_SUBDOMAIN = "[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+RESOURCE_NAME_PATTERN = f"^((requests[.])?hugepages-{_NAME_PART}|{_DNS_SUBDOMAIN}/{_NAME_PART})$"
+# Counts of objects and extended resources (a qualified name outside kubernetes.io, not
+# requests.-prefixed) must be whole numbers, and Kubernetes checks that in thousandths
+# of an int64: larger ones are refused as "must be an integer".
+INTEGER_QUOTA_RESOURCES = (
+    "pods",
+    "services",
+    "replicationcontrollers",
+    "resourcequotas",
+    "secrets",
+    "configmaps",
+    "persistentvolumeclaims",
+    "services.nodeports",
+    "services.loadbalancers",
+)
+MAX_QUOTA_COUNT = (2**63 - 1) // 1000
 
 PublisherMode = Literal["dedicated", "shared"]
 DeliveryMode = Literal["exactly-once", "at-least-once"]
@@ -75,14 +119,53 @@ PoolName = Annotated[
 DeadLetterTopic = Annotated[
     str, Field(min_length=1, max_length=TOPIC_MAX_LENGTH, pattern=DEAD_LETTER_TOPIC_PATTERN)
 ]
+_STANDARD_CEL = "[" + ", ".join(f"'{name}'" for name in STANDARD_QUOTA_RESOURCES) + "]"
+_INTEGER_CEL = "[" + ", ".join(f"'{name}'" for name in INTEGER_QUOTA_RESOURCES) + "]"
+
+
+def _quota_name(name: str) -> bool:
+    return len(name) <= RESOURCE_NAME_MAX_LENGTH and (
+        name in STANDARD_QUOTA_RESOURCES or matches(RESOURCE_NAME_PATTERN)(name)
+    )
+
+
+def _counted(name: str) -> bool:
+    """Whether Kubernetes wants a whole number for quota resource `name`."""
+    extended = "/" in name and "kubernetes.io/" not in name and not name.startswith("requests.")
+    return name in INTEGER_QUOTA_RESOURCES or extended
+
+
+def _whole_count(value: str) -> bool:
+    try:
+        amount = quantity(value)
+    except ValueError:
+        return True  # the pattern of the value refuses it
+    return amount == amount.to_integral_value() and amount <= MAX_QUOTA_COUNT
+
+
 QuotaHard = Annotated[
     dict[str, Quantity],
     Field(min_length=1, max_length=MAX_QUOTA_RESOURCES),
     Rule(
-        f"self.all(name, name.matches('{RESOURCE_NAME_PATTERN}'))",
-        "hard keys must be resource names of at most 63 characters, for example "
-        "requests.cpu, limits.memory or pods",
-        check=lambda hard: all(matches(RESOURCE_NAME_PATTERN)(name) for name in hard),
+        f"self.all(name, name.size() <= {RESOURCE_NAME_MAX_LENGTH} && (name in {_STANDARD_CEL} "
+        f"|| name.matches('{RESOURCE_NAME_PATTERN}')))",
+        "hard keys must be resource names a ResourceQuota accepts, of at most 63 "
+        "characters: a standard one (requests.cpu, limits.memory, pods, secrets, ...), "
+        "hugepages-<size>, or a qualified name such as count/deployments.apps or "
+        "requests.nvidia.com/gpu",
+        check=lambda hard: all(_quota_name(name) for name in hard),
+    ),
+    Rule(
+        f"self.all(name, !(name in {_INTEGER_CEL} || (name.contains('/') "
+        "&& !name.contains('kubernetes.io/') && !name.startsWith('requests.'))) "
+        "|| !isQuantity(self[name]) || (quantity(self[name]).isInteger() "
+        f"&& quantity(self[name]).compareTo(quantity('{MAX_QUOTA_COUNT}')) <= 0))",
+        "hard values of object counts and extended resources (pods, secrets, "
+        "count/deployments.apps, example.com/gpu) must be whole numbers of at most "
+        f"{MAX_QUOTA_COUNT}",
+        check=lambda hard: all(
+            _whole_count(value) for name, value in hard.items() if _counted(name)
+        ),
     ),
 ]
 
@@ -251,7 +334,8 @@ class TenantSpec(ResourceModel):
     dead_letter_topic: DeadLetterTopic | None = Field(
         default=None,
         description="Topic receiving a copy of every event that goes dead; {tenant} stands "
-        "for the tenant id. Must not be one of topics. Unset: no copies.",
+        "for the tenant id. Must not be one of topics; at most 249 characters once {tenant} is "
+        "replaced. Unset: no copies.",
     )
     feature_flags: FeatureFlags | None = Field(
         default=None,
@@ -284,6 +368,19 @@ class TenantSpec(ResourceModel):
                 s.dead_letter_topic is None
                 or s.topics is None
                 or s.dead_letter_topic.replace("{tenant}", s.tenant_id) not in s.topics
+            ),
+            field_path=".deadLetterTopic",
+        ),
+        Rule(
+            "!has(self.deadLetterTopic) "
+            f"|| self.deadLetterTopic.replace('{{tenant}}', self.tenantId).size() "
+            f"<= {TOPIC_MAX_LENGTH}",
+            f"deadLetterTopic, with {{tenant}} replaced by the tenant id, must be at most "
+            f"{TOPIC_MAX_LENGTH} characters (Kafka's limit on topic names): shorten "
+            "deadLetterTopic",
+            check=lambda s: (
+                s.dead_letter_topic is None
+                or len(s.dead_letter_topic.replace("{tenant}", s.tenant_id)) <= TOPIC_MAX_LENGTH
             ),
             field_path=".deadLetterTopic",
         ),
@@ -380,7 +477,7 @@ class ResolvedTenant(ResourceModel):
         max_length=2 * MAX_FEATURE_FLAGS + MAX_ROLLOUTS,
         description="Every flag set for the tenant, by name, after rollouts.",
     )
-    alert_labels: AlertLabels = Field(
+    alert_labels: MergedAlertLabels = Field(
         description="Labels on the tenant's PrometheusRule and alerts: the Tenant's over "
         "the OutboxPolicy's."
     )
