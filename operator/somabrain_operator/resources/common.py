@@ -65,7 +65,7 @@ DURATION_RULE_TEXT = (
     + ", ".join(f"{'9' * n}{unit}" for unit, n in DURATION_UNIT_DIGITS.items())
     + " (for example 10m or 1h30m)"
 )
-RESERVED_ALERT_LABELS = ("tenant", "alertname")
+RESERVED_ALERT_LABELS = ("tenant", "alertname", "severity")
 
 PoisonPolicy = Literal["block", "skip"]
 
@@ -309,7 +309,8 @@ class Alerts(ResourceModel):
         "selector picks it up) and on every alert (so Alertmanager routes it), for example "
         "team: payments. Names must be both Prometheus label names and Kubernetes label keys "
         "(letters, digits and '_', starting with a letter, not ending with '_'), values "
-        "Kubernetes label values; tenant and alertname are set by the rules themselves.",
+        "Kubernetes label values; tenant, alertname and severity are set by the rules "
+        "themselves.",
     )
     thresholds: AlertThresholds | None = Field(
         default=None, description="Thresholds of the alerts; unset ones come from defaults."

@@ -308,8 +308,9 @@ class TenantSpec(ResourceModel):
         default=None,
         max_length=MAX_TOPICS,
         json_schema_extra={"x-kubernetes-list-type": "set"},
-        description="Kafka topics the tenant's events go to (created ahead of time; "
-        "listed for documentation and checks).",
+        description="Kafka topics the tenant's events go to, created ahead of time: for "
+        "reference, and so that deadLetterTopic is checked to be none of them. Enqueue does "
+        "not limit a tenant's events to these.",
     )
     publisher: PublisherSpec | None = Field(
         default=None, description="Which publisher serves the tenant, and its size."
