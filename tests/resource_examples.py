@@ -346,14 +346,14 @@ INVALID_TENANTS = [
         "reserved-alert-label",
         _tenant(alerts={"labels": {"tenant": "other"}}),
         "spec.alerts.labels",
-        "labels cannot set tenant or alertname or severity",
+        "labels cannot set tenant, alertname or severity",
     ),
     Invalid(
         # Every rule sets its own severity, which would replace the Tenant's silently.
         "reserved-severity-label",
         _tenant(alerts={"labels": {"severity": "page"}}),
         "spec.alerts.labels",
-        "labels cannot set tenant or alertname or severity",
+        "labels cannot set tenant, alertname or severity",
     ),
     Invalid(
         "alert-label-name-starting-with-underscore",

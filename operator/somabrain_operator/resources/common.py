@@ -144,7 +144,8 @@ _ALERT_LABEL_NAMES = Rule(
 _RESERVED_LABELS = Rule(
     " && ".join(f"!('{name}' in self)" for name in RESERVED_ALERT_LABELS),
     "labels cannot set "
-    + " or ".join(RESERVED_ALERT_LABELS)
+    + ", ".join(RESERVED_ALERT_LABELS[:-1])
+    + f" or {RESERVED_ALERT_LABELS[-1]}"
     + ": every alert already carries them; remove the label",
     check=lambda labels: not set(labels) & set(RESERVED_ALERT_LABELS),
 )
