@@ -3,6 +3,7 @@ API server with the tenants' publishers running (case K-17)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -29,8 +30,14 @@ def kubelet(job: MainJob) -> Iterator[None]:
     stop = threading.Event()
 
     def run() -> None:
+        # A failed pass (the API server slow to answer on a loaded machine) is logged
+        # (pytest shows it with a failure) and tried again a second later, as a kubelet
+        # would, instead of ending the thread and every publisher start with it.
         while not stop.wait(1.0):
-            job.runner.sync(job.namespace)
+            try:
+                job.runner.sync(job.namespace)
+            except Exception:
+                logging.getLogger(__name__).exception("kubelet pass failed")
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
