@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes import client
+from kubernetes.utils import parse_quantity
 
 from somabrain_operator.config import (
     FIELD_MANAGER,
@@ -121,6 +122,7 @@ class Controller:
     kind: str
     name: str
     uid: str
+    api_version: str = ""
 
 
 class ChildConflict(Exception):
@@ -196,7 +198,9 @@ def controller_of(live: Any) -> Controller | None:
         owners = live.get("metadata", {}).get("ownerReferences") or []
         return next(
             (
-                Controller(str(o.get("kind")), str(o.get("name")), str(o["uid"]))
+                Controller(
+                    str(o.get("kind")), str(o.get("name")), str(o["uid"]), str(o.get("apiVersion"))
+                )
                 for o in owners
                 if o.get("controller")
             ),
@@ -204,7 +208,11 @@ def controller_of(live: Any) -> Controller | None:
         )
     owners = (live.metadata.owner_references if live.metadata else None) or []
     return next(
-        (Controller(str(o.kind), str(o.name), str(o.uid)) for o in owners if o.controller),
+        (
+            Controller(str(o.kind), str(o.name), str(o.uid), str(o.api_version))
+            for o in owners
+            if o.controller
+        ),
         None,
     )
 
@@ -307,7 +315,19 @@ def _contains(have: Any, want: Any) -> bool:
             and len(have) == len(want)
             and all(_contains(h, w) for h, w in zip(have, want, strict=True))
         )
+    if isinstance(want, str) and isinstance(have, str) and have != want:
+        return _same_quantity(have, want)
     return bool(have == want)
+
+
+def _same_quantity(have: str, want: str) -> bool:
+    """Whether two strings are one resource quantity, as the API server writes back a
+    quantity in its canonical form (0.5 as 500m, 1024Mi as 1Gi): otherwise a child
+    with such a value would never be in place and be sent again at every visit."""
+    try:
+        return bool(parse_quantity(have) == parse_quantity(want))  # type: ignore[no-untyped-call]
+    except ValueError:
+        return False
 
 
 def apply(

@@ -29,7 +29,8 @@ import datetime as dt
 import logging
 import math
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pydantic
@@ -55,6 +56,7 @@ from somabrain_operator.kubeapi import get_own
 from somabrain_operator.metrics import STATUS_WRITES, observe
 from somabrain_operator.peering import Peering
 from somabrain_operator.reconcile import (
+    Outcome,
     PolicyLookup,
     misjudged_members,
     pool_plan,
@@ -119,6 +121,20 @@ def backlog_status(
             # removing_stale: an oldest age gone with the last pending event is removed.
             fields["backlog"] = removing_stale(before, {**shown, "updatedAt": now()})
     return fields
+
+
+# Refused Tenants reconciled again by one tick, at most.
+RETRIES_PER_TICK = 50
+
+
+def _part(name: str, run: Callable[[], None], interval: float) -> None:
+    """Run one part of a tick; a failure is logged, and the tick goes on."""
+    try:
+        run()
+    except (client.ApiException, TransportError, SQLAlchemyError, OSError) as exc:
+        log.warning("status loop (%s): %s; trying again in %g s", name, exc, interval)
+    except Exception:
+        log.exception("status loop (%s) failed; trying again in %g s", name, interval)
 
 
 def _publisher_moved(
@@ -238,6 +254,20 @@ class Loop:
         # through them); rollouts and repairs: only of the others.
         every = KNOWN.tenant_bodies()
         bodies = list(each(every))
+        # Each part on its own: a database outage stops backlog and rollouts, not the
+        # repairs and retries, which need only the API server.
+        _part("status", lambda: self._statuses(api, every, bodies), interval)
+        _part("repair", lambda: self._repair_slice(api, bodies, interval), interval)
+        _part("retry", lambda: self._retry(api), interval)
+        _part("pools", lambda: self._check_pools(api), interval)
+
+    def _statuses(
+        self,
+        api: client.ApiClient,
+        every: list[Mapping[str, Any]],
+        bodies: list[Mapping[str, Any]],
+    ) -> None:
+        """Backlog and publisher into each Tenant's status, policies' counts, rollouts."""
         reports: dict[Any, TenantReport] = {}
         if self.engine is not None:
             ids = [str((b.get("spec") or {}).get("tenantId")) for b in every]
@@ -278,20 +308,25 @@ class Loop:
         self._count_policies(api)
         if self.engine is not None:
             self._advance_rollouts(api, bodies, reports)
-        self._repair_slice(api, bodies, interval)
-        self._retry(api)
-        self._check_pools(api)
 
     def _retry(self, api: client.ApiClient) -> None:
-        """Reconcile again the refused Tenants whose retry delay is over."""
-        for uid in KNOWN.retries.due():
+        """Reconcile again the refused Tenants whose retry delay is over, the longest
+        waiting first, at most RETRIES_PER_TICK (the rest stay due for the next tick,
+        so that a fault shared by every Tenant does not stall the loop)."""
+        for uid in KNOWN.retries.due(limit=RETRIES_PER_TICK):
             body = KNOWN.tenant(uid)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 KNOWN.retries.drop(uid)
                 continue
-            with observe("Tenant", "retry"):
-                if reconcile_known(api, body) is None:
-                    KNOWN.retries.drop(uid)
+            started = time.monotonic()
+            try:
+                with observe("Tenant", "retry"):
+                    if reconcile_known(api, body) is None:
+                        KNOWN.retries.drop(uid)
+            except (client.ApiException, TransportError, OSError) as exc:
+                # Its next try after the shortest delay; the others go on.
+                KNOWN.retries.note(uid, Outcome({}, retry_after=10, error=str(exc)), now=started)
+                log.warning("retry of Tenant %s failed: %s; again in 10 s", uid, exc)
 
     def _shown(self, report: TenantReport | None) -> tuple[Any, ...]:
         """What of a publisher's report `backlog_status` depends on: its age only

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import Iterator
 
@@ -13,7 +14,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECONCILES = Counter(
     "somabrain_operator_reconciles",
-    "Reconciles run, by kind, trigger and outcome (ok, error, or waiting: a clean-up in progress).",
+    "Reconciles run, by kind, trigger and outcome (ok; refused: the Tenant is left not Ready, "
+    "see somabrain_operator_refusals; error; waiting: a clean-up in progress).",
     ["kind", "trigger", "outcome"],
     registry=REGISTRY,
 )
@@ -46,19 +48,29 @@ API_REQUESTS = Counter(
 )
 
 
+_refused: contextvars.ContextVar[bool] = contextvars.ContextVar("refused", default=False)
+
+
+def mark_refused() -> None:
+    """The reconcile being observed left its Tenant not Ready (counted as `refused`)."""
+    _refused.set(True)
+
+
 @contextlib.contextmanager
 def observe(kind: str, trigger: str) -> Iterator[None]:
     """Count and time one reconcile; an exception counts as an error (one that says it
     is only waiting, as `waiting`) and goes on."""
     started = time.monotonic()
     outcome = "error"
+    token = _refused.set(False)
     try:
         yield
-        outcome = "ok"
+        outcome = "refused" if _refused.get() else "ok"
     except BaseException as exc:
         if getattr(exc, "waiting", False):
             outcome = "waiting"
         raise
     finally:
+        _refused.reset(token)
         RECONCILES.labels(kind, trigger, outcome).inc()
         RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)

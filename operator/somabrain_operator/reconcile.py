@@ -44,9 +44,9 @@ from somabrain_operator.conditions import (
     ready_reason,
     transitions,
 )
-from somabrain_operator.config import TENANT_PLURAL, OperatorSettings
+from somabrain_operator.config import GROUP, TENANT_PLURAL, OperatorSettings
 from somabrain_operator.kubeapi import get_own
-from somabrain_operator.metrics import REFUSALS
+from somabrain_operator.metrics import REFUSALS, mark_refused
 from somabrain_operator.resources import OutboxPolicySpec, TenantSpec, conflicts, resolve
 from somabrain_operator.resources.tenant import ResolvedTenant
 
@@ -127,6 +127,7 @@ def _log_refusal(meta: Mapping[str, Any], outcome: Outcome, *, again: bool) -> N
     again what the Tenant's status already shows."""
     reason = ready_reason({"status": outcome.status}) or "Unknown"
     REFUSALS.labels(reason).inc()
+    mark_refused()
     log.log(
         logging.DEBUG if again else logging.WARNING,
         "Tenant %s/%s refused: %s: %s%s",
@@ -600,7 +601,9 @@ def _gone(api: client.ApiClient, namespace: str) -> Callable[[Controller], bool]
     not gone."""
 
     def gone(holder: Controller) -> bool:
-        if holder.kind != "Tenant":
+        # A Tenant of this operator's group only (another project may have a kind of
+        # that name).
+        if holder.kind != "Tenant" or not holder.api_version.startswith(f"{GROUP}/"):
             return False
         live = get_own(api, TENANT_PLURAL, namespace, holder.name)
         return live is None or str(live["metadata"]["uid"]) != holder.uid

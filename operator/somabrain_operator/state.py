@@ -35,25 +35,37 @@ class Retries:
 
     def __init__(self) -> None:
         self._due: dict[str, float] = {}
+        # When the reconcile whose outcome was noted last for each Tenant started: an
+        # older one finishing later (the handler's and the loop's may overlap) is not
+        # the last word.
+        self._started: dict[str, float] = {}
         self._guard = threading.Lock()
 
     def note(self, uid: str, outcome: Outcome, *, now: float | None = None) -> None:
-        """Schedule the Tenant's next try after a refusal, or drop it after a success."""
+        """Schedule the Tenant's next try after a refusal, or drop it after a success;
+        `now` is when the reconcile that gave `outcome` started."""
+        started = time.monotonic() if now is None else now
         with self._guard:
+            if started < self._started.get(uid, float("-inf")):
+                return
+            self._started[uid] = started
             if outcome.retry_after is None:
                 self._due.pop(uid, None)
             else:
-                self._due[uid] = (time.monotonic() if now is None else now) + outcome.retry_after
+                self._due[uid] = started + outcome.retry_after
 
-    def due(self, now: float | None = None) -> list[str]:
-        """The Tenants whose time has come; they stay scheduled until `note`d again."""
+    def due(self, now: float | None = None, *, limit: int | None = None) -> list[str]:
+        """The Tenants whose time has come, the longest waiting first (at most `limit`);
+        they stay scheduled until `note`d again."""
         moment = time.monotonic() if now is None else now
         with self._guard:
-            return [uid for uid, at in self._due.items() if at <= moment]
+            ready = sorted((at, uid) for uid, at in self._due.items() if at <= moment)
+        return [uid for _, uid in ready[:limit]]
 
     def drop(self, uid: str) -> None:
         with self._guard:
             self._due.pop(uid, None)
+            self._started.pop(uid, None)
 
 
 class Known:
@@ -234,6 +246,7 @@ def reconcile_known(
     one deleted meanwhile (its reconcile would put it back into its pool), and read
     again when it moves on while its status is written. None when it is gone or
     being deleted."""
+    started = time.monotonic()
     current = fresh(api, body)
     for attempt in range(1, ATTEMPTS + 1):
         if current is None or current["metadata"].get("deletionTimestamp"):
@@ -246,7 +259,7 @@ def reconcile_known(
             members_of=KNOWN.pool_members,
             holders_of=KNOWN.holders,
         )
-        KNOWN.retries.note(str(current["metadata"]["uid"]), outcome)
+        KNOWN.retries.note(str(current["metadata"]["uid"]), outcome, now=started)
         try:
             write_status(api, current, outcome.status)
         except StaleCopy:
@@ -274,10 +287,12 @@ def follow_others(api: client.ApiClient, outcome: Outcome) -> None:
         other = fresh(api, known) if known is not None else None
         if other is None or other["metadata"].get("deletionTimestamp"):
             continue
+        started = time.monotonic()
         followed = reconcile_tenant(
             api, other, policy_of=KNOWN.policy, settings=KNOWN.settings,
             members_of=KNOWN.pool_members, holders_of=KNOWN.holders,
         )  # fmt: skip
+        KNOWN.retries.note(uid, followed, now=started)
         # Changed meanwhile: the status tick's pool check writes it from the newer copy.
         with contextlib.suppress(StaleCopy):
             write_status(api, other, followed.status)

@@ -102,6 +102,7 @@ def reconcile(
     body: kopf.Body, patch: kopf.Patch, name: str, namespace: str | None, **_: Any
 ) -> None:
     api = KNOWN.api()
+    started = time.monotonic()
     with observe("Tenant", "change"):
         outcome = reconcile_tenant(
             api,
@@ -115,7 +116,7 @@ def reconcile(
     patch.status.update(outcome.status)
     # A refusal is in the status (Ready=False with its reason) and the log; it is tried
     # again by the status loop when it says when, or by the next change that may end it.
-    KNOWN.retries.note(str(body["metadata"]["uid"]), outcome)
+    KNOWN.retries.note(str(body["metadata"]["uid"]), outcome, now=started)
 
 
 def _pool_of(body: Mapping[str, Any]) -> str | None:

@@ -71,11 +71,17 @@ def _repair(kind: str, change: str | None, body: kopf.Body) -> None:
 
 
 def _as_wanted(body: kopf.Body, tenant: Mapping[str, Any]) -> bool:
-    """Whether a child is as the Tenant wants it now, computed from the index alone."""
+    """Whether a child is as the Tenant wants it now, computed from the index alone (or
+    the Tenant wants nothing it could apply now)."""
     key = (body.get("kind"), body["metadata"].get("namespace"), body["metadata"].get("name"))
-    for wanted in wanted_children(
+    every = wanted_children(
         tenant, policy_of=KNOWN.policy, settings=KNOWN.settings, members_of=KNOWN.pool_members
-    ):
+    )
+    if not every:
+        # The Tenant cannot be resolved now (its policy missing, settings in conflict):
+        # a reconcile would only refuse again; its children stay as they are.
+        return True
+    for wanted in every:
         meta = wanted["metadata"]
         if (wanted["kind"], meta["namespace"], meta["name"]) == key:
             return in_place(stamped(wanted), dict(body))

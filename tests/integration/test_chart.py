@@ -213,8 +213,9 @@ def test_settings_reach_the_operator_as_the_values_it_reads(
         "repairIntervalSeconds": 7200,
         "publisherReportMaxAgeSeconds": 45,
         "drainTimeoutSeconds": 120,
-        "watchServerTimeoutSeconds": 200,
-        "watchClientTimeoutSeconds": 230.5,
+        # Large enough that Helm's float64 would print 2e+06 as a string.
+        "watchServerTimeoutSeconds": 2000000,
+        "watchClientTimeoutSeconds": 2000030.5,
         "apiRequestTimeoutSeconds": 20,
         "publisherMetricsPort": 9500,
     }
@@ -230,8 +231,8 @@ def test_settings_reach_the_operator_as_the_values_it_reads(
     assert read.repair_interval_seconds == 7200
     assert read.publisher_report_max_age_seconds == 45
     assert read.drain_timeout_seconds == 120
-    assert read.watch_server_timeout_seconds == 200
-    assert read.watch_client_timeout_seconds == 230.5
+    assert read.watch_server_timeout_seconds == 2000000
+    assert read.watch_client_timeout_seconds == 2000030.5
     assert read.api_request_timeout_seconds == 20
     assert read.publisher_metrics_port == 9500
 

@@ -104,3 +104,18 @@ def test_an_object_of_a_kind_not_served_is_refused_without_a_request() -> None:
     with pytest.raises(client.ApiException) as raised:
         apply(None, wanted, controller="u-1", lives=lives)  # type: ignore[arg-type]
     assert raised.value.status == 404
+
+
+def test_a_quantity_the_api_server_wrote_back_in_canonical_form_is_in_place() -> None:
+    wanted = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "q", "namespace": "n"},
+        "spec": {"hard": {"requests.cpu": "0.5", "limits.memory": "1024Mi", "pods": "4"}},
+    }
+    live = copy.deepcopy(stamped(wanted))
+    live["spec"]["hard"] |= {"requests.cpu": "500m", "limits.memory": "1Gi"}
+
+    assert in_place(stamped(wanted), live)
+    live["spec"]["hard"]["limits.memory"] = "2Gi"
+    assert not in_place(stamped(wanted), live)
