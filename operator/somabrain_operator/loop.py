@@ -132,9 +132,9 @@ def _part(name: str, run: Callable[[], None], interval: float) -> None:
     try:
         run()
     except (client.ApiException, TransportError, SQLAlchemyError, OSError) as exc:
-        log.warning("status loop (%s): %s; trying again in %g s", name, exc, interval)
+        log.warning("status loop: %s: %s; trying again in %g s", name, exc, interval)
     except Exception:
-        log.exception("status loop (%s) failed; trying again in %g s", name, interval)
+        log.exception("status loop: %s failed; trying again in %g s", name, interval)
 
 
 def _publisher_moved(
@@ -256,9 +256,9 @@ class Loop:
         bodies = list(each(every))
         # Each part on its own: a database outage stops backlog and rollouts, not the
         # repairs and retries, which need only the API server.
-        _part("status", lambda: self._statuses(api, every, bodies), interval)
-        _part("repair", lambda: self._repair_slice(api, bodies, interval), interval)
-        _part("retry", lambda: self._retry(api), interval)
+        _part("statuses", lambda: self._statuses(api, every, bodies), interval)
+        _part("repairs", lambda: self._repair_slice(api, bodies, interval), interval)
+        _part("retries", lambda: self._retry(api), interval)
         _part("pools", lambda: self._check_pools(api), interval)
 
     def _statuses(
