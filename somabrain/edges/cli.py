@@ -6,7 +6,9 @@ and what to do, and a non-zero exit status; tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import json
 import logging
 import signal
 import sys
@@ -15,8 +17,11 @@ from typing import Annotated, NoReturn
 
 import alembic.util
 import pydantic
+import rich.console
+import rich.table
 import sqlalchemy.exc
 import typer
+from sqlalchemy.orm import Session
 
 from somabrain.config.errors import SomabrainError
 from somabrain.config.settings import PublisherSettings, Settings
@@ -25,6 +30,7 @@ from somabrain.delivery.health import serve
 from somabrain.delivery.publisher import build_publisher
 from somabrain.store import migrate
 from somabrain.store.engine import make_engine
+from somabrain.store.outbox import tenant_counts
 
 app = typer.Typer(
     help="SomaBrain: drain a multi-tenant PostgreSQL outbox into Kafka.",
@@ -38,8 +44,17 @@ publisher_app = typer.Typer(
     help="Run the publisher that drains a tenant's outbox.", rich_markup_mode=None
 )
 db_app = typer.Typer(help="Inspect and migrate the outbox schema.", rich_markup_mode=None)
+outbox_app = typer.Typer(
+    help="Inspect the outbox's events, tenant by tenant.", rich_markup_mode=None
+)
 app.add_typer(publisher_app, name="publisher")
 app.add_typer(db_app, name="db")
+app.add_typer(outbox_app, name="outbox")
+
+
+class Output(enum.StrEnum):
+    TABLE = "table"
+    JSON = "json"
 
 
 class LogLevel(enum.StrEnum):
@@ -167,6 +182,65 @@ def db_current() -> None:
     current = migrate.current_revision(settings.database_url)
     head = migrate.head_revision(settings.database_url)
     typer.echo(f"current: {current or 'none'}  head: {head}")
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Exit 0 when the schema is at the newest revision this version knows, else 1
+    with what to run (for scripts, CI and init containers).
+
+    Example: somabrain db check && somabrain publisher run --tenant acme
+    """
+    settings = Settings()
+    current = migrate.current_revision(settings.database_url)
+    head = migrate.head_revision(settings.database_url)
+    if current == head:
+        typer.echo(f"schema at {head}, the newest")
+        return
+    typer.echo(
+        f"schema at {current or 'none'}, this version needs {head}; run `somabrain db upgrade`",
+        err=True,
+    )
+    raise typer.Exit(1)
+
+
+@outbox_app.command("stats")
+def outbox_stats(
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only this tenant; repeat it for several (default: every tenant with events).",
+            metavar="TENANT",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[Output, typer.Option(help="table or json.", metavar="FORMAT")] = Output.TABLE,
+) -> None:
+    """Each tenant's events by status (pending, sent, dead) and its oldest pending
+    event's age, read from the database in one query.
+
+    Example: somabrain outbox stats --tenant acme --output json
+    """
+    for given in tenant or []:
+        parse_tenant_id(given)
+    settings = Settings()
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        with Session(engine) as session:
+            counts = tenant_counts(session, tenant_ids=tenant)
+    finally:
+        engine.dispose()
+    rows = [dataclasses.asdict(c) for c in counts]
+    if output is Output.JSON:
+        typer.echo(json.dumps({"tenants": rows}, indent=2))
+        return
+    table = rich.table.Table("tenant", "pending", "sent", "dead", "oldest pending")
+    for c in counts:
+        age = "-" if c.oldest_pending_seconds is None else f"{c.oldest_pending_seconds:.0f} s"
+        table.add_row(c.tenant_id, str(c.pending), str(c.sent), str(c.dead), age)
+    rich.console.Console().print(table)
+    if not counts:
+        typer.echo("no events" + (f" for {', '.join(tenant)}" if tenant else ""))
 
 
 def main() -> None:
