@@ -18,7 +18,7 @@ from somabrain_operator.conditions import READY, condition, now
 from somabrain_operator.config import GROUP, POLICY_PLURAL, VERSION
 from somabrain_operator.metrics import observe
 from somabrain_operator.resources import OutboxPolicySpec
-from somabrain_operator.state import KNOWN, each, reconcile_known, snapshot
+from somabrain_operator.state import KNOWN, deleted_event, each, reconcile_known, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,10 @@ def _on_steps(state: dict[str, Any], steps: list[int]) -> dict[str, Any]:
     }
 
 
-def _deleted(type: str, **_: Any) -> bool:
-    return type == "DELETED"
-
-
 # An event handler, not `kopf.on.delete`: without a finalizer (none is needed) the
 # policy is gone before Kopf could call a delete handler, and this event is all the
 # operator sees of its deletion.
-@kopf.on.event(GROUP, VERSION, POLICY_PLURAL, when=_deleted)
+@kopf.on.event(GROUP, VERSION, POLICY_PLURAL, when=deleted_event)
 def policy_deleted(name: str, namespace: str | None, **_: Any) -> None:
     """Its Tenants report PolicyNotFound (and keep their children as they are)."""
     count = _tenants_follow(str(namespace), name, deleted=True)

@@ -298,6 +298,11 @@ def follow_others(api: client.ApiClient, outcome: Outcome) -> None:
             write_status(api, other, followed.status)
 
 
+def deleted_event(type: str, **_: Any) -> bool:
+    """Kopf `when=` filter: the event is the object's DELETED one."""
+    return type == "DELETED"
+
+
 def fresh(api: client.ApiClient, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The Tenant as the API server has it now (the index may lag behind a write), or
     None when it is gone."""

@@ -43,7 +43,7 @@ from somabrain_operator.config import GROUP, TENANT_PLURAL, VERSION
 from somabrain_operator.metrics import observe
 from somabrain_operator.reconcile import first_holder, forget, reconcile_tenant
 from somabrain_operator.resources import TenantSpec
-from somabrain_operator.state import KNOWN, follow_others, reconcile_known, snapshot
+from somabrain_operator.state import KNOWN, deleted_event, follow_others, reconcile_known, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,7 @@ def _pool_of(body: Mapping[str, Any]) -> str | None:
     return str(pool) if pool else None
 
 
-def _deleted(type: str, **_: Any) -> bool:
-    return type == "DELETED"
-
-
-@kopf.on.event(GROUP, VERSION, TENANT_PLURAL, when=_deleted)
+@kopf.on.event(GROUP, VERSION, TENANT_PLURAL, when=deleted_event)
 def gone(body: kopf.Body, **_: Any) -> None:
     """A Tenant is gone (it may have carried no finalizer, so this event is all the
     operator sees of it): its pool goes on without it, and a Tenant refused for using

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -197,3 +198,14 @@ def operator_counter(port: int, name: str, **labels: str | tuple[str, ...]) -> f
             if all(sample.labels.get(k) in values for k, values in accepted.items()):
                 total += sample.value
     return total
+
+
+def exists(read: Callable[[], object]) -> bool:
+    """Whether `read()` finds its object (False on 404)."""
+    try:
+        read()
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True

@@ -29,6 +29,7 @@ from tests.chart_support import (
     permissions,
 )
 from tests.e2e.conftest import ChartCluster, Release
+from tests.e2e.helpers import exists
 
 pytestmark = pytest.mark.e2e
 CRDS = ("tenants.somabrain.io", "outboxpolicies.somabrain.io")
@@ -79,16 +80,6 @@ def _as_dict(api: client.ApiClient, obj: object) -> dict[str, Any]:
     """A client model as the API's JSON (camelCase keys, unset fields left out)."""
     serialized: dict[str, Any] = api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
     return serialized
-
-
-def _exists(read: Callable[[], object]) -> bool:
-    try:
-        read()
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,10 +156,10 @@ def test_helm_uninstall_leaves_the_crds_and_tenants_and_a_reinstall_adopts_them(
 
     release.uninstall()
 
-    assert not _exists(
+    assert not exists(
         lambda: client.AppsV1Api(api).read_namespaced_deployment(release.name, release.namespace)
     )
-    assert not _exists(lambda: client.RbacAuthorizationV1Api(api).read_cluster_role(release.name))
+    assert not exists(lambda: client.RbacAuthorizationV1Api(api).read_cluster_role(release.name))
     assert {name: crd.metadata.uid for name, crd in _crds(api).items()} == crds_before
     assert _tenant(api, tenant["metadata"]["name"])["metadata"]["uid"] == tenant["metadata"]["uid"]
 
@@ -278,7 +269,7 @@ def test_chart_s_service_account_cannot_read_the_connection_secret(
         string_data={"DATABASE_URL": "postgresql://example", "KAFKA_BOOTSTRAP_SERVERS": "k:9092"},
     )
     core = client.CoreV1Api(chart_cluster.api)
-    if not _exists(lambda: core.read_namespaced_secret("somabrain-connection", TENANT_NAMESPACE)):
+    if not exists(lambda: core.read_namespaced_secret("somabrain-connection", TENANT_NAMESPACE)):
         core.create_namespaced_secret(TENANT_NAMESPACE, secret)
 
     with pytest.raises(client.ApiException) as refused:

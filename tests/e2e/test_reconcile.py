@@ -27,6 +27,7 @@ from tests.e2e.helpers import (
     apply,
     batch_size,
     clean_up,
+    exists,
     get,
     has_condition,
     operator_counter,
@@ -175,22 +176,12 @@ def test_a_child_deleted_or_edited_by_hand_is_restored(job: MainJob) -> None:
     name = publisher_name("repair")
 
     core.delete_namespaced_service(name, job.namespace)
-    assert wait_for(lambda: _exists(lambda: core.read_namespaced_service(name, job.namespace)))
+    assert wait_for(lambda: exists(lambda: core.read_namespaced_service(name, job.namespace)))
 
     edited = core.read_namespaced_config_map(name, job.namespace)
     edited.data[TENANT_FILE] = "tenants: {}\n"
     core.replace_namespaced_config_map(name, job.namespace, edited)
     assert wait_for(lambda: batch_size(job, "repair") == 70, timeout=30)
-
-
-def _exists(read: Callable[[], Any]) -> bool:
-    try:
-        read()
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
 
 
 def test_policy_change_reconciles_exactly_the_tenants_that_reference_it(job: MainJob) -> None:
@@ -269,7 +260,7 @@ def test_without_the_prometheus_rule_crd_a_condition_says_so_and_it_recovers(
 ) -> None:
     # K-11: every other child exists; the rules come once the CRD is installed.
     ext = client.ApiextensionsV1Api(job.api)
-    assert not _exists(lambda: ext.read_custom_resource_definition(RULE_CRD))
+    assert not exists(lambda: ext.read_custom_resource_definition(RULE_CRD))
     job.apply_tenants([tenant("alerting", alerts={"labels": {"team": "payments"}})])
     job.wait_ready(["alerting"], timeout=60)
     assert wait_for(
@@ -297,7 +288,7 @@ def test_without_the_prometheus_rule_crd_a_condition_says_so_and_it_recovers(
         assert {r["labels"]["tenant"] for r in rules} == {"alerting"}
     finally:
         ext.delete_custom_resource_definition(RULE_CRD)
-        wait_for(lambda: not _exists(lambda: ext.read_custom_resource_definition(RULE_CRD)))
+        wait_for(lambda: not exists(lambda: ext.read_custom_resource_definition(RULE_CRD)))
 
 
 def test_backlog_and_publisher_availability_come_from_the_publishers_reports(
@@ -456,7 +447,7 @@ def test_delete_tenant_removes_its_events_before_it_goes(job: MainJob) -> None:
 
     assert wait_for(lambda: get(job, "doomed") is None, timeout=90)
     assert _rows(job, "doomed") == 0
-    assert not _exists(
+    assert not exists(
         lambda: client.AppsV1Api(job.api).read_namespaced_deployment(
             publisher_name("doomed"), job.namespace
         )

@@ -22,6 +22,7 @@ from tests.e2e.helpers import (
     VERSION,
     apply,
     condition,
+    exists,
     get,
     has_condition,
     policy,
@@ -31,16 +32,6 @@ from tests.resource_examples import largest_policy_spec, largest_tenant_spec
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def _exists(read: Any) -> bool:
-    try:
-        read()
-    except client.ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
 
 
 @pytest.fixture
@@ -53,7 +44,7 @@ def rule_kind(job: MainJob) -> Iterator[None]:
         yield
     finally:
         ext.delete_custom_resource_definition(RULE_CRD)
-        wait_for(lambda: not _exists(lambda: ext.read_custom_resource_definition(RULE_CRD)))
+        wait_for(lambda: not exists(lambda: ext.read_custom_resource_definition(RULE_CRD)))
 
 
 def test_largest_tenant_the_schema_allows_is_reconciled_to_ready(
@@ -107,8 +98,8 @@ def test_tenant_whose_merged_settings_break_a_rule_is_not_ready_and_gets_no_chil
     assert "maxInFlight must be at least batchSize" in ready["message"]
     core, apps = client.CoreV1Api(job.api), client.AppsV1Api(job.api)
     name = publisher_name("narrow")
-    assert not _exists(lambda: apps.read_namespaced_deployment(name, job.namespace))
-    assert not _exists(lambda: core.read_namespaced_config_map(name, job.namespace))
+    assert not exists(lambda: apps.read_namespaced_deployment(name, job.namespace))
+    assert not exists(lambda: core.read_namespaced_config_map(name, job.namespace))
     assert "resolved" not in ((get(job, "narrow") or {}).get("status") or {})
 
     # Set in one place, the pair is consistent again.

@@ -44,31 +44,6 @@ MAX_QUOTA_RESOURCES = 16
 # a DNS-subdomain prefix (count/deployments.apps, requests.nvidia.com/gpu); at most 63
 # characters here.
 RESOURCE_NAME_MAX_LENGTH = 63
-STANDARD_QUOTA_RESOURCES = (
-    "cpu",
-    "memory",
-    "ephemeral-storage",
-    "requests.cpu",
-    "requests.memory",
-    "requests.storage",
-    "requests.ephemeral-storage",
-    "limits.cpu",
-    "limits.memory",
-    "limits.ephemeral-storage",
-    "pods",
-    "services",
-    "replicationcontrollers",
-    "resourcequotas",
-    "secrets",
-    "configmaps",
-    "persistentvolumeclaims",
-    "services.nodeports",
-    "services.loadbalancers",
-)
-# '[.]', not a backslash, which a CEL string literal would need escaped.
-_NAME_PART = "[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
-_DNS_SUBDOMAIN = "[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-RESOURCE_NAME_PATTERN = f"^((requests[.])?hugepages-{_NAME_PART}|{_DNS_SUBDOMAIN}/{_NAME_PART})$"
 # Counts of objects and extended resources (a qualified name outside kubernetes.io, not
 # requests.-prefixed) must be whole numbers, and Kubernetes checks that in thousandths
 # of an int64: larger ones are refused as "must be an integer".
@@ -83,6 +58,23 @@ INTEGER_QUOTA_RESOURCES = (
     "services.nodeports",
     "services.loadbalancers",
 )
+STANDARD_QUOTA_RESOURCES = (
+    "cpu",
+    "memory",
+    "ephemeral-storage",
+    "requests.cpu",
+    "requests.memory",
+    "requests.storage",
+    "requests.ephemeral-storage",
+    "limits.cpu",
+    "limits.memory",
+    "limits.ephemeral-storage",
+    *INTEGER_QUOTA_RESOURCES,
+)
+# '[.]', not a backslash, which a CEL string literal would need escaped.
+_NAME_PART = "[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+_DNS_SUBDOMAIN = "[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+RESOURCE_NAME_PATTERN = f"^((requests[.])?hugepages-{_NAME_PART}|{_DNS_SUBDOMAIN}/{_NAME_PART})$"
 MAX_QUOTA_COUNT = (2**63 - 1) // 1000
 
 PublisherMode = Literal["dedicated", "shared"]
