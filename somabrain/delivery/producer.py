@@ -45,6 +45,10 @@ from somabrain.store.outbox import Delivered, PendingEvent
 
 log = logging.getLogger(__name__)
 
+# Key of the aborted records that seal the checkpoint partitions at start; never a
+# tenant id (tenant ids are lowercase letters, digits and dashes).
+SEAL_KEY = b"\x00seal"
+
 SAFE_SETTINGS: Mapping[str, Any] = {
     "enable.idempotence": True,
     "acks": "all",
@@ -311,6 +315,36 @@ class TransactionalDelivery:
             if error.fatal():
                 raise ProducerFenced(f"publisher of {owner} cannot start: {error}") from exc
             raise KafkaUnavailable(f"cannot start a transactional producer: {error}") from exc
+        try:
+            with self._fenced_stops():
+                self._seal_checkpoint_partitions(timeout)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"cannot seal the checkpoint topic: {exc.args[0]}") from exc
+
+    def _seal_checkpoint_partitions(self, timeout: float) -> None:
+        """End any transaction of this producer id that a checkpoint partition still
+        holds open although the coordinator no longer knows of it.
+
+        `init_transactions()` aborts what the coordinator knows to be open. A broker
+        stopping in the middle of a transaction can leave a partition holding records
+        of one that the coordinator has forgotten (a hanging transaction): no marker
+        will ever end it, and read_committed readers, recovery among them, stop at its
+        first offset for every tenant. An aborted transaction of the same producer id
+        that touches each partition writes the abort marker that ends it; when nothing
+        is open, it only adds a marker that readers skip.
+        """
+        topic = self._producer.list_topics(self.checkpoint_topic, timeout=timeout).topics.get(
+            self.checkpoint_topic
+        )
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise KafkaUnavailable(f"checkpoint topic {self.checkpoint_topic} is not readable")
+        self._producer.begin_transaction()
+        for partition in topic.partitions:
+            self._producer.produce(
+                self.checkpoint_topic, key=SEAL_KEY, value=None, partition=partition
+            )
+        self._producer.flush(timeout)
+        self._abort(timeout)
 
     def _on_error(self, error: KafkaError) -> None:
         """librdkafka's errors of the client itself (not of one message)."""

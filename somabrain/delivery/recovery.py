@@ -9,6 +9,11 @@ checkpoint topic is read with read_committed from just after the last recorded p
 every checkpoint of the publisher's tenants found there names rows that are in Kafka,
 and they are marked sent now, with their partition and offset. Nothing is published again.
 
+Every publisher writes to the same checkpoint partitions, so a transaction left open
+there holds back every tenant's recovery: the producer seals them at start (see
+`TransactionalDelivery`), and a recovery that cannot reach the end names the partition
+and offset where it stopped.
+
 Checkpoint records are keyed by tenant. The topic is compacted (one record per tenant
 survives), so a start with no recorded position reads at most one record per tenant
 plus the uncompacted tail.
@@ -128,40 +133,60 @@ def _read_checkpoints(
         if metadata is None or metadata.error is not None:
             raise RecoveryFailed(f"checkpoint topic {topic} is not readable")
         starts = _start_offsets(list(metadata.partitions), positions)
-        # Read up to where the partition ended when recovery began (the last stable
-        # offset, for this read_committed consumer), not to an end that other
-        # publishers' transactions keep moving: checkpoints written after this point
-        # are not of this tenant's previous incarnation.
-        ends = {
-            p: consumer.get_watermark_offsets(
-                TopicPartition(topic, p), timeout=timeout, cached=False
-            )[1]
-            for p in starts
-        }
+        # Read up to the high watermark as it was when recovery began, not to an end
+        # that other publishers' transactions keep moving: checkpoints written after
+        # it are not of this tenant's previous incarnation. Not to the last stable
+        # offset either: a committed checkpoint of this tenant may follow a
+        # transaction that another publisher still has open.
+        ends = _high_watermarks(bootstrap_servers, topic, list(starts), timeout)
         consumer.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
-        return _consume_to(consumer, topic, positions, ends, timeout)
+        return _consume_to(consumer, topic, positions, starts, ends, timeout)
     finally:
         consumer.close()
+
+
+def _high_watermarks(
+    bootstrap_servers: str, topic: str, partitions: Sequence[int], timeout: float
+) -> dict[int, int]:
+    """Each partition's high watermark. Asked by a read_uncommitted client: a
+    read_committed one is told the last stable offset instead."""
+    client = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"somabrain-recovery-{uuid.uuid4().hex}",
+            "isolation.level": "read_uncommitted",
+        }
+    )
+    try:
+        return {
+            p: client.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=timeout, cached=False
+            )[1]
+            for p in partitions
+        }
+    finally:
+        client.close()
 
 
 def _consume_to(
     consumer: Consumer,
     topic: str,
     positions: Mapping[str, tuple[int, int] | None],
+    starts: Mapping[int, int],
     ends: Mapping[int, int],
     timeout: float,
 ) -> list[tuple[str, int, int, list[Delivered]]]:
     found: list[tuple[str, int, int, list[Delivered]]] = []
-    done = {p for p, end in ends.items() if end <= 0}
+    done = {p for p, end in ends.items() if end <= 0 or starts[p] >= end}
+    reached = {p: start for p, start in starts.items() if start >= 0}
     deadline = time.monotonic() + timeout
     while len(done) < len(ends):
         if time.monotonic() > deadline:
-            raise RecoveryFailed(
-                f"checkpoint topic not read up to where it ended within {timeout:.0f}s "
-                "(is the broker reachable?)"
-            )
+            raise RecoveryFailed(_stuck(topic, reached, ends, done, timeout))
         msg = consumer.poll(0.2)
         for position in consumer.position([TopicPartition(topic, p) for p in ends]):
+            if position.offset >= 0:
+                reached[position.partition] = position.offset
             if position.offset >= ends[position.partition]:
                 done.add(position.partition)
         if msg is None:
@@ -169,8 +194,13 @@ def _consume_to(
         error = msg.error()
         partition = msg.partition()
         if error is not None:
-            if error.code() == KafkaError._PARTITION_EOF and partition is not None:
-                done.add(partition)
+            if error.code() == KafkaError._PARTITION_EOF:
+                # librdkafka reports the end of a read_committed partition at its last
+                # stable offset: short of `ends` while a transaction is open. Done
+                # only once the position has reached `ends` (checked above).
+                at = msg.offset()
+                if partition is not None and at is not None and at >= 0:
+                    reached[partition] = at
                 continue
             raise RecoveryFailed(f"reading the checkpoint topic failed: {error}")
         key, value, offset = msg.key(), msg.value(), msg.offset()
@@ -187,3 +217,25 @@ def _consume_to(
             continue  # already settled; a replayed row must not be marked sent again
         found.append((tenant, partition, offset, decode_checkpoint(value)[1]))
     return found
+
+
+def _stuck(
+    topic: str,
+    reached: Mapping[int, int],
+    ends: Mapping[int, int],
+    done: set[int],
+    timeout: float,
+) -> str:
+    """Why recovery gave up, in terms an on-call engineer can act on."""
+    behind = [p for p in sorted(ends) if p not in done]
+    first = behind[0]
+    where = ", ".join(f"partition {p} at offset {reached.get(p, '?')} of {ends[p]}" for p in behind)
+    return (
+        f"checkpoint topic {topic} not read to its end within {timeout:.0f}s: {where}. "
+        "Either the broker is not answering, or a transaction open at that offset holds "
+        "back read_committed readers; if the position does not move, that transaction "
+        "is hanging (its producer, once restarted, ends it itself): see it with "
+        f"`kafka-transactions.sh find-hanging --topic {topic} --partition {first}` and end "
+        f"it with `kafka-transactions.sh abort --topic {topic} --partition {first} "
+        f"--start-offset {reached.get(first, '?')}`"
+    )

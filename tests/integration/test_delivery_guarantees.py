@@ -4,9 +4,11 @@ under failure, poison events (cases O-3, O-11, O-12, O-13)."""
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,7 +24,7 @@ from somabrain.delivery.producer import (
     transactional_id,
 )
 from somabrain.delivery.publisher import build_publisher
-from somabrain.delivery.recovery import ensure_checkpoint_topic
+from somabrain.delivery.recovery import RecoveryFailed, ensure_checkpoint_topic, recover
 from somabrain.store.outbox import backlog, claim_pending, record_failure
 from tests.support import read_committed, wait_for
 
@@ -117,6 +119,59 @@ def test_crash_before_kafka_commit_leaves_nothing_visible_and_delivers_once(
 
     values = [m.value() for m in read_committed(bootstrap, topic)]
     assert values == [b'{"i":%d}' % i for i in range(5)]
+
+
+def test_a_checkpoint_committed_after_another_publishers_open_transaction_is_recovered(
+    engine: Engine, sessions: sessionmaker[Session], bootstrap: str, tenant: str
+) -> None:
+    # O-3 with a neighbour: another publisher's transaction is open on the checkpoint
+    # partition when this tenant's batch commits in Kafka and the process dies before
+    # the database commit. librdkafka reports the partition's end at the neighbour's
+    # first offset; recovery must still read past it, or the batch goes out twice.
+    # Its own checkpoint topic, so that the open transaction holds back no other test.
+    settings = _settings(tenant, bootstrap, checkpoint_topic=f"checkpoints-{uuid.uuid4().hex[:8]}")
+    topic = f"{tenant}.orders"
+    with sessions.begin() as session:
+        for i in range(4):
+            enqueue_event(session, tenant_id=tenant, topic=topic, key="k", payload={"i": i})
+    crashed = _incarnation(settings)
+    neighbour = Producer(
+        {"bootstrap.servers": bootstrap, "transactional.id": f"test-{settings.checkpoint_topic}"}
+    )
+    neighbour.init_transactions(30)
+    neighbour.begin_transaction()
+    neighbour.produce(settings.checkpoint_topic, key=b"another-tenant", value=b"{}")
+    neighbour.flush(10)
+    with Session(engine) as session:
+        batch = claim_pending(session, tenant_id=TenantId(tenant), limit=100)
+    assert len(crashed.deliver(batch, timeout=30).delivered) == 4
+
+    def recover_now(timeout: float) -> int:
+        return recover(
+            engine=engine,
+            bootstrap_servers=bootstrap,
+            tenants=[TenantId(tenant)],
+            topic=settings.checkpoint_topic,
+            timeout=timeout,
+        )
+
+    with pytest.raises(RecoveryFailed) as held:
+        recover_now(3)
+    message = str(held.value)
+    offset = read_offset_of_first_open(message)
+    assert f"checkpoint topic {settings.checkpoint_topic} not read to its end within 3s" in message
+    assert f"abort --topic {settings.checkpoint_topic} --partition 0 --start-offset {offset}" in (
+        message
+    )
+    assert {s for _, s, _ in _statuses(engine, tenant)} == {"pending"}
+
+    neighbour.abort_transaction(30)
+    assert recover_now(10) == 4
+    assert {s for _, s, _ in _statuses(engine, tenant)} == {"sent"}
+
+
+def read_offset_of_first_open(message: str) -> int:
+    return int(message.split("partition 0 at offset ")[1].split(" ")[0])
 
 
 def test_retrying_event_blocks_later_events_of_its_key_only(
