@@ -150,3 +150,27 @@ class OutboxTenant(Base):
         CheckConstraint(f"tenant_id ~ '{TENANT_ID_PATTERN}'", name="tenant_id_format"),
         CheckConstraint("max_pending IS NULL OR max_pending > 0", name="max_pending_positive"),
     )
+
+
+class AdminAction(Base):
+    """One replay or purge, by whom and of what: written as the action starts and
+    brought up to date in the same transaction as each chunk it changes, so `rows` is
+    exact even for an action that stopped half-way (`finished_at` empty)."""
+
+    __tablename__ = "outbox_admin_actions"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    actor: Mapped[str] = mapped_column(String(200), nullable=False)
+    action: Mapped[str] = mapped_column(String(16), nullable=False)
+    tenant_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    selection: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    rows: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    started_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=text("now()")
+    )
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint("action IN ('replay', 'purge')", name="action_known"),
+        Index("ix_outbox_admin_actions_tenant_id_started_at", "tenant_id", "started_at"),
+    )

@@ -473,6 +473,11 @@ def _check_text(
     check_encodable(name, value)
 
 
+def wake_publisher(session: Session, tenant: TenantId) -> None:
+    """Tell the tenant's publisher, at commit, that it has events to claim."""
+    _notify_once(session, tenant)
+
+
 def _notify_once(session: Session, tenant: TenantId) -> None:
     # NOTIFY is delivered at commit only, so a publisher never wakes for a row it cannot
     # see yet; one per tenant and transaction is enough (Postgres folds repeats anyway).
