@@ -33,7 +33,10 @@ def upgrade() -> None:
         sa.Column("selection", postgresql.JSONB(), nullable=False),
         sa.Column("rows", sa.BigInteger(), server_default="0", nullable=False),
         sa.Column(
-            "started_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "started_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
         ),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_outbox_admin_actions"),

@@ -61,6 +61,20 @@ class Settings(BaseSettings):
     )
 
 
+class AdminSettings(Settings):
+    """Settings of the admin API process."""
+
+    admin_tokens_file: Path = Field(
+        default=Path("/etc/somabrain/admin/tokens.yaml"),
+        description="YAML file of the API's bearer tokens, each admin or scoped to tenants "
+        "(normally a mounted Secret; re-read when it changes). The API does not start "
+        "without it.",
+    )
+    # Every interface by default: in a pod, the Service reaches it on the pod's address.
+    admin_host: str = Field(default="0.0.0.0", description="Address the API listens on.")  # noqa: S104
+    admin_port: int = Field(default=8081, ge=1, le=65535, description="Port the API listens on.")
+
+
 class PublisherSettings(Settings):
     """Settings of one publisher process."""
 

@@ -24,7 +24,7 @@ import typer
 from sqlalchemy.orm import Session
 
 from somabrain.config.errors import SomabrainError
-from somabrain.config.settings import PublisherSettings, Settings
+from somabrain.config.settings import AdminSettings, PublisherSettings, Settings
 from somabrain.config.types import parse_tenant_id
 from somabrain.delivery.health import serve
 from somabrain.delivery.publisher import build_publisher
@@ -50,6 +50,8 @@ outbox_app = typer.Typer(
 app.add_typer(publisher_app, name="publisher")
 app.add_typer(db_app, name="db")
 app.add_typer(outbox_app, name="outbox")
+admin_app = typer.Typer(help="Run the admin HTTP API.", rich_markup_mode=None)
+app.add_typer(admin_app, name="admin")
 
 
 class Output(enum.StrEnum):
@@ -241,6 +243,35 @@ def outbox_stats(
     rich.console.Console().print(table)
     if not counts:
         typer.echo("no events" + (f" for {', '.join(tenant)}" if tenant else ""))
+
+
+def _admin_settings_help() -> str:
+    lines = ["Settings (environment variables):\n\n"]
+    for name in ("database_url", "admin_tokens_file", "admin_host", "admin_port"):
+        field = AdminSettings.model_fields[name]
+        lines.append(
+            f"SOMABRAIN_{name.upper()}: {field.description} (default: {field.default})\n\n"
+        )
+    return "".join(lines)
+
+
+@admin_app.command("serve", epilog=_admin_settings_help())
+def admin_serve(log_level: LogLevelOption = LogLevel.INFO) -> None:
+    """Serve the admin API: list and inspect a tenant's events, replay dead and failed
+    ones, purge sent ones, with bearer tokens scoped to tenants or admin, every change
+    audited. Refuses to start without a valid token file, or when the schema is behind.
+    The OpenAPI description is at /openapi.json.
+
+    Example: SOMABRAIN_ADMIN_TOKENS_FILE=tokens.yaml somabrain admin serve
+
+    Example call: curl -H "Authorization: Bearer $TOKEN" localhost:8081/v1/tenants
+    """
+    from somabrain.edges.admin.serve import serve as serve_admin
+
+    _configure_logging(log_level.value)
+    settings = AdminSettings()
+    _refuse_old_schema(settings.database_url)
+    serve_admin(settings)
 
 
 def main() -> None:

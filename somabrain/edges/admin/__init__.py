@@ -1,0 +1,1 @@
+"""The admin HTTP API (`api`) and who may call it (`auth`)."""
