@@ -12,12 +12,14 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Annotated, NoReturn
 
 import alembic.util
 import pydantic
 import rich.console
+import rich.progress
 import rich.table
 import sqlalchemy.exc
 import typer
@@ -52,6 +54,10 @@ app.add_typer(db_app, name="db")
 app.add_typer(outbox_app, name="outbox")
 admin_app = typer.Typer(help="Run the admin HTTP API.", rich_markup_mode=None)
 app.add_typer(admin_app, name="admin")
+journal_app = typer.Typer(
+    help="Move events a producer journaled locally into the outbox.", rich_markup_mode=None
+)
+app.add_typer(journal_app, name="journal")
 
 
 class Output(enum.StrEnum):
@@ -272,6 +278,110 @@ def admin_serve(log_level: LogLevelOption = LogLevel.INFO) -> None:
     settings = AdminSettings()
     _refuse_old_schema(settings.database_url)
     serve_admin(settings)
+
+
+@journal_app.command("migrate")
+def journal_migrate(
+    directory: Annotated[
+        Path,
+        typer.Option(
+            "--dir",
+            help="The journal's directory (default: SOMABRAIN_JOURNAL_DIR).",
+            metavar="DIR",
+            envvar="SOMABRAIN_JOURNAL_DIR",
+            show_default=False,
+        ),
+    ],
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only this tenant's events; repeat it for several (default: all).",
+            metavar="TENANT",
+            show_default=False,
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would move; change nothing.")
+    ] = False,
+    output: Annotated[Output, typer.Option(help="table or json.", metavar="FORMAT")] = Output.TABLE,
+) -> None:
+    """Move the journal's events into the outbox, oldest first, and delete each journal
+    file once all its events are in the database.
+
+    Safe to run twice, or again after it was stopped half-way: an event already in
+    the outbox (same tenant and dedupe key) is counted as already there, not added
+    again. Torn writes (a producer killed mid-write) are reported and skipped; a file
+    with a corrupt record, or one a producer is still writing, is kept. Exits 1 when
+    a record is corrupt or held back (its tenant over its backlog cap).
+
+    Example: somabrain journal migrate --dir /var/lib/app/journal --dry-run
+    """
+    from somabrain.delivery.journal import migrate_journal, segments
+
+    for given in tenant or []:
+        parse_tenant_id(given)
+    if not directory.is_dir():
+        raise SomabrainError(f"journal directory {directory} does not exist")
+    settings = Settings()
+    engine = make_engine(settings.database_url, pool_size=1)
+    total = sum(_count_lines(p) for p in segments(directory))
+    try:
+        with rich.progress.Progress(
+            *rich.progress.Progress.get_default_columns(),
+            rich.progress.MofNCompleteColumn(),
+            console=rich.console.Console(stderr=True),
+            transient=True,
+            disable=output is Output.JSON,
+        ) as progress:
+            task = progress.add_task("migrating" if not dry_run else "reading", total=total)
+            report = migrate_journal(
+                directory,
+                engine,
+                tenants=tenant,
+                dry_run=dry_run,
+                on_records=lambda n: progress.advance(task, n),
+            )
+    finally:
+        engine.dispose()
+    tallies = sorted(report.tenants.items())
+    if output is Output.JSON:
+        typer.echo(
+            json.dumps(
+                {
+                    "dry_run": dry_run,
+                    "tenants": {t: dataclasses.asdict(v) for t, v in tallies},
+                    "damaged": [
+                        {**dataclasses.asdict(d), "path": str(d.path)} for d in report.damaged
+                    ],
+                    "deleted": [str(p) for p in report.deleted],
+                    "kept": {str(p): why for p, why in report.kept.items()},
+                },
+                indent=2,
+            )
+        )
+    else:
+        new = "would add" if dry_run else "added"
+        table = rich.table.Table("tenant", "records", new, "already there", "held back")
+        for name, t in tallies:
+            table.add_row(name, str(t.records), str(t.inserted), str(t.duplicates), t.held or "")
+        rich.console.Console().print(table)
+        for d in report.damaged:
+            kind = "torn write, skipped" if d.torn else "does not match its checksum; file kept"
+            typer.echo(f"{d.path}:{d.line}: {d.length} bytes: {kind}")
+        for path, why in report.kept.items():
+            typer.echo(f"kept {path}: {why}")
+        if not dry_run:
+            typer.echo(f"{len(report.deleted)} journal files done and deleted")
+    if any(not d.torn for d in report.damaged) or any(t.held for _, t in tallies):
+        raise typer.Exit(1)
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
 
 
 def main() -> None:

@@ -84,11 +84,15 @@ _PUBLISHER_HEADER_BYTES = sum(len(name) for name in RESERVED_HEADERS) + 40 + 36 
 class EnqueueStatus(enum.StrEnum):
     ENQUEUED = "enqueued"
     DUPLICATE = "duplicate"
+    # The database was unreachable: the event is in the local journal, fsynced, and
+    # goes to the outbox when the journal is migrated (`emit_event` only).
+    JOURNALED = "journaled"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EnqueueResult:
-    """What `enqueue_event` did. `event_id` is None for a duplicate."""
+    """What `enqueue_event` did. `event_id` is None for a duplicate, and for an event
+    journaled (it gets one when migrated)."""
 
     status: EnqueueStatus
     event_id: EventId | None
@@ -177,18 +181,31 @@ def enqueue_events(
     order of `events`; a dedupe key repeated within the batch, or already in the outbox,
     is a DUPLICATE. Rows get their ids in the order of `events`.
     """
+    return enqueue_validated(session, validate_events(events, max_message_bytes))
+
+
+def validate_events(
+    events: Sequence[NewEvent], max_message_bytes: int | None = None
+) -> list[ValidatedEvent]:
+    """Check and encode events as `enqueue_events` does, writing nothing; the error of
+    the first invalid one names its position when there are several."""
     limit = max_message_bytes if max_message_bytes is not None else _default_max_bytes()
-    rows: list[_Row] = []
+    rows: list[ValidatedEvent] = []
     for position, event in enumerate(events):
         try:
-            rows.append(_validated_row(event, limit))
+            rows.append(validate_event(event, limit))
         except (InvalidEvent, InvalidTenantId) as exc:
             if len(events) > 1:
                 # The same error, so callers still tell its kind (EventTooLarge, ...)
                 # and read its fields, with the event's position in its message.
                 exc.args = (f"event {position}: {exc}",)
             raise
+    return rows
 
+
+def enqueue_validated(session: Session, rows: Sequence[ValidatedEvent]) -> list[EnqueueResult]:
+    """Insert events `validate_events` checked (now or earlier: the local journal keeps
+    them in this form) in the caller's transaction, with the backlog cap checked."""
     adding = collections.Counter(row.tenant_id for row in rows)
     for tenant, count in adding.items():
         check_backlog(session, tenant, adding=count)
@@ -218,8 +235,9 @@ def enqueue_events(
     return results
 
 
-class _Row(NamedTuple):
-    """A validated event as one row of the INSERT's JSON array (a tuple is a JSON array)."""
+class ValidatedEvent(NamedTuple):
+    """An event checked and encoded for the outbox, as one row of the INSERT's JSON
+    array (a tuple is a JSON array)."""
 
     tenant_id: str
     topic: str
@@ -230,7 +248,8 @@ class _Row(NamedTuple):
     headers: dict[str, str]
 
 
-def _validated_row(event: NewEvent, limit: int) -> _Row:
+def validate_event(event: NewEvent, limit: int) -> ValidatedEvent:
+    """One event checked and encoded, or InvalidEvent / InvalidTenantId."""
     tenant = parse_tenant_id(event.tenant_id) if isinstance(event.tenant_id, str) else None
     if tenant is None:
         raise InvalidEvent(f"tenant_id must be a string, got {type(event.tenant_id).__name__}")
@@ -247,7 +266,9 @@ def _validated_row(event: NewEvent, limit: int) -> _Row:
             f"headers {reserved} are set by the publisher on every message; use other names"
         )
     _check_size(encoded, event.key, event.event_type, clean_headers, limit)
-    return _Row(tenant, event.topic, event.key, dedupe, event.event_type, encoded, clean_headers)
+    return ValidatedEvent(
+        tenant, event.topic, event.key, dedupe, event.event_type, encoded, clean_headers
+    )
 
 
 # Rows per INSERT, and payload characters per INSERT (so a chunk of large events stays
@@ -257,7 +278,7 @@ _STATEMENT_ROWS = 1000
 _STATEMENT_PAYLOAD_CHARS = 16 * 1024 * 1024
 
 
-def _statement_chunks(rows: Sequence[_Row]) -> Iterator[Sequence[_Row]]:
+def _statement_chunks(rows: Sequence[ValidatedEvent]) -> Iterator[Sequence[ValidatedEvent]]:
     start, size = 0, 0
     for end, row in enumerate(rows):
         length = len(row.payload or "")
@@ -288,7 +309,7 @@ _INSERT_ONE = (
 )
 
 # The same for many rows (for one, the statement above costs the database less).
-# Element i of each array is field i of _Row. Ids are assigned in array order (ORDER BY
+# Element i of each array is field i of ValidatedEvent. Ids are assigned in array order (ORDER BY
 # the ordinality), so a batch keeps its order per key; a dedupe key repeated within the
 # array inserts its first row only. The payload is cast from its canonical text, as
 # enqueue always stored it; a tombstone's null element becomes SQL NULL.

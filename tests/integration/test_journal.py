@@ -1,0 +1,350 @@
+"""The local journal against the real database: events emitted while it is unreachable
+are journaled, and migration puts each in the outbox once, in order, whatever stops it
+half-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy.exc
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from somabrain import EnqueueStatus, Journal, JournalMigrator, emit_event, emit_events
+from somabrain.delivery.journal import migrate_journal, segments
+from somabrain.store.engine import make_engine
+from somabrain.store.models import OutboxEvent
+from somabrain.store.outbox import NewEvent, report_tenant
+from tests.support import wait_for
+
+pytestmark = pytest.mark.integration
+
+SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
+
+
+@pytest.fixture
+def unreachable() -> Iterator[Engine]:
+    """A database nobody listens for: every connection is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    # The port was bound, then closed: nothing listens there now.
+    engine = make_engine(f"postgresql://postgres@127.0.0.1:{port}/somabrain?connect_timeout=2")
+    yield engine
+    engine.dispose()
+
+
+def _events(tenant: str, n: int, *, start: int = 0, key: str = "k") -> list[NewEvent]:
+    return [
+        NewEvent(tenant_id=tenant, topic="orders", payload={"i": i}, key=key)
+        for i in range(start, start + n)
+    ]
+
+
+def _outbox(sessions: sessionmaker[Session], tenant: str) -> list[int]:
+    """The `i` of each of the tenant's events, in id order."""
+    with sessions() as session:
+        payloads = session.scalars(
+            select(OutboxEvent.payload)
+            .where(OutboxEvent.tenant_id == tenant)
+            .order_by(OutboxEvent.id)
+        )
+        return [p["i"] for p in payloads]
+
+
+def test_an_event_emitted_while_the_database_is_unreachable_is_journaled_then_migrated(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    journal = Journal(tmp_path)
+    result = emit_event(
+        unreachable, tenant_id=tenant, topic="orders", payload={"i": 0}, key="k", journal=journal
+    )
+    assert result.status is EnqueueStatus.JOURNALED
+    assert result.event_id is None
+    journal.close()
+
+    report = migrate_journal(tmp_path, engine)
+    assert report.tenants[tenant].inserted == 1
+    assert _outbox(sessions, tenant) == [0]
+    assert segments(tmp_path) == []
+
+
+def test_without_a_journal_an_unreachable_database_raises_as_before(
+    unreachable: Engine, tenant: str
+) -> None:
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        emit_event(unreachable, tenant_id=tenant, topic="orders", payload={})
+
+
+def test_with_the_database_up_emit_enqueues_directly(
+    tmp_path: Path, engine: Engine, sessions: sessionmaker[Session], tenant: str
+) -> None:
+    journal = Journal(tmp_path)
+    results = emit_events(engine, _events(tenant, 3), journal=journal)
+    assert {r.status for r in results} == {EnqueueStatus.ENQUEUED}
+    assert segments(tmp_path) == []
+    assert _outbox(sessions, tenant) == [0, 1, 2]
+
+
+def test_migrating_the_same_records_twice_puts_each_event_in_the_outbox_once(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    journal = Journal(tmp_path / "journal")
+    emit_events(unreachable, _events(tenant, 20), journal=journal)
+    journal.close()
+    shutil.copytree(tmp_path / "journal", tmp_path / "copy")
+
+    first = migrate_journal(tmp_path / "journal", engine)
+    again = migrate_journal(tmp_path / "copy", engine)
+    assert (first.tenants[tenant].inserted, first.tenants[tenant].duplicates) == (20, 0)
+    assert (again.tenants[tenant].inserted, again.tenants[tenant].duplicates) == (0, 20)
+    assert _outbox(sessions, tenant) == list(range(20))
+
+
+def test_a_migration_killed_half_way_and_run_again_gives_each_event_once_in_order(
+    tmp_path: Path,
+    unreachable: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    directory = tmp_path / "journal"
+    journal = Journal(directory, max_segment_bytes=40_000)
+    for start in range(0, 3000, 100):
+        emit_events(unreachable, _events(tenant, 100, start=start), journal=journal)
+    journal.close()
+    assert len(segments(directory)) > 3
+    marker = tmp_path / "committed"
+    # Stops for good after its third committed batch; killed there.
+    script = (
+        "import sys, time, pathlib\n"
+        "from somabrain.delivery.journal import migrate_journal\n"
+        "from somabrain.store.engine import make_engine\n"
+        "done = []\n"
+        "def after(n):\n"
+        "    done.append(n)\n"
+        "    if len(done) == 3:\n"
+        "        pathlib.Path(sys.argv[3]).write_text(str(sum(done)))\n"
+        "        time.sleep(600)\n"
+        "migrate_journal(pathlib.Path(sys.argv[1]), make_engine(sys.argv[2]), batch=250,"
+        " on_records=after)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(directory), database_url, str(marker)]
+    )
+    try:
+        assert wait_for(lambda: marker.exists() and marker.read_text() != "", timeout=60)
+        committed = int(marker.read_text())
+        assert 0 < committed < 3000
+        assert _outbox(sessions, tenant) == list(range(committed))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+
+    again = subprocess.run(
+        [SOMABRAIN, "journal", "migrate", "--dir", str(directory), "--output", "json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr
+    tally = json.loads(again.stdout)["tenants"][tenant]
+    # Files the first run finished were deleted; of the one it was in, what it had
+    # committed is counted as already there.
+    assert tally["inserted"] == 3000 - committed
+    assert 0 < tally["duplicates"] <= committed
+    assert _outbox(sessions, tenant) == list(range(3000))
+    assert segments(directory) == []
+
+
+def test_events_emitted_after_the_database_is_back_wait_behind_the_journaled_ones(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    journal = Journal(tmp_path)
+    down = emit_events(unreachable, _events(tenant, 5), journal=journal)
+    back = emit_events(engine, _events(tenant, 5, start=5), journal=journal)
+    assert {r.status for r in down + back} == {EnqueueStatus.JOURNALED}
+    assert _outbox(sessions, tenant) == []
+
+    migrator = JournalMigrator(journal, engine, interval=0.2).start()
+    try:
+        assert wait_for(lambda: not journal.backlogged, timeout=30)
+    finally:
+        migrator.stop()
+    assert _outbox(sessions, tenant) == list(range(10))
+    assert segments(tmp_path) == []
+    after = emit_event(engine, tenant_id=tenant, topic="orders", payload={"i": 10}, journal=journal)
+    assert after.status is EnqueueStatus.ENQUEUED
+
+
+def test_background_migration_keeps_order_while_events_keep_coming(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(tenant, 50), journal=journal)
+    migrator = JournalMigrator(journal, engine, interval=0.05).start()
+    try:
+        for start in range(50, 550, 10):
+            emit_events(engine, _events(tenant, 10, start=start), journal=journal)
+        assert wait_for(lambda: not journal.backlogged, timeout=30)
+    finally:
+        migrator.stop()
+    assert _outbox(sessions, tenant) == list(range(550))
+
+
+def test_a_tenant_over_its_cap_is_held_back_and_another_tenant_migrates(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    database_url: str,
+    tenant: str,
+) -> None:
+    full, fine = tenant, f"f{uuid.uuid4().hex[:10]}"
+    with sessions.begin() as session:
+        report_tenant(session, tenant_id=full, pending=10, max_pending=10, publisher=full)
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(full, 3) + _events(fine, 3), journal=journal)
+    journal.close()
+
+    result = subprocess.run(
+        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "holds records not migrated" in result.stdout
+    assert _outbox(sessions, fine) == [0, 1, 2]
+    assert _outbox(sessions, full) == []
+    assert len(segments(tmp_path)) == 1
+
+    with sessions.begin() as session:
+        report_tenant(session, tenant_id=full, pending=0, max_pending=10, publisher=full)
+    report = migrate_journal(tmp_path, engine)
+    assert report.tenants[full].inserted == 3
+    assert report.tenants[fine].duplicates == 3
+    assert _outbox(sessions, full) == [0, 1, 2]
+    assert segments(tmp_path) == []
+
+
+def test_a_dry_run_says_what_would_move_and_changes_nothing(
+    tmp_path: Path,
+    unreachable: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(tenant, 4), journal=journal)
+    journal.close()
+    result = subprocess.run(
+        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path), "--dry-run", "--output", "json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tenants"][tenant]["inserted"] == 4
+    assert _outbox(sessions, tenant) == []
+    assert len(segments(tmp_path)) == 1
+
+
+def test_a_torn_last_record_is_reported_and_every_record_before_it_migrates(
+    tmp_path: Path,
+    unreachable: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(tenant, 5), journal=journal)
+    journal.close()
+    [segment] = segments(tmp_path)
+    with segment.open("ab") as f:
+        f.write(b'1f2e3d4c {"v":1,"at":"2026-')  # killed in the middle of a write
+    result = subprocess.run(
+        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path), "--tenant", tenant],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{segment}:6: " in result.stdout
+    assert "torn write, skipped" in result.stdout
+    assert _outbox(sessions, tenant) == [0, 1, 2, 3, 4]
+    assert segments(tmp_path) == []
+
+
+def test_a_corrupt_record_keeps_its_file_for_a_person_to_look_at(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(tenant, 3), journal=journal)
+    journal.close()
+    [segment] = segments(tmp_path)
+    lines = segment.read_bytes().split(b"\n")
+    lines[0] = b"00000000" + lines[0][8:]
+    segment.write_bytes(b"\n".join(lines))
+    report = migrate_journal(tmp_path, engine)
+    assert _outbox(sessions, tenant) == [1, 2]
+    assert [(d.line, d.torn) for d in report.damaged] == [(1, False)]
+    assert "do not match their checksum" in report.kept[segment]
+    assert segments(tmp_path) == [segment]
+
+
+def test_migrating_one_tenant_leaves_the_others_records_and_their_file(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    other = f"o{uuid.uuid4().hex[:10]}"
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(tenant, 2) + _events(other, 2), journal=journal)
+    journal.close()
+    report = migrate_journal(tmp_path, engine, tenants=[tenant])
+    assert _outbox(sessions, tenant) == [0, 1]
+    assert _outbox(sessions, other) == []
+    assert len(report.kept) == 1
+    assert migrate_journal(tmp_path, engine).tenants[other].inserted == 2
+    assert segments(tmp_path) == []
