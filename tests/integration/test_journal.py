@@ -348,3 +348,50 @@ def test_migrating_one_tenant_leaves_the_others_records_and_their_file(
     assert len(report.kept) == 1
     assert migrate_journal(tmp_path, engine).tenants[other].inserted == 2
     assert segments(tmp_path) == []
+
+
+def test_every_event_acknowledged_before_the_writer_was_killed_reaches_the_outbox(
+    tmp_path: Path, database_url: str, sessions: sessionmaker[Session], tenant: str
+) -> None:
+    # The writer journals one event at a time (its database unreachable) and prints
+    # each index once emit_event has returned; it is killed mid-stream, wherever it is.
+    script = (
+        "import socket, sys, pathlib\n"
+        "from somabrain import Journal, emit_event\n"
+        "from somabrain.store.engine import make_engine\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "down = make_engine(f'postgresql://postgres@127.0.0.1:{port}/x?connect_timeout=2')\n"
+        "journal = Journal(pathlib.Path(sys.argv[1]), max_segment_bytes=20_000)\n"
+        "for i in range(100_000):\n"
+        "    emit_event(down, tenant_id=sys.argv[2], topic='orders',"
+        " payload={'i': i, 'pad': 'x' * 200}, key='k', journal=journal)\n"
+        "    print(i, flush=True)\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path), tenant], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    acknowledged = -1
+    for line in writer.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 300:
+            break
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(30)
+
+    result = subprocess.run(
+        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path), "--output", "json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    migrated = _outbox(sessions, tenant)
+    # Every acknowledged event, in order, each once; the events written after the last
+    # acknowledgement read are there too, and a write cut short is the only loss.
+    assert migrated[: acknowledged + 1] == list(range(acknowledged + 1))
+    assert migrated == list(range(len(migrated)))
+    assert all(d["torn"] for d in json.loads(result.stdout)["damaged"])
+    assert segments(tmp_path) == []
