@@ -48,6 +48,7 @@ class Api:
 
     def call(self, method: str, path: str, token: str | None, **kwargs: Any) -> httpx.Response:
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        headers.update(kwargs.pop("headers", {}))
         return httpx.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
 
     def get(self, path: str, token: str | None = None, **params: Any) -> httpx.Response:
@@ -428,6 +429,18 @@ def test_invalid_requests_get_a_4xx_naming_what_is_wrong(
     response = api.call(method, path, api.admin, json=payload)
     assert response.status_code == status, response.text
     assert says in response.json()["detail"]
+
+
+def test_a_body_that_is_not_json_is_refused_saying_how_to_send_it(api: Api) -> None:
+    response = api.call(
+        "POST",
+        f"/v1/tenants/{api.tenant}/replay",
+        None,
+        content=b'{"filter": {}}',
+        headers={"Authorization": f"Bearer {api.admin}", "Content-Type": "text/plain"},
+    )
+    assert response.status_code == 415
+    assert "Content-Type: application/json" in response.json()["detail"]
 
 
 def test_the_openapi_description_covers_every_endpoint_and_the_bearer_scheme(api: Api) -> None:

@@ -271,7 +271,11 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
         return TenantId(tenant)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        sent = request.headers.get("content-type", "")
+        if request.method == "POST" and not sent.startswith("application/json"):
+            detail = f"body: send a JSON object with Content-Type: application/json, not {sent!r}"
+            return JSONResponse({"detail": detail}, status_code=415)
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"
             for e in exc.errors()
