@@ -1,6 +1,9 @@
-# One image for every entry point: the operator, the publisher and migrations.
+# One image for every entry point: the operator, the publisher, the admin API and
+# migrations (the wheel brings every dependency of pyproject.toml, FastAPI and uvicorn
+# among them).
 #   somabrain-operator                       the Kopf operator
 #   somabrain publisher run --tenant T       a tenant's publisher
+#   somabrain admin serve                    the admin HTTP API (port 8081)
 #   somabrain db upgrade                     schema migrations
 FROM python:3.11-slim AS build
 WORKDIR /src

@@ -241,6 +241,45 @@ def test_chart_grants_nothing_beyond_the_operator_s_permissions(
     assert held - baseline == permissions(OPERATOR_RULES)
 
 
+def test_helm_install_with_the_admin_api_creates_its_objects_and_grants_it_nothing(
+    install_chart: Callable[..., Release],
+) -> None:
+    # No kubelet here: the API server accepting the objects is what is checked, not the pod.
+    release = install_chart(
+        "--set", "admin.enabled=true", "--set", "admin.tokensSecret=admin-tokens"
+    )  # fmt: skip
+    api, namespace = release.cluster.api, release.namespace
+    name = f"{release.name}-admin"
+    core = client.CoreV1Api(api)
+
+    account = _as_dict(api, core.read_namespaced_service_account(name, namespace))
+    service = _as_dict(api, core.read_namespaced_service(name, namespace))
+    deployment = _as_dict(api, client.AppsV1Api(api).read_namespaced_deployment(name, namespace))
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    kubeconfig = release.cluster.kubeconfig
+    with impersonating_client(kubeconfig, namespace=namespace, name=name) as admin:
+        held = granted(admin, namespace=TENANT_NAMESPACE)
+    with impersonating_client(kubeconfig, namespace=namespace, name="other") as other:
+        baseline = granted(other, namespace=TENANT_NAMESPACE)
+
+    assert account["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == name
+    assert pod["automountServiceAccountToken"] is False
+    assert container["command"] == ["somabrain", "admin", "serve"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {"name": "tokens", "mountPath": "/etc/somabrain/admin", "readOnly": True} in (
+        container["volumeMounts"]
+    )
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8081, "targetPort": "http", "protocol": "TCP"}
+    ]
+    # It never calls the Kubernetes API: nothing beyond what every ServiceAccount holds.
+    assert held - baseline == set()
+
+
 def test_peering_permissions_are_granted_only_with_peering(
     install_chart: Callable[..., Release], chart_cluster: ChartCluster
 ) -> None:
