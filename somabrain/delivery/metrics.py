@@ -129,3 +129,19 @@ TENANT_COUNTERS = (
     DEAD_LETTERED,
     REPUBLISHED,
 )
+
+# The admin API's own (`somabrain admin serve`, on its /metrics): what people changed.
+ADMIN_REGISTRY = CollectorRegistry(auto_describe=True)
+
+REPLAYED = Counter(
+    "somabrain_events_replayed",
+    "Dead or failed events moved back to pending through the admin API.",
+    ["tenant"],
+    registry=ADMIN_REGISTRY,
+)
+ADMIN_PURGED = Counter(
+    "somabrain_events_purged_by_admin",
+    "Sent events deleted through the admin API's purge.",
+    ["tenant"],
+    registry=ADMIN_REGISTRY,
+)

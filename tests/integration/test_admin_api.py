@@ -311,6 +311,8 @@ def test_replay_by_filter_reports_a_dry_run_then_replays_once_and_audits(
         assert audit.selection["filter"]["states"] == ["dead"]
     shown = api.get("/v1/actions", api.mine).json()["actions"]
     assert [a["rows"] for a in shown] == [0, 4]
+    exposition = api.call("GET", "/metrics", None).text
+    assert f'somabrain_events_replayed_total{{tenant="{api.tenant}"}} 4.0' in exposition
 
 
 def test_replay_by_ids_says_what_it_did_with_each(

@@ -1,4 +1,4 @@
-"""The publisher's metrics are documented where users look for them."""
+"""The publisher's and the admin API's metrics are documented where users look for them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def _exposed_names() -> set[str]:
     names = set()
-    for family in metrics.REGISTRY.collect():
+    families = [*metrics.REGISTRY.collect(), *metrics.ADMIN_REGISTRY.collect()]
+    for family in families:
         suffix = "_total" if family.type == "counter" else ""
         names.add(family.name + suffix)
     return names

@@ -21,17 +21,19 @@ import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, Self
 
+import prometheus_client
 import pydantic
 import sqlalchemy.exc
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain.config.types import TENANT_ID_PATTERN, TenantId
+from somabrain.delivery import metrics
 from somabrain.edges.admin.auth import Caller, TokenFile
 from somabrain.store import admin as store
 from somabrain.store.outbox import TenantCounts, tenant_counts
@@ -290,6 +292,13 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/metrics", include_in_schema=False)
+    def exposition() -> Response:
+        return Response(
+            prometheus_client.generate_latest(metrics.ADMIN_REGISTRY),
+            media_type=prometheus_client.CONTENT_TYPE_LATEST,
+        )
+
     @app.get("/readyz", include_in_schema=False)
     def readyz() -> dict[str, str]:
         with sessions() as session:
@@ -391,6 +400,7 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
             outcomes, result = store.run_replay_ids(
                 sessions, tenant_id=tenant_id, event_ids=ids, actor=_actor(who)
             )
+            metrics.REPLAYED.labels(tenant_id).inc(result.rows)
             return _replayed(False, result, result.action_id, outcomes)
         assert body.filter is not None
         selection = body.filter.of_tenant(tenant_id)
@@ -398,6 +408,7 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
             with sessions() as session:
                 return _replayed(True, store.preview_replay(session, selection), None, None)
         result = store.run_replay(sessions, selection, actor=_actor(who))
+        metrics.REPLAYED.labels(tenant_id).inc(result.rows)
         return _replayed(False, result, result.action_id, None)
 
     @app.post(
@@ -417,6 +428,7 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
                 rows = store.count_purgeable(session, selection)
             return PurgeResult(dry_run=True, rows=rows, audit_id=None)
         result = store.run_purge(sessions, selection, actor=_actor(who))
+        metrics.ADMIN_PURGED.labels(tenant_id).inc(result.rows)
         return PurgeResult(dry_run=False, rows=result.rows, audit_id=result.action_id)
 
     @app.get("/v1/actions", tags=["audit"])
