@@ -142,6 +142,7 @@ class Journal:
         # Segments left by an earlier run hold events not in the outbox yet: later
         # events wait behind them, in the journal.
         self._backlogged = any(directory.glob(f"*{SUFFIX}"))
+        self._total = self._journal_bytes()
 
     @property
     def backlogged(self) -> bool:
@@ -153,7 +154,12 @@ class Journal:
         survive a crash of the process or the machine."""
         lines = b"".join(encode_record(r) for r in rows)
         with self._lock:
-            if self._journal_bytes() + len(lines) > self.max_bytes:
+            # The running total counts what this process wrote since it last looked;
+            # migration deletes files meanwhile, so near the limit the directory is
+            # measured again before refusing.
+            if self._total + len(lines) > self.max_bytes:
+                self._total = self._journal_bytes()
+            if self._total + len(lines) > self.max_bytes:
                 raise JournalFull(
                     f"journal {self.directory} is at its limit of {self.max_bytes} bytes; "
                     "migrate it (somabrain journal migrate) or give it more room"
@@ -167,6 +173,7 @@ class Journal:
                 view = view[written:]
             os.fsync(self._fd)
             self._size += len(lines)
+            self._total += len(lines)
             self._backlogged = True
 
     def _journal_bytes(self) -> int:
