@@ -83,6 +83,12 @@ class BacklogOverCap(RetriableError):
         self.adding = adding
 
 
+class InvalidSelection(PermanentError):
+    """An operator's selection of events is refused (a state that cannot be replayed, a
+    time without a time zone, options that contradict each other); nothing was read or
+    changed."""
+
+
 class InvalidTenantConfig(PermanentError):
     """The per-tenant configuration file cannot be read or does not validate."""
 

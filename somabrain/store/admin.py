@@ -10,6 +10,7 @@ decide who may call what; this module decides what each call does to the table.
   id, so it is delivered before every later event of its key, as it would have been.
   Only rows in those states are touched: a replayed row is pending again and no longer
   matches, so replaying twice, or again after a crash half-way, changes each row once.
+  A selection naming other states is refused (InvalidSelection), never narrowed.
 - **Purge** deletes `sent` rows only.
 - Both work in chunks of their own short transactions (never one long lock on the
   table), and each chunk adds its row count to the action's audit row in the same
@@ -24,7 +25,7 @@ import enum
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -40,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from somabrain.config.errors import InvalidSelection
 from somabrain.config.types import EventId, TenantId
 from somabrain.store.models import AdminAction, EventStatus, OutboxEvent
 from somabrain.store.outbox import wake_publisher
@@ -239,9 +241,27 @@ class ReplayCount:
     overtaken: int
 
 
+def check_replayable(states: Iterable[Selectable]) -> None:
+    """Raise InvalidSelection unless every one of `states` can be replayed."""
+    refused = sorted(set(states) - REPLAYABLE)
+    if refused:
+        raise InvalidSelection(
+            "; ".join(_NOT_REPLAYABLE[s] for s in refused)
+            + ": only dead and failed events can be replayed"
+        )
+
+
+_NOT_REPLAYABLE = {
+    Selectable.PENDING: "pending events are waiting for delivery already",
+    Selectable.SENT: "sent events are in Kafka already (replaying one would publish it twice)",
+}
+
+
 def _replayable(selection: EventFilter) -> EventFilter:
-    states = selection.states & REPLAYABLE if selection.states else REPLAYABLE
-    return dataclasses.replace(selection, states=frozenset(states))
+    # Refused rather than narrowed: a selection of sent events alone would otherwise
+    # lose its only state and match every row of the tenant.
+    check_replayable(selection.states)
+    return dataclasses.replace(selection, states=selection.states or REPLAYABLE)
 
 
 def preview_replay(session: Session, selection: EventFilter) -> ReplayCount:
@@ -455,7 +475,10 @@ def run_replay(
     on_chunk: Callable[[int], None] | None = None,
 ) -> ActionResult:
     """Replay the whole selection chunk by chunk, audited. A crash leaves the chunks
-    already committed replayed and counted; running it again replays the rest."""
+    already committed replayed and counted; running it again replays the rest. A
+    selection of states that cannot be replayed raises InvalidSelection before anything
+    is written."""
+    selection = _replayable(selection)
     described = {"filter": selection.describe()}
     with sessions.begin() as session:
         action_id = start_action(

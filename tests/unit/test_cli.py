@@ -72,3 +72,15 @@ def test_help_names_option_values_not_python_types() -> None:
         assert "<bool>" not in result.stdout
         assert "list[str]" not in result.stdout
     assert "--tenant TENANT" in _run("publisher", "run", "--help").stdout
+
+
+def test_every_outbox_command_has_help_with_an_example_and_option_metavars() -> None:
+    for command in ("stats", "list", "show", "replay", "purge", "check"):
+        result = _run("outbox", command, "--help")
+
+        assert result.returncode == 0, result.stderr
+        assert f"Example: somabrain outbox {command}" in result.stdout
+        assert "<bool>" not in result.stdout
+        assert "list[str]" not in result.stdout
+    assert "--state STATE" in _run("outbox", "list", "--help").stdout
+    assert "--id EVENT_ID" in _run("outbox", "replay", "--help").stdout
