@@ -30,11 +30,14 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    String,
     and_,
+    cast,
     delete,
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -47,6 +50,9 @@ from somabrain.store.models import AdminAction, EventStatus, OutboxEvent
 from somabrain.store.outbox import wake_publisher
 
 log = logging.getLogger(__name__)
+
+# How migration 0003 marks a row it set aside: `<original key>#duplicate-<the row's id>`.
+DUPLICATE_MARKER = "#duplicate-"
 
 
 class Selectable(enum.StrEnum):
@@ -264,9 +270,22 @@ def _replayable(selection: EventFilter) -> EventFilter:
     return dataclasses.replace(selection, states=selection.states or REPLAYABLE)
 
 
+def _set_aside() -> ColumnElement[bool]:
+    """A row migration 0003 set aside as a repeat of another event's dedupe key (its key
+    ends in `#duplicate-<its id>`): dead so that it is never published, and never
+    replayed either."""
+    return OutboxEvent.dedupe_key.like(
+        literal("%" + DUPLICATE_MARKER) + cast(OutboxEvent.id, String)
+    )
+
+
+def _replay_conditions(selection: EventFilter) -> list[ColumnElement[bool]]:
+    return [*_replayable(selection).conditions(), ~_set_aside()]
+
+
 def preview_replay(session: Session, selection: EventFilter) -> ReplayCount:
     """What `replay_chunk` would change over the whole selection, changing nothing."""
-    where = _replayable(selection).conditions()
+    where = _replay_conditions(selection)
     rows, overtaken = session.execute(
         select(func.count(), func.count().filter(_overtaken(OutboxEvent))).where(*where)
     ).one()
@@ -279,7 +298,7 @@ def replay_chunk(
     """Move the next `chunk` replayable rows above `after_id` back to pending. Returns
     the last id it changed (the next chunk's `after_id`; `after_id` itself when nothing
     is left) and what it changed. The caller commits."""
-    where = _replayable(selection).conditions()
+    where = _replay_conditions(selection)
     picked = (
         select(OutboxEvent.id, _overtaken(OutboxEvent).label("overtaken"))
         .where(*where, OutboxEvent.id > after_id)
@@ -315,6 +334,7 @@ class IdOutcome(enum.StrEnum):
     ALREADY_PENDING = "already-pending"  # waiting for delivery already: nothing to do
     SENT = "sent"  # delivered already: replaying it would publish it twice
     NOT_FOUND = "not-found"  # no such event of this tenant
+    SET_ASIDE = "set-aside"  # a repeat of another event's dedupe key (migration 0003)
 
 
 def replay_ids(
@@ -329,6 +349,7 @@ def replay_ids(
             OutboxEvent.status,
             OutboxEvent.attempts,
             _overtaken(OutboxEvent),
+            _set_aside(),
         )
         .where(OutboxEvent.tenant_id == tenant_id, OutboxEvent.event_id.in_(list(event_ids)))
         .order_by(OutboxEvent.id)
@@ -337,9 +358,11 @@ def replay_ids(
     outcomes = dict.fromkeys(event_ids, IdOutcome.NOT_FOUND)
     chosen: list[int] = []
     overtaken = 0
-    for row_id, event_id, status, attempts, late in rows:
+    for row_id, event_id, status, attempts, late, aside in rows:
         state = state_of(status, attempts)
-        if state in REPLAYABLE:
+        if aside:
+            outcomes[event_id] = IdOutcome.SET_ASIDE
+        elif state in REPLAYABLE:
             outcomes[event_id] = IdOutcome.REPLAYED
             chosen.append(row_id)
             overtaken += bool(late)

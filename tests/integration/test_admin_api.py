@@ -20,7 +20,7 @@ import httpx
 import pytest
 import uvicorn
 import yaml
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import enqueue_event
@@ -367,6 +367,41 @@ def test_a_replayed_event_reaches_kafka_before_the_later_events_of_its_key(
     values = [m.value() for m in read_committed(bootstrap, topic)]
     assert values == [b'{"i":%d}' % i for i in range(4)]
     assert len(later) == 3
+
+
+def test_events_migration_0003_set_aside_as_repeats_are_never_replayed(
+    api: Api, sessions: sessionmaker[Session]
+) -> None:
+    kept, repeat = _enqueue(sessions, api.tenant, 2)
+    _kill(sessions, [repeat])
+    with sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE outbox_events SET dedupe_key = dedupe_key || '#duplicate-' || id"
+                " WHERE id = :id"
+            ),
+            {"id": repeat},
+        )
+    path = f"/v1/tenants/{api.tenant}/replay"
+    assert api.post(path, {"filter": {"states": ["dead"]}}, api.mine).json()["rows"] == 0
+    by_id = api.post(path, {"event_ids": [_event_id(sessions, repeat)]}, api.mine).json()
+    assert list(by_id["outcomes"].values()) == ["set-aside"]
+    assert [s for _, s, _ in _states(sessions, api.tenant)] == ["pending", "dead"]
+    assert kept < repeat
+
+
+def test_a_replay_filter_without_states_replays_dead_events_only(
+    api: Api, sessions: sessionmaker[Session]
+) -> None:
+    dead, failed = _enqueue(sessions, api.tenant, 2)
+    _kill(sessions, [dead])
+    with sessions.begin() as session:
+        record_failure(
+            session, row_id=failed, error="timeout", backoff_seconds=3600, max_attempts=9
+        )
+    result = api.post(f"/v1/tenants/{api.tenant}/replay", {"filter": {}}, api.mine).json()
+    assert result["rows"] == 1
+    assert _states(sessions, api.tenant) == [(dead, "pending", 0), (failed, "pending", 1)]
 
 
 def test_replaying_an_event_a_later_one_of_its_key_overtook_says_so(

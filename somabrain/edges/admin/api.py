@@ -134,8 +134,8 @@ class Filter(_Model):
 
     states: list[store.Selectable] = Field(
         default_factory=list,
-        description="Replay: dead and/or failed (default: dead). Purge ignores it: only "
-        "sent events are ever purged.",
+        description="Replay: dead and/or failed (default: dead only). Purge ignores it: "
+        "only sent events are ever purged.",
     )
     topic: str | None = Field(default=None, min_length=1, max_length=249)
     key: str | None = None
@@ -403,7 +403,8 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
             metrics.REPLAYED.labels(tenant_id).inc(result.rows)
             return _replayed(False, result, result.action_id, outcomes)
         assert body.filter is not None
-        selection = body.filter.of_tenant(tenant_id)
+        states = body.filter.states or [store.Selectable.DEAD]
+        selection = body.filter.model_copy(update={"states": states}).of_tenant(tenant_id)
         if body.dry_run:
             with sessions() as session:
                 return _replayed(True, store.preview_replay(session, selection), None, None)
