@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
 
@@ -84,3 +85,36 @@ def test_every_outbox_command_has_help_with_an_example_and_option_metavars() -> 
         assert "list[str]" not in result.stdout
     assert "--state STATE" in _run("outbox", "list", "--help").stdout
     assert "--id EVENT_ID" in _run("outbox", "replay", "--help").stdout
+
+
+def _leaf_commands() -> list[list[str]]:
+    """Every command of `somabrain` that does something, as its words."""
+    import typer.main
+
+    from somabrain.edges.cli import app
+
+    found: list[list[str]] = []
+
+    def walk(command: Any, words: list[str]) -> None:
+        subcommands = getattr(command, "commands", None)
+        if subcommands:
+            for name, sub in subcommands.items():
+                walk(sub, [*words, name])
+        else:
+            found.append(words)
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def test_every_command_has_help_with_an_example_of_itself() -> None:
+    commands = _leaf_commands()
+    assert ["journal", "migrate"] in commands
+    assert ["admin", "serve"] in commands
+    for words in commands:
+        result = _run(*words, "--help")
+
+        assert result.returncode == 0, (words, result.stderr)
+        assert f"somabrain {' '.join(words)}" in result.stdout.split("Example", 1)[-1], words
+        assert "<bool>" not in result.stdout, words
+        assert "list[str]" not in result.stdout, words
