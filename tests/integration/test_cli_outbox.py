@@ -726,3 +726,34 @@ def test_check_exits_1_naming_each_threshold_a_tenant_is_over(
     }
     assert invalid.returncode == 2
     assert invalid.stderr.startswith("FAILED: invalid tenant id")
+
+
+def test_publisher_and_admin_api_refuse_to_start_on_a_schema_behind_this_version(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    behind = make_database()
+    migrate.upgrade(behind, "0004")
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens: [{name: a, token: " + "t" * 32 + ", admin: true}]")
+    head = migrate.head_revision(behind)
+
+    publisher = _run(behind, "publisher", "run", "--tenant", "acme")
+    admin_api = subprocess.run(
+        [SOMABRAIN, "admin", "serve"],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "SOMABRAIN_DATABASE_URL": behind,
+            "SOMABRAIN_ADMIN_TOKENS_FILE": str(tokens),
+        },
+        timeout=60,
+        check=False,
+    )
+
+    for result in (publisher, admin_api):
+        assert result.returncode == 2, result.stderr
+        assert (
+            f"FAILED: database schema is at revision 0004, this version needs {head}; "
+            "run `somabrain db upgrade` first"
+        ) in result.stderr
