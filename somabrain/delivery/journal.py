@@ -29,6 +29,9 @@ puts each event in the outbox once.
   so no later event reaches the outbox before an earlier one; migration inserts each
   tenant's records in journal order, and once one of a tenant's records cannot be
   inserted, none of its later ones are.
+- A commit whose outcome is unknown (the connection lost during COMMIT) is journaled
+  too: the journaled copy has the dedupe key the row may already have, so migration
+  finds it there and adds nothing.
 - Bounded: appending beyond `max_bytes` raises JournalFull; nothing is dropped.
 
 One directory per producer process (a pod's volume); the CLI can migrate it from

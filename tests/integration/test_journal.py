@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy.exc
@@ -395,3 +396,32 @@ def test_every_event_acknowledged_before_the_writer_was_killed_reaches_the_outbo
     assert migrated == list(range(len(migrated)))
     assert all(d["torn"] for d in json.loads(result.stdout)["damaged"])
     assert segments(tmp_path) == []
+
+
+def test_an_event_journaled_after_a_commit_that_did_succeed_is_not_added_twice(
+    tmp_path: Path,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The row is committed, then the producer is told the commit failed (as when the
+    # connection is lost while COMMIT is answered), so the event is journaled as well.
+    # The loss is simulated after a real commit on the real database.
+    from somabrain.delivery import journal as journal_module
+    from somabrain.store.outbox import enqueue_validated as real
+
+    def committed_then_lost(session: Session, rows: Any) -> Any:
+        real(session, rows)
+        session.commit()
+        raise sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("connection lost"))
+
+    monkeypatch.setattr(journal_module, "enqueue_validated", committed_then_lost)
+    journal = Journal(tmp_path)
+    result = emit_event(engine, tenant_id=tenant, topic="orders", payload={"i": 0}, journal=journal)
+    monkeypatch.undo()
+    assert result.status is EnqueueStatus.JOURNALED
+    journal.close()
+    report = migrate_journal(tmp_path, engine)
+    assert (report.tenants[tenant].inserted, report.tenants[tenant].duplicates) == (0, 1)
+    assert _outbox(sessions, tenant) == [0]
