@@ -927,9 +927,11 @@ def journal_migrate(
 
     Safe to run twice, or again after it was stopped half-way: an event already in
     the outbox (same tenant and dedupe key) is counted as already there, not added
-    again. Torn writes (a producer killed mid-write) are reported and skipped; a file
-    with a corrupt record, or one a producer is still writing, is kept. Exits 1 when
-    a record is corrupt or held back (its tenant over its backlog cap).
+    again, and a journal file keeps only the events still to migrate. A last line a
+    producer did not finish writing (it was never acknowledged) is reported and
+    dropped; a line that does not match its checksum is reported and moved to
+    FILE.corrupt next to it, for a person to look at. Safe while the producer runs.
+    Exits 1 when a line is corrupt or a tenant is held back (over its backlog cap).
 
     Example: somabrain journal migrate --dir /var/lib/app/journal --dry-run
     """
@@ -972,6 +974,7 @@ def journal_migrate(
                     ],
                     "deleted": [str(p) for p in report.deleted],
                     "kept": {str(p): why for p, why in report.kept.items()},
+                    "quarantined": [str(p) for p in report.quarantined],
                 },
                 indent=2,
             )
@@ -983,7 +986,11 @@ def journal_migrate(
             table.add_row(name, str(t.records), str(t.inserted), str(t.duplicates), t.held or "")
         rich.console.Console().print(table)
         for d in report.damaged:
-            kind = "torn write, skipped" if d.torn else "does not match its checksum; file kept"
+            kind = (
+                "a write cut short, never acknowledged; dropped"
+                if d.torn
+                else f"does not match its checksum; moved to {d.path.name}.corrupt"
+            )
             typer.echo(f"{d.path}:{d.line}: {d.length} bytes: {kind}")
         for path, why in report.kept.items():
             typer.echo(f"kept {path}: {why}")

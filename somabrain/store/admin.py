@@ -30,14 +30,11 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    String,
     and_,
-    cast,
     delete,
     exists,
     func,
     insert,
-    literal,
     or_,
     select,
     update,
@@ -47,12 +44,9 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from somabrain.config.errors import InvalidSelection
 from somabrain.config.types import EventId, TenantId
 from somabrain.store.models import AdminAction, EventStatus, OutboxEvent
-from somabrain.store.outbox import wake_publisher
+from somabrain.store.outbox import set_aside, wake_publisher
 
 log = logging.getLogger(__name__)
-
-# How migration 0003 marks a row it set aside: `<original key>#duplicate-<the row's id>`.
-DUPLICATE_MARKER = "#duplicate-"
 
 
 class Selectable(enum.StrEnum):
@@ -270,17 +264,8 @@ def _replayable(selection: EventFilter) -> EventFilter:
     return dataclasses.replace(selection, states=selection.states or REPLAYABLE)
 
 
-def _set_aside() -> ColumnElement[bool]:
-    """A row migration 0003 set aside as a repeat of another event's dedupe key (its key
-    ends in `#duplicate-<its id>`): dead so that it is never published, and never
-    replayed either."""
-    return OutboxEvent.dedupe_key.like(
-        literal("%" + DUPLICATE_MARKER) + cast(OutboxEvent.id, String)
-    )
-
-
 def _replay_conditions(selection: EventFilter) -> list[ColumnElement[bool]]:
-    return [*_replayable(selection).conditions(), ~_set_aside()]
+    return [*_replayable(selection).conditions(), ~set_aside()]
 
 
 def preview_replay(session: Session, selection: EventFilter) -> ReplayCount:
@@ -349,7 +334,7 @@ def replay_ids(
             OutboxEvent.status,
             OutboxEvent.attempts,
             _overtaken(OutboxEvent),
-            _set_aside(),
+            set_aside(),
         )
         .where(OutboxEvent.tenant_id == tenant_id, OutboxEvent.event_id.in_(list(event_ids)))
         .order_by(OutboxEvent.id)
@@ -515,7 +500,9 @@ def run_replay(
     while True:
         with sessions.begin() as session:
             after, count = replay_chunk(session, selection, after_id=after, chunk=chunk)
-            done = count.rows < chunk
+            # Only an empty chunk ends it: a short one may be short because rows it
+            # picked changed under their lock, with more left after them.
+            done = count.rows == 0
             count_action_rows(session, action_id, count.rows, finished=done)
         rows += count.rows
         overtaken += count.overtaken
@@ -570,7 +557,8 @@ def run_purge(
     while True:
         with sessions.begin() as session:
             count = purge_chunk(session, selection, chunk=chunk)
-            done = count < chunk
+            # Only an empty chunk ends it: rows locked elsewhere are skipped, not last.
+            done = count == 0
             count_action_rows(session, action_id, count, finished=done)
         rows += count
         if on_chunk is not None:

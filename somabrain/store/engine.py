@@ -15,10 +15,21 @@ def engine_url(url: str) -> URL:
     return parsed
 
 
+# Seconds to establish a connection when the URL does not say (`?connect_timeout=`):
+# without one, a database that accepts TCP but never answers blocks a caller for good.
+CONNECT_TIMEOUT_SECONDS = 10
+
+
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     """An engine whose pool tests each connection before use (pre-ping), so connections
-    left over from before a Postgres restart are replaced instead of failing a query."""
-    return create_engine(engine_url(url), pool_size=pool_size, pool_pre_ping=True)
+    left over from before a Postgres restart are replaced instead of failing a query,
+    and whose connection attempts give up after CONNECT_TIMEOUT_SECONDS unless the URL
+    sets its own `connect_timeout`."""
+    parsed = engine_url(url)
+    connect_args = (
+        {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    )
+    return create_engine(parsed, pool_size=pool_size, pool_pre_ping=True, connect_args=connect_args)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

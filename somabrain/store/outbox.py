@@ -592,6 +592,16 @@ def claim_pending(
     ]
 
 
+# How migration 0003 marks a row it set aside: `<original key>#duplicate-<the row's id>`.
+DUPLICATE_MARKER = "#duplicate-"
+
+
+def set_aside(row: type[OutboxEvent] | Any = OutboxEvent) -> Any:
+    """True for a row migration 0003 set aside as a repeat of another event's dedupe
+    key: dead so that it is never published; never replayed, and blocking no key."""
+    return row.dedupe_key.like(literal("%" + DUPLICATE_MARKER) + cast(row.id, String))
+
+
 def _blocked(row: type[OutboxEvent], *, dead_blocks_key: bool) -> Any:
     """True for a row of `row` that an earlier undelivered row of its key holds back:
     one retrying (pending, failed at least once, backing off) or, with
@@ -603,7 +613,11 @@ def _blocked(row: type[OutboxEvent], *, dead_blocks_key: bool) -> Any:
         earlier.next_attempt_at > func.now(),
     )
     if dead_blocks_key:
-        blocking = or_(blocking, earlier.status == EventStatus.DEAD.value)
+        # Not a row migration 0003 set aside as a repeat of another event's dedupe key:
+        # it is dead so that it is never published, and is no event of the key's own.
+        blocking = or_(
+            blocking, and_(earlier.status == EventStatus.DEAD.value, ~set_aside(earlier))
+        )
     return (
         select(literal(1))
         .where(

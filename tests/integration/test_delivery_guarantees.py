@@ -218,6 +218,37 @@ def test_dead_event_blocks_its_key_under_block_and_not_under_skip(
     assert "b" in [e.message_key for e in claimed]
 
 
+def test_a_row_migration_0003_set_aside_blocks_no_key_under_block(
+    engine: Engine, sessions: sessionmaker[Session], tenant: str
+) -> None:
+    # A repeat of another event's dedupe key, made dead so it is never published: it is
+    # not an event of its key, and the key's later events must not wait behind it.
+    with sessions.begin() as session:
+        for _ in range(3):
+            enqueue_event(session, tenant_id=tenant, topic="t.orders", key="a", payload={})
+    with sessions.begin() as session:
+        ids = [r.id for r in claim_pending(session, tenant_id=TenantId(tenant), limit=10)]
+        session.execute(
+            text(
+                "UPDATE outbox_events SET status = 'dead',"
+                " dedupe_key = dedupe_key || '#duplicate-' || id WHERE id = :id"
+            ),
+            {"id": ids[1]},
+        )
+        session.execute(
+            text(
+                "UPDATE outbox_events SET status = 'sent', sent_at = now(), kafka_offset = 0"
+                " WHERE id = :id"
+            ),
+            {"id": ids[0]},
+        )
+    with Session(engine) as session:
+        claimed = claim_pending(session, tenant_id=TenantId(tenant), limit=10, dead_blocks_key=True)
+        reported = backlog(session, tenant_id=TenantId(tenant), dead_blocks_key=True)
+    assert [e.id for e in claimed] == [ids[2]]
+    assert reported.blocked_keys == 0
+
+
 @pytest.mark.parametrize("mode", ["exactly-once", "at-least-once"])
 def test_event_the_broker_refuses_goes_dead_and_other_keys_flow(
     mode: str,

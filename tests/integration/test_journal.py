@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy.event
 import sqlalchemy.exc
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import EnqueueStatus, Journal, JournalMigrator, emit_event, emit_events
+from somabrain.config.errors import BacklogOverCap
 from somabrain.delivery.journal import migrate_journal, segments
 from somabrain.store.engine import make_engine
 from somabrain.store.models import OutboxEvent
@@ -202,6 +204,42 @@ def test_events_emitted_after_the_database_is_back_wait_behind_the_journaled_one
     assert after.status is EnqueueStatus.ENQUEUED
 
 
+def test_while_the_journal_holds_events_a_tenant_over_its_cap_is_still_refused(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    emit_events(unreachable, _events(tenant, 2), journal=Journal(tmp_path))
+    other = f"{tenant}-other"
+    with sessions.begin() as session:
+        report_tenant(session, tenant_id=tenant, pending=10, max_pending=10, publisher=tenant)
+    # The producer restarted with its journal still holding events; the database is back.
+    journal = Journal(tmp_path)
+    assert journal.backlogged
+    with pytest.raises(BacklogOverCap, match="its cap is 10"):
+        emit_event(engine, tenant_id=tenant, topic="orders", payload={"i": 2}, journal=journal)
+    fine = emit_event(engine, tenant_id=other, topic="orders", payload={"i": 0}, journal=journal)
+    assert fine.status is EnqueueStatus.JOURNALED
+    report = migrate_journal(tmp_path, engine, dry_run=True)
+    assert (report.tenants[tenant].records, report.tenants[other].records) == (2, 1)
+
+
+def test_while_the_database_was_just_found_unreachable_journaling_does_not_wait_on_it(
+    tmp_path: Path, unreachable: Engine, tenant: str
+) -> None:
+    attempts: list[object] = []
+    sqlalchemy.event.listen(unreachable, "do_connect", lambda *args: attempts.append(args))
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(tenant, 1), journal=journal)
+    tried = len(attempts)
+    results = emit_events(unreachable, _events(tenant, 5, start=1), journal=journal)
+    assert tried >= 1
+    assert len(attempts) == tried
+    assert {r.status for r in results} == {EnqueueStatus.JOURNALED}
+
+
 def test_background_migration_keeps_order_while_events_keep_coming(
     tmp_path: Path,
     unreachable: Engine,
@@ -245,17 +283,21 @@ def test_a_tenant_over_its_cap_is_held_back_and_another_tenant_migrates(
         check=False,
     )
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "holds records not migrated" in result.stdout
+    assert "3 records not migrated" in result.stdout
     assert _outbox(sessions, fine) == [0, 1, 2]
     assert _outbox(sessions, full) == []
     assert len(segments(tmp_path)) == 1
 
+    # The migrated tenant's rows are purged meanwhile (retention); the journal, which
+    # kept only what was not migrated, does not bring them back.
     with sessions.begin() as session:
+        session.execute(delete(OutboxEvent).where(OutboxEvent.tenant_id == fine))
         report_tenant(session, tenant_id=full, pending=0, max_pending=10, publisher=full)
     report = migrate_journal(tmp_path, engine)
     assert report.tenants[full].inserted == 3
-    assert report.tenants[fine].duplicates == 3
+    assert fine not in report.tenants
     assert _outbox(sessions, full) == [0, 1, 2]
+    assert _outbox(sessions, fine) == []
     assert segments(tmp_path) == []
 
 
@@ -306,30 +348,87 @@ def test_a_torn_last_record_is_reported_and_every_record_before_it_migrates(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{segment}:6: " in result.stdout
-    assert "torn write, skipped" in result.stdout
+    assert "a write cut short, never acknowledged; dropped" in result.stdout
     assert _outbox(sessions, tenant) == [0, 1, 2, 3, 4]
     assert segments(tmp_path) == []
 
 
-def test_a_corrupt_record_keeps_its_file_for_a_person_to_look_at(
+@pytest.mark.parametrize("line", [0, 2])
+def test_a_corrupt_record_is_set_aside_for_a_person_and_the_others_migrate(
+    tmp_path: Path,
+    unreachable: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+    line: int,
+) -> None:
+    # The last line too: it ends with its newline, so it was acknowledged, and a
+    # checksum mismatch there is damage, never taken for a write cut short.
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(tenant, 3), journal=journal)
+    [segment] = segments(tmp_path)
+    lines = segment.read_bytes().split(b"\n")
+    damaged = b"00000000" + lines[line][8:]
+    lines[line] = damaged
+    segment.write_bytes(b"\n".join(lines))
+    result = subprocess.run(
+        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{segment}:{line + 1}: " in result.stdout
+    assert "does not match its checksum; moved to" in result.stdout
+    assert _outbox(sessions, tenant) == [i for i in range(3) if i != line]
+    assert segments(tmp_path) == []
+    quarantine = segment.with_name(segment.name + ".corrupt")
+    assert quarantine.read_bytes() == damaged + b"\n"
+
+
+def test_after_another_process_migrated_the_journal_emit_goes_to_the_database_again(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(tenant, 2), journal=journal)
+    migrated = subprocess.run(
+        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        timeout=60,
+        check=False,
+    )
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    assert wait_for(lambda: not journal.backlogged, timeout=5)
+    result = emit_event(engine, tenant_id=tenant, topic="orders", payload={"i": 2}, journal=journal)
+    assert result.status is EnqueueStatus.ENQUEUED
+    assert _outbox(sessions, tenant) == [0, 1, 2]
+
+
+def test_a_dry_run_says_which_tenants_their_cap_would_hold_back(
     tmp_path: Path,
     unreachable: Engine,
     engine: Engine,
     sessions: sessionmaker[Session],
     tenant: str,
 ) -> None:
+    with sessions.begin() as session:
+        report_tenant(session, tenant_id=tenant, pending=8, max_pending=10, publisher=tenant)
     journal = Journal(tmp_path)
     emit_events(unreachable, _events(tenant, 3), journal=journal)
-    journal.close()
-    [segment] = segments(tmp_path)
-    lines = segment.read_bytes().split(b"\n")
-    lines[0] = b"00000000" + lines[0][8:]
-    segment.write_bytes(b"\n".join(lines))
-    report = migrate_journal(tmp_path, engine)
-    assert _outbox(sessions, tenant) == [1, 2]
-    assert [(d.line, d.torn) for d in report.damaged] == [(1, False)]
-    assert "do not match their checksum" in report.kept[segment]
-    assert segments(tmp_path) == [segment]
+    report = migrate_journal(tmp_path, engine, dry_run=True)
+    held = report.tenants[tenant].held
+    assert held is not None
+    assert "its cap is 10" in held
+    assert _outbox(sessions, tenant) == []
 
 
 def test_migrating_one_tenant_leaves_the_others_records_and_their_file(
@@ -378,7 +477,7 @@ def test_every_event_acknowledged_before_the_writer_was_killed_reaches_the_outbo
         if acknowledged >= 300:
             break
     writer.send_signal(signal.SIGKILL)
-    writer.wait(30)
+    writer.communicate(timeout=30)
 
     result = subprocess.run(
         [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path), "--output", "json"],
