@@ -19,28 +19,37 @@ dedupe key is a duplicate the outbox ignores).
   append, and checks under the lock that the file it opened is still the one of that
   name; a migrator works on a segment under the same lock. A segment a migrator has
   replaced or deleted is never appended to: the writer starts a new one.
+- One migration of a journal at a time (a lock file in the directory): two at once
+  would each take segments the other had not, out of order.
 - After migrating a segment, the migrator deletes it if every record is committed in
   the database, or replaces it (write, fsync, rename) by a segment of the records still
-  to migrate (a tenant over its backlog cap, a tenant not asked for): a record once
-  committed is never migrated again, even after its row was purged from the outbox.
+  to migrate (a tenant over its backlog cap, a tenant not asked for). Until then each
+  committed chunk is recorded beside it (`<segment>.done`), so a record once committed
+  is never migrated again, even when a run was killed half-way and the row purged from
+  the outbox before the next run.
+- A segment that cannot be read or locked stops the run there: later segments wait, as
+  they may hold later events of a tenant in it.
 - A line that does not match its checksum is moved to `<segment>.corrupt`, reported
   with its line, and kept for a person to look at; it never holds back the rest.
 - A last line without its newline is a write cut short (the process or the machine died
   in the middle of it, or the disk filled up): it was never acknowledged, and is
   reported and dropped. A failed append cuts the segment back to where it was before
   raising, or, if it cannot, starts a new segment for the next append.
-- Order: a producer's events keep their order per key. While its journal holds events
-  not yet migrated, `emit_event` appends to the journal even when the database is back,
-  so no later event reaches the outbox before an earlier one; migration inserts each
-  tenant's records in journal order, and once one of a tenant's records cannot be
-  inserted, none of its later ones are.
+- Order: a producer's events keep their order per key. While its journal may hold
+  events of a tenant not yet migrated, `emit_event` journals that tenant's events even
+  when the database is back, so none reaches the outbox before an earlier one; other
+  tenants' events go to the database. Migration inserts each tenant's records in
+  journal order, and once one of a tenant's records cannot be inserted, none of its
+  later ones are.
 - A commit whose outcome is unknown (the connection lost during COMMIT) is journaled
   too: the journaled copy has the dedupe key the row may already have, so migration
-  finds it there and adds nothing.
-- The backlog cap: while the journal holds events, `emit_event` still refuses a tenant
-  the database says is over its cap (BacklogOverCap), as enqueue would; events journaled
-  while the database could not say so are held back by migration until the tenant is
-  under its cap.
+  finds it there and adds nothing (while the row is in the outbox: until retention
+  purges it after it was sent).
+- The backlog cap: while the journal holds a tenant's events, `emit_event` still
+  refuses the tenant when the database says it is over its cap (BacklogOverCap), as
+  enqueue would. Migration inserts as many of a tenant's records as its cap has room
+  for and holds back the rest until there is room again; a held tenant holds back no
+  other.
 - Bounded: appending beyond `max_bytes` raises JournalFull; nothing is dropped.
 
 One directory per producer process (a pod's volume); the CLI can migrate it from
@@ -50,6 +59,7 @@ anywhere that mounts it, while the producer runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import fcntl
@@ -60,7 +70,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +102,10 @@ UNREACHABLE_GRACE_SECONDS = 5.0
 
 class JournalFull(RetriableError):
     """The journal is at its size limit; the event was not written anywhere."""
+
+
+class JournalBusy(RetriableError):
+    """Another migration of the same journal is running; nothing was done."""
 
 
 # Errors that mean "the database cannot be reached now", as opposed to a refusal of the
@@ -128,8 +142,9 @@ def decode_record(line: bytes) -> ValidatedEvent | None:
 
 
 def segments(directory: Path) -> list[Path]:
-    """The journal's segments, oldest first."""
-    return sorted(p for p in directory.glob(f"*{SUFFIX}") if p.name[0] != ".")
+    """The journal's segments, oldest first (regular files only: anything else of a
+    segment's name is no segment)."""
+    return sorted(p for p in directory.glob(f"*{SUFFIX}") if p.name[0] != "." and p.is_file())
 
 
 def _sequence(path: Path) -> int:
@@ -177,15 +192,21 @@ class Journal:
         self._path: Path | None = None
         self._last = 0
         self._total = self._journal_bytes()
-        # Segments left by an earlier run hold events not in the outbox yet: later
-        # events wait behind them, in the journal.
-        self._backlogged = bool(segments(directory))
+        # The tenants whose events may be in the journal and not yet in the outbox:
+        # their later events wait behind them, in the journal. Segments left by an
+        # earlier run may hold any tenant's (None: every tenant waits until a
+        # migration has said which are left).
+        self._held: set[str] | None = None if segments(directory) else set()
         self._checked = time.monotonic()
         self._unreachable_at: float | None = None
 
     def note_unreachable(self) -> None:
         """The database could not be reached just now."""
         self._unreachable_at = time.monotonic()
+
+    def note_reachable(self) -> None:
+        """The database took events just now."""
+        self._unreachable_at = None
 
     @property
     def recently_unreachable(self) -> bool:
@@ -196,14 +217,33 @@ class Journal:
 
     @property
     def backlogged(self) -> bool:
-        """True while the journal may hold events not yet in the outbox. Re-checked
-        against the directory (at most twice a second), so a migration by another
-        process (`somabrain journal migrate`) ends it too."""
-        if self._backlogged and time.monotonic() - self._checked > 0.5:
+        """True while the journal may hold events of any tenant not yet in the
+        outbox."""
+        with self._lock:
+            self._recheck()
+            return self._held is None or bool(self._held)
+
+    def holds(self, tenants: Iterable[str]) -> bool:
+        """True while the journal may hold events of one of `tenants` not yet in the
+        outbox: their next events must be journaled too, behind them."""
+        with self._lock:
+            self._recheck()
+            return self._held is None or not self._held.isdisjoint(tenants)
+
+    @property
+    def held_tenants(self) -> frozenset[str] | None:
+        """The tenants whose events may wait in the journal (None: not known yet, any)."""
+        with self._lock:
+            return None if self._held is None else frozenset(self._held)
+
+    def _recheck(self) -> None:
+        """Under the lock: a journal left without segments holds nothing, whoever
+        migrated it (`somabrain journal migrate` from another process too). Looked at
+        no more than twice a second."""
+        if (self._held is None or self._held) and time.monotonic() - self._checked > 0.5:
             self._checked = time.monotonic()
             if not segments(self.directory):
-                self._backlogged = False
-        return self._backlogged
+                self._held = set()
 
     def append(self, rows: Sequence[ValidatedEvent]) -> None:
         """Write the events and fsync once for all of them; when this returns they
@@ -224,7 +264,8 @@ class Journal:
             for _ in range(5):
                 if self._append_to_segment(lines):
                     self._total += len(lines)
-                    self._backlogged = True
+                    if self._held is not None:
+                        self._held.update(r.tenant_id for r in rows)
                     return
             raise RetriableError(f"journal {self.directory}: no segment could be appended to")
 
@@ -300,13 +341,17 @@ class Journal:
         return total
 
     def drain(self, migrate: Callable[[], MigrationReport]) -> MigrationReport:
-        """Migrate what was appended last with appends held back, and leave the
-        backlogged state if nothing is left: events emitted meanwhile then wait for
-        this short pass, and none reaches the outbox before an earlier one."""
+        """Migrate what was appended last with appends held back, then release every
+        tenant with nothing left in the journal: events emitted meanwhile wait for
+        this short pass, and none reaches the outbox before an earlier one of its
+        tenant. A tenant still held (over its cap) holds back no other."""
         with self._lock:
             self._path = None
             report = migrate()
-            self._backlogged = bool(segments(self.directory))
+            if not segments(self.directory):
+                self._held = set()
+            elif report.complete:
+                self._held = set(report.left)
             self._checked = time.monotonic()
             return report
 
@@ -332,7 +377,7 @@ def emit_events(
     """
     limit = journal.max_message_bytes if journal is not None else None
     rows = validate_events(events, limit)
-    if journal is not None and journal.backlogged:
+    if journal is not None and journal.holds({r.tenant_id for r in rows}):
         # Journaled behind the older events for their order, but refused as enqueue
         # would refuse them when the database can say a tenant is over its cap.
         if not journal.recently_unreachable:
@@ -340,7 +385,10 @@ def emit_events(
         return _journaled(journal, rows)
     try:
         with Session(engine) as session, session.begin():
-            return enqueue_validated(session, rows)
+            results = enqueue_validated(session, rows)
+        if journal is not None:
+            journal.note_reachable()
+        return results
     except UNREACHABLE as exc:
         if journal is None:
             raise
@@ -432,10 +480,20 @@ class MigrationReport:
     deleted: list[Path] = dataclasses.field(default_factory=list)
     kept: dict[Path, str] = dataclasses.field(default_factory=dict)
     quarantined: list[Path] = dataclasses.field(default_factory=list)
+    # A segment that could not be read or locked, where the run stopped: the segments
+    # after it were left alone, so that no event overtakes one of its tenant in it.
+    stopped_at: tuple[Path, str] | None = None
+    # The tenants with records still in the journal after this run.
+    left: set[str] = dataclasses.field(default_factory=set)
 
     @property
     def records(self) -> int:
         return sum(t.records for t in self.tenants.values())
+
+    @property
+    def complete(self) -> bool:
+        """Every segment was read and settled (never true of a dry run)."""
+        return not self.dry_run and self.stopped_at is None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -443,6 +501,12 @@ class _Line:
     number: int  # 1-based
     raw: bytes  # without its newline
     row: ValidatedEvent | None
+
+    @property
+    def identity(self) -> str:
+        """The record's (tenant, dedupe key), which the outbox holds once."""
+        assert self.row is not None
+        return json.dumps([self.row.tenant_id, self.row.dedupe_key])
 
 
 def _parse(path: Path, data: bytes) -> tuple[list[_Line], list[Damage]]:
@@ -455,24 +519,66 @@ def _parse(path: Path, data: bytes) -> tuple[list[_Line], list[Damage]]:
     return lines, damaged
 
 
-def _lock(path: Path, attempts: int = 50) -> int | None:
-    """The segment opened and locked, waiting out appends in progress (each is short);
-    None if it went away or stays busy (another migration)."""
+MIGRATION_LOCK = ".migration.lock"
+DONE_SUFFIX = ".done"
+
+
+@contextlib.contextmanager
+def _migration_lock(directory: Path, *, wait: float) -> Iterator[None]:
+    """One migration of a journal at a time: two at once would each take the segments
+    the other has not locked, and a tenant's later events could reach the outbox
+    before its earlier ones."""
+    fd = os.open(directory / MIGRATION_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise JournalBusy(
+                        f"another migration of journal {directory} is running (the "
+                        "producer's background migrator or `somabrain journal migrate`); "
+                        "nothing was done, try again when it has finished"
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock(path: Path, attempts: int = 50) -> int | None:
+    """The segment opened and locked, waiting out an append in progress (each is
+    short); None if it went away meanwhile. Raises OSError if it cannot be opened or
+    stays locked."""
     for _ in range(attempts):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             time.sleep(0.02)
             continue
         if _same_file(fd, path):
             return fd
-        break
-    os.close(fd)
-    return None
+        os.close(fd)  # replaced since it was opened: open the new one
+    raise BlockingIOError(f"still locked after {attempts} attempts")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pass:
+    """One migration run's settings and report."""
+
+    engine: Engine
+    report: MigrationReport
+    wanted: set[str] | None
+    dry_run: bool
+    batch: int
+    on_records: Callable[[int], None] | None
 
 
 def migrate_journal(
@@ -483,123 +589,210 @@ def migrate_journal(
     dry_run: bool = False,
     batch: int = 500,
     on_records: Callable[[int], None] | None = None,
+    wait: float = 0.0,
 ) -> MigrationReport:
     """Move the journal's events into the outbox (only `tenants`' when given), oldest
     segment first; delete each segment once all its records are committed, or leave in
     it only the records still to migrate.
 
     Idempotent: records already in the outbox (same tenant and dedupe key) count as
-    duplicates. A dry run reads everything, asks the database which records are there
+    duplicates, and so do records a run killed half-way had committed (each committed
+    chunk is recorded next to its segment, in `<segment>.done`, until the segment is
+    settled). A dry run reads everything, asks the database which records are there
     already and whether each tenant's cap would let the rest in, and changes nothing.
-    Raises the database's error if it is unreachable; what was committed before stays
-    committed, and its segment is rewritten or deleted on the next run.
+    One run at a time per journal: raises JournalBusy if another does not finish within
+    `wait` seconds. Raises the database's error if it is unreachable; what was committed
+    before stays committed, and is not migrated again.
     """
     report = MigrationReport(dry_run=dry_run)
-    wanted = None if tenants is None else set(tenants)
-    for path in segments(directory):
-        fd = _lock(path)
-        if fd is None:
-            if path.exists():
-                report.kept[path] = "busy (another migration)"
-            continue
-        try:
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read()
-            lines, damaged = _parse(path, data)
-            report.damaged += damaged
-            done = _migrate_lines(lines, engine, report, wanted, dry_run, batch, on_records)
-            if not dry_run:
-                _settle_segment(path, lines, done, damaged, report)
-        finally:
-            os.close(fd)
+    run = _Pass(
+        engine=engine,
+        report=report,
+        wanted=None if tenants is None else set(tenants),
+        dry_run=dry_run,
+        batch=batch,
+        on_records=on_records,
+    )
+    with _migration_lock(directory, wait=wait):
+        if not dry_run:
+            _remove_orphans(directory)
+        for path in segments(directory):
+            try:
+                fd = _lock(path)
+            except OSError as exc:
+                # Stop here: a later segment may hold later events of a tenant in this one.
+                report.stopped_at = (path, f"cannot be read or locked ({exc}); later files wait")
+                break
+            if fd is None:
+                continue  # gone meanwhile: nothing to do
+            try:
+                _migrate_segment(run, path, fd)
+            finally:
+                os.close(fd)
+    _log_damage(report)
+    return report
+
+
+def _migrate_segment(run: _Pass, path: Path, fd: int) -> None:
+    with os.fdopen(os.dup(fd), "rb") as f:
+        data = f.read()
+    lines, damaged = _parse(path, data)
+    run.report.damaged += damaged
+    done = _migrate_lines(run, path, lines)
+    if not run.dry_run:
+        _settle_segment(path, lines=lines, done=done, damaged=damaged, report=run.report)
+
+
+def _log_damage(report: MigrationReport) -> None:
     for damage in report.damaged:
+        moved = "would be moved" if report.dry_run else "moved"
         what = (
-            "a write cut short at the end, dropped"
+            "a write cut short at the end, never acknowledged: dropped"
             if damage.torn
-            else f"does not match its checksum, moved to {damage.path.name}{CORRUPT_SUFFIX}"
+            else f"does not match its checksum, {moved} to {damage.path.name}{CORRUPT_SUFFIX}"
         )
         log.warning(
             "journal %s line %d (%d bytes): %s", damage.path, damage.line, damage.length, what
         )
-    return report
 
 
-def _migrate_lines(
-    lines: list[_Line],
-    engine: Engine,
-    report: MigrationReport,
-    wanted: set[str] | None,
-    dry_run: bool,
-    batch: int,
-    on_records: Callable[[int], None] | None,
-) -> set[int]:
+def _remove_orphans(directory: Path) -> None:
+    """Under the migration lock: records of committed chunks whose segment is gone
+    (a run killed after settling it)."""
+    for marks in directory.glob(f"*{SUFFIX}{DONE_SUFFIX}"):
+        if not marks.with_name(marks.name.removesuffix(DONE_SUFFIX)).exists():
+            marks.unlink(missing_ok=True)
+
+
+def _done_marks(path: Path) -> set[str]:
+    """The identities of the records an earlier, killed run committed from `path`."""
+    marks = path.with_name(path.name + DONE_SUFFIX)
+    try:
+        return set(marks.read_text().splitlines())
+    except FileNotFoundError:
+        return set()
+
+
+def _mark_done(path: Path, chunk: Sequence[_Line]) -> None:
+    """Record a committed chunk before going on: were its rows purged from the outbox
+    (sent, then past retention) before this segment is settled, a later run still
+    knows they were migrated."""
+    marks = path.with_name(path.name + DONE_SUFFIX)
+    with marks.open("a") as f:
+        f.write("".join(x.identity + "\n" for x in chunk))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _migrate_lines(run: _Pass, path: Path, lines: list[_Line]) -> set[int]:
     """Insert the segment's records tenant by tenant, in order; the line numbers of
     the records now committed (or, in a dry run, that would be)."""
     by_tenant: dict[str, list[_Line]] = collections.defaultdict(list)
     for line in lines:
         if line.row is not None:
             by_tenant[line.row.tenant_id].append(line)
+    marked = _done_marks(path)
     done: set[int] = set()
     for tenant, mine in by_tenant.items():
-        if wanted is not None and tenant not in wanted:
+        if run.wanted is not None and tenant not in run.wanted:
             continue
-        tally = report.tenants[tenant]
+        tally = run.report.tenants[tenant]
         tally.records += len(mine)
         if tally.held is not None:
             continue
-        for start in range(0, len(mine), batch):
-            chunk = mine[start : start + batch]
-            rows = [x.row for x in chunk if x.row is not None]
-            try:
-                inserted = _insert(engine, rows, dry_run, already=tally.inserted)
-            except BacklogOverCap as exc:
-                tally.held = str(exc)
+        already = [x for x in mine if x.identity in marked]
+        tally.duplicates += len(already)
+        done.update(x.number for x in already)
+        todo = [x for x in mine if x.identity not in marked]
+        for start in range(0, len(todo), run.batch):
+            taken = _migrate_chunk(
+                run, path=path, tally=tally, chunk=todo[start : start + run.batch]
+            )
+            done.update(x.number for x in taken)
+            if tally.held is not None:
                 break
-            tally.inserted += inserted
-            tally.duplicates += len(chunk) - inserted
-            done.update(x.number for x in chunk)
-            if on_records is not None:
-                on_records(len(chunk))
     return done
 
 
+def _migrate_chunk(
+    run: _Pass, *, path: Path, tally: TenantTally, chunk: list[_Line]
+) -> list[_Line]:
+    """Insert a chunk of one tenant's records, or as many of its first records as the
+    tenant's cap has room for (then the tenant is held); the records taken."""
+    rows = [x.row for x in chunk if x.row is not None]
+    try:
+        inserted = _insert(run.engine, rows, run.dry_run, already=tally.inserted)
+    except BacklogOverCap as exc:
+        tally.held = str(exc)
+        room = exc.cap - exc.backlog - (tally.inserted if run.dry_run else 0)
+        if not 0 < room < len(chunk):
+            return []
+        chunk, rows = chunk[:room], rows[:room]
+        try:
+            inserted = _insert(run.engine, rows, run.dry_run, already=tally.inserted)
+        except BacklogOverCap:
+            return []
+    tally.inserted += inserted
+    tally.duplicates += len(chunk) - inserted
+    if not run.dry_run:
+        _mark_done(path, chunk)
+    if run.on_records is not None:
+        run.on_records(len(chunk))
+    return chunk
+
+
 def _settle_segment(
-    path: Path, lines: list[_Line], done: set[int], damaged: list[Damage], report: MigrationReport
+    path: Path,
+    *,
+    lines: list[_Line],
+    done: set[int],
+    damaged: list[Damage],
+    report: MigrationReport,
 ) -> None:
     """Under the segment's lock: quarantine its corrupt lines, then delete it or leave
-    in it only the records still to migrate."""
+    in it only the records still to migrate; then forget its committed chunks."""
     # A replacement a migration killed before its rename left behind: the segment it
     # was to replace is still here, whole, so the copy is only in the way.
     for stale in path.parent.glob(f".{path.name}.*"):
         stale.unlink(missing_ok=True)
     corrupt = [x for x in lines if x.row is None]
     if corrupt:
-        quarantine = path.with_name(path.name + CORRUPT_SUFFIX)
-        # Lines a migration killed after this step already moved are not added twice.
-        there = set(quarantine.read_bytes().split(b"\n")) if quarantine.exists() else set()
-        with quarantine.open("ab") as f:
-            f.write(b"".join(x.raw + b"\n" for x in corrupt if x.raw not in there))
-            f.flush()
-            os.fsync(f.fileno())
-        report.quarantined.append(quarantine)
+        _quarantine(path, corrupt, report)
     left = [x for x in lines if x.row is not None and x.number not in done]
+    report.left.update(x.row.tenant_id for x in left if x.row is not None)
     if not left:
         path.unlink()
-        _fsync_directory(path.parent)
         report.deleted.append(path)
-        return
-    report.kept[path] = (
-        f"{len(left)} records not migrated (see the tenants held back or not asked for)"
-    )
-    if len(left) == len(lines) and not any(d.torn for d in damaged):
-        return
+    else:
+        report.kept[path] = (
+            f"{len(left)} records not migrated (see the tenants held back or not asked for)"
+        )
+        if len(left) < len(lines) or any(d.torn for d in damaged):
+            _rewrite(path, left)
+    _fsync_directory(path.parent)
+    path.with_name(path.name + DONE_SUFFIX).unlink(missing_ok=True)
+
+
+def _quarantine(path: Path, corrupt: list[_Line], report: MigrationReport) -> None:
+    quarantine = path.with_name(path.name + CORRUPT_SUFFIX)
+    # Lines a migration killed after this step already moved are not added twice.
+    there = set(quarantine.read_bytes().split(b"\n")) if quarantine.exists() else set()
+    with quarantine.open("ab") as f:
+        f.write(b"".join(x.raw + b"\n" for x in corrupt if x.raw not in there))
+        f.flush()
+        os.fsync(f.fileno())
+    report.quarantined.append(quarantine)
+
+
+def _rewrite(path: Path, left: list[_Line]) -> None:
+    """Replace the segment by one of `left` alone: written and fsynced aside, then
+    renamed over it, so a crash leaves one or the other whole."""
     replacement = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     with replacement.open("wb") as f:
         f.write(b"".join(x.raw + b"\n" for x in left))
         f.flush()
         os.fsync(f.fileno())
     os.replace(replacement, path)
-    _fsync_directory(path.parent)
 
 
 def _insert(engine: Engine, rows: Sequence[ValidatedEvent], dry_run: bool, *, already: int) -> int:
@@ -624,13 +817,16 @@ def _insert(engine: Engine, rows: Sequence[ValidatedEvent], dry_run: bool, *, al
 
 class JournalMigrator:
     """Migrates a process's journal in the background while it holds events, every
-    `interval` seconds; a pass that leaves nothing behind but what was appended while
-    it ran migrates that too, with appends held back, and ends the backlog."""
+    `interval` seconds: one pass with appends going on, then one with appends held
+    back for what was appended meanwhile, which releases every tenant left with
+    nothing in the journal. A tenant held back (over its backlog cap) is logged when
+    it starts and stops waiting, and holds back no other tenant."""
 
     def __init__(self, journal: Journal, engine: Engine, *, interval: float = 5.0) -> None:
         self.journal = journal
         self.engine = engine
         self.interval = interval
+        self._held: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="journal-migrator", daemon=True)
 
@@ -643,21 +839,47 @@ class JournalMigrator:
         self._thread.join(timeout)
 
     def run_once(self) -> MigrationReport | None:
-        """One pass, if the journal holds anything; None if it did not."""
+        """One pass, if the journal holds anything; None if it did not, or if another
+        migration of it was running."""
         if not self.journal.backlogged:
             return None
-        report = migrate_journal(self.journal.directory, self.engine)
-        if not any(t.held for t in report.tenants.values()):
-            final = self.journal.drain(lambda: migrate_journal(self.journal.directory, self.engine))
-            _merge(report, final)
+        directory = self.journal.directory
+        try:
+            report = migrate_journal(directory, self.engine)
+            _merge(report, self.journal.drain(lambda: migrate_journal(directory, self.engine)))
+        except JournalBusy:
+            log.info("journal %s: another migration is running; trying again later", directory)
+            return None
         if report.records:
             log.info(
                 "journal %s: %d events migrated to the outbox, %d already there",
-                self.journal.directory,
+                directory,
                 sum(t.inserted for t in report.tenants.values()),
                 sum(t.duplicates for t in report.tenants.values()),
             )
+        self._log_held(report)
         return report
+
+    def _log_held(self, report: MigrationReport) -> None:
+        held = {t: tally.held for t, tally in report.tenants.items() if tally.held}
+        for tenant, why in held.items():
+            if tenant not in self._held:
+                log.warning(
+                    "journal %s: tenant %s's events wait in the journal, retried every %ss: %s",
+                    self.journal.directory,
+                    tenant,
+                    self.interval,
+                    why,
+                    extra={"tenant": tenant},
+                )
+        for tenant in self._held.keys() - held.keys():
+            log.info(
+                "journal %s: tenant %s's events are no longer held back",
+                self.journal.directory,
+                tenant,
+                extra={"tenant": tenant},
+            )
+        self._held = held
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -670,13 +892,17 @@ class JournalMigrator:
 
 
 def _merge(into: MigrationReport, more: MigrationReport) -> None:
+    """Add a later pass's report to an earlier one's; where the journal stands (what
+    is left, where a pass stopped) is the later pass's."""
     for tenant, tally in more.tenants.items():
         mine = into.tenants[tenant]
         mine.records += tally.records
         mine.inserted += tally.inserted
         mine.duplicates += tally.duplicates
-        mine.held = mine.held or tally.held
+        mine.held = tally.held
     into.damaged += more.damaged
     into.deleted += more.deleted
     into.quarantined += more.quarantined
     into.kept = {**{p: r for p, r in into.kept.items() if p.exists()}, **more.kept}
+    into.stopped_at = more.stopped_at
+    into.left = more.left

@@ -921,6 +921,14 @@ def journal_migrate(
         bool, typer.Option("--dry-run", help="Report what would move; change nothing.")
     ] = False,
     output: Annotated[Output, typer.Option(help="table or json.", metavar="FORMAT")] = Output.TABLE,
+    wait: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to wait for another migration of the journal to finish.",
+            metavar="SECONDS",
+            min=0,
+        ),
+    ] = 60.0,
 ) -> None:
     """Move the journal's events into the outbox, oldest first, and delete each journal
     file once all its events are in the database.
@@ -930,8 +938,10 @@ def journal_migrate(
     again, and a journal file keeps only the events still to migrate. A last line a
     producer did not finish writing (it was never acknowledged) is reported and
     dropped; a line that does not match its checksum is reported and moved to
-    FILE.corrupt next to it, for a person to look at. Safe while the producer runs.
-    Exits 1 when a line is corrupt or a tenant is held back (over its backlog cap).
+    FILE.corrupt next to it, for a person to look at. Safe while the producer runs
+    (one migration of a journal at a time: a second one waits for the first). Exits 1
+    when a line is corrupt, a tenant is held back (over its backlog cap), or a file
+    cannot be read (the files after it are left for the next run, to keep order).
 
     Example: somabrain journal migrate --dir /var/lib/app/journal --dry-run
     """
@@ -959,6 +969,7 @@ def journal_migrate(
                 tenants=tenant,
                 dry_run=dry_run,
                 on_records=lambda n: progress.advance(task, n),
+                wait=wait,
             )
     finally:
         engine.dispose()
@@ -975,6 +986,11 @@ def journal_migrate(
                     "deleted": [str(p) for p in report.deleted],
                     "kept": {str(p): why for p, why in report.kept.items()},
                     "quarantined": [str(p) for p in report.quarantined],
+                    "stopped_at": (
+                        None
+                        if report.stopped_at is None
+                        else {"path": str(report.stopped_at[0]), "why": report.stopped_at[1]}
+                    ),
                 },
                 indent=2,
             )
@@ -985,18 +1001,25 @@ def journal_migrate(
         for name, t in tallies:
             table.add_row(name, str(t.records), str(t.inserted), str(t.duplicates), t.held or "")
         rich.console.Console().print(table)
+        moved = "would be moved" if dry_run else "moved"
         for d in report.damaged:
             kind = (
                 "a write cut short, never acknowledged; dropped"
                 if d.torn
-                else f"does not match its checksum; moved to {d.path.name}.corrupt"
+                else f"does not match its checksum; {moved} to {d.path.name}.corrupt"
             )
             typer.echo(f"{d.path}:{d.line}: {d.length} bytes: {kind}")
         for path, why in report.kept.items():
             typer.echo(f"kept {path}: {why}")
+        if report.stopped_at is not None:
+            typer.echo(f"stopped at {report.stopped_at[0]}: {report.stopped_at[1]}")
         if not dry_run:
             typer.echo(f"{len(report.deleted)} journal files done and deleted")
-    if any(not d.torn for d in report.damaged) or any(t.held for _, t in tallies):
+    if (
+        any(not d.torn for d in report.damaged)
+        or any(t.held for _, t in tallies)
+        or report.stopped_at is not None
+    ):
         raise typer.Exit(1)
 
 
@@ -1004,8 +1027,8 @@ def _count_lines(path: Path) -> int:
     try:
         with path.open("rb") as f:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    except FileNotFoundError:
-        return 0
+    except OSError:
+        return 0  # gone, or unreadable: the migration reports it
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ half-way."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -524,3 +526,188 @@ def test_an_event_journaled_after_a_commit_that_did_succeed_is_not_added_twice(
     report = migrate_journal(tmp_path, engine)
     assert (report.tenants[tenant].inserted, report.tenants[tenant].duplicates) == (0, 1)
     assert _outbox(sessions, tenant) == [0]
+
+
+def _migrate_cli(
+    database_url: str, directory: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SOMABRAIN, "journal", "migrate", "--dir", str(directory), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        timeout=120,
+        check=False,
+    )
+
+
+def _journal_segments(directory: Path, tenant: str, unreachable: Engine, n: int) -> Journal:
+    """`n` events of one key in several segments, the database unreachable."""
+    journal = Journal(directory, max_segment_bytes=4_000)
+    for start in range(0, n, 10):
+        emit_events(unreachable, _events(tenant, 10, start=start), journal=journal)
+    assert len(segments(directory)) > 2
+    return journal
+
+
+def test_a_second_migration_waits_for_the_first_and_order_per_key_is_kept(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    _journal_segments(tmp_path, tenant, unreachable, 200)
+    first_chunk_in, go_on = threading.Event(), threading.Event()
+
+    def slow(n: int) -> None:
+        first_chunk_in.set()
+        go_on.wait(60)
+
+    first = threading.Thread(target=migrate_journal, args=(tmp_path, engine),
+                             kwargs={"batch": 5, "on_records": slow})  # fmt: skip
+    first.start()
+    try:
+        assert first_chunk_in.wait(30)
+        refused = _migrate_cli(database_url, tmp_path, "--wait", "0.5")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "another migration of journal" in refused.stderr
+        assert _outbox(sessions, tenant) == list(range(5))
+    finally:
+        go_on.set()
+        first.join(60)
+    assert _outbox(sessions, tenant) == list(range(200))
+    assert segments(tmp_path) == []
+
+
+def test_a_segment_that_stays_locked_stops_the_run_and_the_later_ones_wait(
+    tmp_path: Path,
+    unreachable: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    _journal_segments(tmp_path, tenant, unreachable, 100)
+    first, *later = segments(tmp_path)
+    fd = os.open(first, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer that never lets go
+    try:
+        result = _migrate_cli(database_url, tmp_path)
+    finally:
+        os.close(fd)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"stopped at {first}: cannot be read or locked" in result.stdout
+    assert _outbox(sessions, tenant) == []
+    assert segments(tmp_path) == [first, *later]
+
+    assert _migrate_cli(database_url, tmp_path).returncode == 0
+    assert _outbox(sessions, tenant) == list(range(100))
+
+
+def test_a_tenant_whose_cap_is_below_a_batch_migrates_up_to_its_cap_then_waits(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    with sessions.begin() as session:
+        report_tenant(session, tenant_id=tenant, pending=0, max_pending=100, publisher=tenant)
+    emit_events(unreachable, _events(tenant, 300), journal=Journal(tmp_path))
+    result = _migrate_cli(database_url, tmp_path, "--output", "json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    tally = json.loads(result.stdout)["tenants"][tenant]
+    assert tally["inserted"] == 100
+    assert "its cap is 100" in tally["held"]
+    assert _outbox(sessions, tenant) == list(range(100))
+
+    with sessions.begin() as session:
+        session.execute(delete(OutboxEvent).where(OutboxEvent.tenant_id == tenant))
+        report_tenant(session, tenant_id=tenant, pending=0, max_pending=1000, publisher=tenant)
+    assert migrate_journal(tmp_path, engine).tenants[tenant].inserted == 200
+    assert _outbox(sessions, tenant) == list(range(100, 300))
+
+
+def test_a_tenant_held_back_by_its_cap_holds_back_no_other_tenant(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    other = f"{tenant}-other"
+    with sessions.begin() as session:
+        report_tenant(session, tenant_id=tenant, pending=10, max_pending=10, publisher=tenant)
+    journal = Journal(tmp_path)
+    emit_events(unreachable, _events(tenant, 3) + _events(other, 3), journal=journal)
+
+    with caplog.at_level("WARNING", logger="somabrain.delivery.journal"):
+        JournalMigrator(journal, engine).run_once()
+    assert f"tenant {tenant}'s events wait in the journal" in caplog.text
+    assert journal.held_tenants == frozenset({tenant})
+    assert _outbox(sessions, other) == [0, 1, 2]
+    later = emit_event(engine, tenant_id=other, topic="orders", payload={"i": 3}, journal=journal)
+    assert later.status is EnqueueStatus.ENQUEUED
+    assert _outbox(sessions, other) == [0, 1, 2, 3]
+    with pytest.raises(BacklogOverCap):
+        emit_event(engine, tenant_id=tenant, topic="orders", payload={"i": 3}, journal=journal)
+
+
+def test_rows_a_killed_migration_committed_are_not_migrated_again_after_they_were_purged(
+    tmp_path: Path,
+    unreachable: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    emit_events(unreachable, _events(tenant, 1000), journal=Journal(tmp_path))
+    marker = tmp_path / "committed"
+    # Stops for good after its second committed batch, in the middle of the segment.
+    script = (
+        "import sys, time, pathlib\n"
+        "from somabrain.delivery.journal import migrate_journal\n"
+        "from somabrain.store.engine import make_engine\n"
+        "done = []\n"
+        "def after(n):\n"
+        "    done.append(n)\n"
+        "    if len(done) == 2:\n"
+        "        pathlib.Path(sys.argv[3]).write_text(str(sum(done)))\n"
+        "        time.sleep(600)\n"
+        "migrate_journal(pathlib.Path(sys.argv[1]), make_engine(sys.argv[2]), batch=100,"
+        " on_records=after)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script, str(tmp_path), database_url,
+                           str(marker)]) as process:  # fmt: skip
+        try:
+            assert wait_for(lambda: marker.exists() and marker.read_text() != "", timeout=60)
+        finally:
+            process.kill()
+    assert int(marker.read_text()) == 200
+    # Sent and purged since (retention, or an admin's purge): the outbox forgot them.
+    with sessions.begin() as session:
+        session.execute(delete(OutboxEvent).where(OutboxEvent.tenant_id == tenant))
+
+    result = _migrate_cli(database_url, tmp_path, "--output", "json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    tally = json.loads(result.stdout)["tenants"][tenant]
+    assert (tally["inserted"], tally["duplicates"]) == (800, 200)
+    assert _outbox(sessions, tenant) == list(range(200, 1000))
+    assert list(tmp_path.glob("*.done")) == []
+
+
+def test_a_directory_named_like_a_journal_file_is_not_taken_for_one(
+    tmp_path: Path,
+    unreachable: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    (tmp_path / "0000000000000000.journal").mkdir()
+    emit_events(unreachable, _events(tenant, 3), journal=Journal(tmp_path))
+    for dry_run in (["--dry-run"], []):
+        result = _migrate_cli(database_url, tmp_path, *dry_run)
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert _outbox(sessions, tenant) == [0, 1, 2]

@@ -218,7 +218,7 @@ def test_settling_again_after_a_killed_settle_moves_no_corrupt_line_twice_and_le
 
     lines, damaged = _parse(segment, segment.read_bytes())
     report = MigrationReport(dry_run=False)
-    _settle_segment(segment, lines, {2}, damaged, report)
+    _settle_segment(segment, lines=lines, done={2}, damaged=damaged, report=report)
 
     assert quarantine.read_bytes() == raw[0] + b"\n"
     assert not stale.exists()
