@@ -48,7 +48,8 @@ from somabrain.store.engine import make_engine, make_sessionmaker
 from somabrain.store.outbox import TenantCounts, tenant_counts
 
 app = typer.Typer(
-    help="SomaBrain: drain a multi-tenant PostgreSQL outbox into Kafka.",
+    help="SomaBrain: drain a multi-tenant PostgreSQL outbox into Kafka.\n\n"
+    "Example: somabrain outbox stats --tenant acme",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     # Plain help: option names with their metavars (`--tenant TENANT`), as in man pages,
@@ -56,19 +57,30 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 publisher_app = typer.Typer(
-    help="Run the publisher that drains a tenant's outbox.", rich_markup_mode=None
+    help="Run the publisher that drains a tenant's outbox.\n\n"
+    "Example: somabrain publisher run --tenant acme",
+    rich_markup_mode=None,
 )
-db_app = typer.Typer(help="Inspect and migrate the outbox schema.", rich_markup_mode=None)
+db_app = typer.Typer(
+    help="Inspect and migrate the outbox schema.\n\nExample: somabrain db check",
+    rich_markup_mode=None,
+)
 outbox_app = typer.Typer(
-    help="Inspect the outbox's events, tenant by tenant.", rich_markup_mode=None
+    help="Inspect the outbox's events, tenant by tenant; replay or purge them.\n\n"
+    "Example: somabrain outbox list --tenant acme --state dead",
+    rich_markup_mode=None,
 )
 app.add_typer(publisher_app, name="publisher")
 app.add_typer(db_app, name="db")
 app.add_typer(outbox_app, name="outbox")
-admin_app = typer.Typer(help="Run the admin HTTP API.", rich_markup_mode=None)
+admin_app = typer.Typer(
+    help="Run the admin HTTP API.\n\nExample: somabrain admin serve", rich_markup_mode=None
+)
 app.add_typer(admin_app, name="admin")
 journal_app = typer.Typer(
-    help="Move events a producer journaled locally into the outbox.", rich_markup_mode=None
+    help="Move events a producer journaled locally into the outbox.\n\n"
+    "Example: somabrain journal migrate --dir /var/lib/app/journal --dry-run",
+    rich_markup_mode=None,
 )
 app.add_typer(journal_app, name="journal")
 
@@ -166,13 +178,9 @@ def publisher_run(
 
 
 def _refuse_old_schema(database_url: str) -> None:
-    current = migrate.current_revision(database_url)
-    head = migrate.head_revision(database_url)
-    if current != head:
-        raise SomabrainError(
-            f"database schema is at revision {current or 'none'}, this version needs {head}; "
-            "run `somabrain db upgrade` first"
-        )
+    mismatch = migrate.schema_state(database_url).mismatch()
+    if mismatch is not None:
+        raise SomabrainError(mismatch)
 
 
 @db_app.command("upgrade")
@@ -189,6 +197,10 @@ def db_upgrade(
     """
     _configure_logging(log_level.value)
     settings = Settings()
+    state = migrate.schema_state(settings.database_url)
+    if not state.known:
+        # Alembic would only say it cannot locate the revision.
+        raise SomabrainError(state.mismatch() or "")
     migrate.upgrade(settings.database_url, revision)
     typer.echo(f"schema at {migrate.current_revision(settings.database_url)}")
 
@@ -200,9 +212,9 @@ def db_current() -> None:
     Example: somabrain db current
     """
     settings = Settings()
-    current = migrate.current_revision(settings.database_url)
-    head = migrate.head_revision(settings.database_url)
-    typer.echo(f"current: {current or 'none'}  head: {head}")
+    state = migrate.schema_state(settings.database_url)
+    unknown = "" if state.known else " (unknown to this version: a newer one migrated it)"
+    typer.echo(f"current: {state.current or 'none'}{unknown}  head: {state.head}")
 
 
 @db_app.command("check")
@@ -213,15 +225,12 @@ def db_check() -> None:
     Example: somabrain db check && somabrain publisher run --tenant acme
     """
     settings = Settings()
-    current = migrate.current_revision(settings.database_url)
-    head = migrate.head_revision(settings.database_url)
-    if current == head:
-        typer.echo(f"schema at {head}, the newest")
+    state = migrate.schema_state(settings.database_url)
+    mismatch = state.mismatch()
+    if mismatch is None:
+        typer.echo(f"schema at {state.head}, the newest")
         return
-    typer.echo(
-        f"schema at {current or 'none'}, this version needs {head}; run `somabrain db upgrade`",
-        err=True,
-    )
+    typer.echo(mismatch, err=True)
     raise typer.Exit(1)
 
 
@@ -230,7 +239,8 @@ def outbox_stats(
     tenant: Annotated[
         list[str] | None,
         typer.Option(
-            help="Only this tenant; repeat it for several (default: every tenant with events).",
+            help="Only this tenant, listed with zeros when it has no events; repeat it for "
+            "several (default: every tenant with events).",
             metavar="TENANT",
             show_default=False,
         ),
@@ -238,7 +248,8 @@ def outbox_stats(
     output: Annotated[Output, typer.Option(help="table or json.", metavar="FORMAT")] = Output.TABLE,
 ) -> None:
     """Each tenant's events by status (pending, sent, dead) and its oldest pending
-    event's age, read from the database in one query.
+    event's age, read from the database in one query. Rows migration 0003 set aside
+    as repeats of another event's dedupe key are counted apart (set aside), not as dead.
 
     Example: somabrain outbox stats --tenant acme --output json
     """
@@ -255,13 +266,13 @@ def outbox_stats(
     if output is Output.JSON:
         typer.echo(json.dumps({"tenants": rows}, indent=2))
         return
-    table = rich.table.Table("tenant", "pending", "sent", "dead", "oldest pending")
+    table = rich.table.Table("tenant", "pending", "sent", "dead", "oldest pending", "set aside")
     for c in counts:
         age = "-" if c.oldest_pending_seconds is None else f"{c.oldest_pending_seconds:.0f} s"
-        table.add_row(c.tenant_id, str(c.pending), str(c.sent), str(c.dead), age)
+        table.add_row(c.tenant_id, str(c.pending), str(c.sent), str(c.dead), age, str(c.set_aside))
     rich.console.Console().print(table)
     if not counts:
-        typer.echo("no events" + (f" for {', '.join(tenant)}" if tenant else ""))
+        typer.echo("no events")
 
 
 # The options the event commands share.
@@ -330,16 +341,13 @@ def _selection(
     since: str | None,
     until: str | None,
 ) -> admin.EventFilter:
-    after, before = _when("--since", since), _when("--until", until)
-    if after is not None and before is not None and after >= before:
-        raise InvalidSelection(f"--since {since} is not before --until {until}: nothing matches")
     return admin.EventFilter(
         tenant_id=tenant,
         states=frozenset(states or ()),
         topic=topic,
         key=key,
-        created_after=after,
-        created_before=before,
+        created_after=_when("--since", since),
+        created_before=_when("--until", until),
     )
 
 
@@ -611,9 +619,11 @@ def outbox_replay(
         typer.Option(help="Rows per transaction.", metavar="N", min=1, max=10_000),
     ] = 500,
     output: OutputOption = Output.TABLE,
+    log_level: LogLevelOption = LogLevel.INFO,
 ) -> None:
     """Move the tenant's dead (or failed) events back to pending, attempts reset, for
-    the publisher to deliver again; audited (actor cli:<user>@<host>). Each event keeps
+    the publisher to deliver again; audited (actor cli:<user>@<host>, and a log line on
+    stderr, as the admin API logs). Each event keeps
     its id, so it goes out before every later event of its key not yet delivered.
 
     By --id, or by filter in chunks of their own transactions: an interrupted replay
@@ -622,6 +632,7 @@ def outbox_replay(
 
     Example: somabrain outbox replay --tenant acme --topic acme.orders --dry-run
     """
+    _configure_logging(log_level.value)
     tenant_id = parse_tenant_id(tenant)
     if event:
         filters = {
@@ -755,13 +766,15 @@ def outbox_purge(
         int,
         typer.Option(help="Rows per transaction.", metavar="N", min=1, max=10_000),
     ] = 1000,
+    log_level: LogLevelOption = LogLevel.INFO,
 ) -> None:
     """Delete the tenant's sent events (those matching the filter), for good, in chunks
-    of their own transactions; audited. Pending and dead events are never deleted.
-    Requires --yes, unless --dry-run.
+    of their own transactions; audited (and a log line on stderr, as the admin API
+    logs). Pending and dead events are never deleted. Requires --yes, unless --dry-run.
 
     Example: somabrain outbox purge --tenant acme --until 2026-11-01T00:00:00Z --yes
     """
+    _configure_logging(log_level.value)
     tenant_id = parse_tenant_id(tenant)
     selection = _selection(tenant_id, states=None, topic=topic, key=key, since=since, until=until)
     if not dry_run and not yes:
@@ -821,8 +834,9 @@ def outbox_check(
     ] = 0,
 ) -> None:
     """Exit 1 when any tenant is over a threshold (pending events, oldest pending age,
-    dead events), else 0; prints each tenant's counts and what it is over. For cron,
-    CI and probes.
+    dead events), else 0; prints each tenant's counts and what it is over. Rows
+    migration 0003 set aside as repeats of another event's dedupe key are not counted
+    as dead. For cron, CI and probes.
 
     Example: somabrain outbox check --max-oldest-seconds 300 --max-dead 0
     """
@@ -836,10 +850,7 @@ def outbox_check(
         return
     over_any = 0
     for name in wanted:
-        counts = found.get(
-            name,
-            TenantCounts(tenant_id=name, pending=0, sent=0, dead=0, oldest_pending_seconds=None),
-        )
+        counts = found[name]
         over = _over(counts, max_pending, max_oldest_seconds, max_dead)
         age = counts.oldest_pending_seconds
         shown = (

@@ -11,7 +11,9 @@ decide who may call what; this module decides what each call does to the table.
   Only rows in those states are touched: a replayed row is pending again and no longer
   matches, so replaying twice, or again after a crash half-way, changes each row once.
   A selection naming other states is refused (InvalidSelection), never narrowed.
-- **Purge** deletes `sent` rows only.
+- **Purge** deletes `sent` rows only; a selection naming other states is refused too.
+- A selection whose creation period is empty (`created_after` not before
+  `created_before`) is refused when it is built: it can only be a mistake.
 - Both work in chunks of their own short transactions (never one long lock on the
   table), and each chunk adds its row count to the action's audit row in the same
   transaction.
@@ -60,6 +62,7 @@ class Selectable(enum.StrEnum):
 
 
 REPLAYABLE = frozenset({Selectable.DEAD, Selectable.FAILED})
+PURGEABLE = frozenset({Selectable.SENT})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,6 +75,14 @@ class EventFilter:
     key: str | None = None
     created_after: dt.datetime | None = None
     created_before: dt.datetime | None = None
+
+    def __post_init__(self) -> None:
+        after, before = self.created_after, self.created_before
+        if after is not None and before is not None and after >= before:
+            raise InvalidSelection(
+                f"since {after.isoformat()} is not before until {before.isoformat()}, so no "
+                "event matches (since is inclusive, until exclusive); give a later until"
+            )
 
     def conditions(self) -> list[ColumnElement[bool]]:
         row = OutboxEvent
@@ -370,8 +381,20 @@ def replay_ids(
     return outcomes, ReplayCount(rows=len(chosen), overtaken=overtaken)
 
 
+def check_purgeable(states: Iterable[Selectable]) -> None:
+    """Raise InvalidSelection unless every one of `states` can be purged (only sent)."""
+    refused = sorted(set(states) - PURGEABLE)
+    if refused:
+        raise InvalidSelection(
+            f"{', '.join(refused)} events cannot be purged: only sent events are ever "
+            "deleted; leave the states out or name sent only"
+        )
+
+
 def _purgeable(selection: EventFilter) -> EventFilter:
-    return dataclasses.replace(selection, states=frozenset({Selectable.SENT}))
+    # Refused rather than narrowed: a purge of dead events must not delete sent ones.
+    check_purgeable(selection.states)
+    return dataclasses.replace(selection, states=PURGEABLE)
 
 
 def count_purgeable(session: Session, selection: EventFilter) -> int:
@@ -379,8 +402,8 @@ def count_purgeable(session: Session, selection: EventFilter) -> int:
 
 
 def purge_chunk(session: Session, selection: EventFilter, *, chunk: int) -> int:
-    """Delete up to `chunk` of the selection's sent rows, oldest id first; only `sent`
-    rows, whatever the selection says. The caller commits."""
+    """Delete up to `chunk` of the selection's sent rows, oldest id first; a selection
+    naming other states raises InvalidSelection. The caller commits."""
     picked = (
         select(OutboxEvent.id)
         .where(*_purgeable(selection).conditions())
@@ -543,7 +566,8 @@ def run_purge(
     chunk: int = 1000,
     on_chunk: Callable[[int], None] | None = None,
 ) -> ActionResult:
-    """Delete the selection's sent rows chunk by chunk, audited."""
+    """Delete the selection's sent rows chunk by chunk, audited. A selection of other
+    states raises InvalidSelection before anything is written."""
     described = {"filter": _purgeable(selection).describe()}
     with sessions.begin() as session:
         action_id = start_action(

@@ -6,6 +6,7 @@ container image) finds them through `SOMABRAIN_MIGRATIONS_DIR`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -53,3 +54,37 @@ def current_revision(database_url: str) -> str | None:
 
 def head_revision(database_url: str) -> str | None:
     return ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SchemaState:
+    """Where a database's schema stands against the revisions this version knows."""
+
+    current: str | None
+    head: str | None
+    # False when `current` is a revision this version has no script for: a newer
+    # somabrain migrated the database.
+    known: bool
+
+    def mismatch(self) -> str | None:
+        """What is wrong and what to run, or None at the newest revision."""
+        if not self.known:
+            return (
+                f"database schema is at revision {self.current}, newer than this version "
+                f"of somabrain knows (its newest is {self.head}): a newer somabrain "
+                "migrated it; run that somabrain version or a later one"
+            )
+        if self.current != self.head:
+            return (
+                f"database schema is at revision {self.current or 'none'}, this version "
+                f"needs {self.head}; run `somabrain db upgrade` first"
+            )
+        return None
+
+
+def schema_state(database_url: str) -> SchemaState:
+    """The database's revision, this version's newest, and whether it knows the first."""
+    script = ScriptDirectory.from_config(alembic_config(database_url))
+    current = current_revision(database_url)
+    known = current is None or current in {s.revision for s in script.walk_revisions()}
+    return SchemaState(current=current, head=script.get_current_head(), known=known)

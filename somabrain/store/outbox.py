@@ -1018,45 +1018,61 @@ def pending_events(
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TenantCounts:
-    """One tenant's rows by status, and the age of its oldest pending event."""
+    """One tenant's rows by status, and the age of its oldest pending event.
+
+    `dead` leaves out the rows migration 0003 set aside as repeats of another event's
+    dedupe key: they are no events of their own, replay never touches them and no
+    threshold should count them; `set_aside` counts them apart.
+    """
 
     tenant_id: str
     pending: int
     sent: int
     dead: int
     oldest_pending_seconds: float | None
+    set_aside: int = 0
+
+    @classmethod
+    def zero(cls, tenant_id: str) -> TenantCounts:
+        """The counts of a tenant without rows."""
+        return cls(tenant_id=tenant_id, pending=0, sent=0, dead=0, oldest_pending_seconds=None)
 
 
 def tenant_counts(
     session: Session, *, tenant_ids: Sequence[str] | None = None
 ) -> list[TenantCounts]:
-    """Every tenant with rows (or only `tenant_ids`, those with none left out), by
+    """Every tenant with rows, or each of `tenant_ids` (with zeros when it has none), by
     tenant id, in one grouped pass over the table."""
     status = OutboxEvent.status
+    dead = status == EventStatus.DEAD.value
     oldest = func.min(OutboxEvent.created_at).filter(status == EventStatus.PENDING.value)
     stmt = (
         select(
             OutboxEvent.tenant_id,
             func.count().filter(status == EventStatus.PENDING.value),
             func.count().filter(status == EventStatus.SENT.value),
-            func.count().filter(status == EventStatus.DEAD.value),
+            func.count().filter(dead, ~set_aside()),
             func.extract("epoch", func.now() - oldest),
+            func.count().filter(dead, set_aside()),
         )
         .group_by(OutboxEvent.tenant_id)
         .order_by(OutboxEvent.tenant_id)
     )
     if tenant_ids is not None:
         stmt = stmt.where(OutboxEvent.tenant_id.in_(list(tenant_ids)))
-    return [
-        TenantCounts(
+    found = {
+        str(tenant): TenantCounts(
             tenant_id=str(tenant),
             pending=int(pending),
             sent=int(sent),
             dead=int(dead),
             oldest_pending_seconds=None if age is None else max(0.0, float(age)),
+            set_aside=int(aside),
         )
-        for tenant, pending, sent, dead, age in session.execute(stmt)
-    ]
+        for tenant, pending, sent, dead, age, aside in session.execute(stmt)
+    }
+    wanted = found if tenant_ids is None else set(tenant_ids)
+    return [found.get(t) or TenantCounts.zero(t) for t in sorted(wanted)]
 
 
 def count_by_status(session: Session, *, tenant_id: TenantId | None = None) -> dict[str, int]:

@@ -457,6 +457,57 @@ def test_purge_needs_an_admin_token_and_deletes_only_sent_events_of_the_filter(
         ),
         ("POST", "/v1/tenants/T/replay", {"event_ids": []}, 422, "body.event_ids"),
         ("POST", "/v1/tenants/T/purge", {"filter": {"colour": "red"}}, 422, "body.filter.colour"),
+        (
+            "POST",
+            "/v1/tenants/T/purge",
+            {"filter": {"states": ["dead", "sent"]}},
+            422,
+            "filter.states: dead cannot be purged",
+        ),
+        (
+            "POST",
+            "/v1/tenants/T/replay",
+            {"filter": {"key": "\u0000"}, "dry_run": True},
+            422,
+            "body.filter.key: holds a NUL character",
+        ),
+        (
+            "POST",
+            "/v1/tenants/T/replay",
+            {"filter": {"topic": "a\u0000b"}, "dry_run": True},
+            422,
+            "body.filter.topic: holds a NUL character",
+        ),
+        (
+            "POST",
+            "/v1/tenants/T/purge",
+            {"filter": {"key": "\u0000"}, "dry_run": True},
+            422,
+            "body.filter.key: holds a NUL character",
+        ),
+        ("GET", "/v1/tenants/T/events?key=%00", None, 422, "query.key: holds a NUL character"),
+        ("GET", "/v1/tenants/T/events?topic=%00", None, 422, "query.topic: holds a NUL"),
+        (
+            "GET",
+            "/v1/tenants/T/events?since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z",
+            None,
+            422,
+            "since 2026-01-02T00:00:00+00:00 is not before until 2026-01-01T00:00:00+00:00",
+        ),
+        (
+            "POST",
+            "/v1/tenants/T/replay",
+            {"filter": {"since": "2026-01-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}},
+            422,
+            "since 2026-01-01T00:00:00+00:00 is not before until 2026-01-01T00:00:00+00:00",
+        ),
+        (
+            "POST",
+            "/v1/tenants/T/purge",
+            {"filter": {"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}},
+            422,
+            "is not before until",
+        ),
     ],
 )
 def test_invalid_requests_get_a_4xx_naming_what_is_wrong(
@@ -466,6 +517,56 @@ def test_invalid_requests_get_a_4xx_naming_what_is_wrong(
     response = api.call(method, path, api.admin, json=payload)
     assert response.status_code == status, response.text
     assert says in response.json()["detail"]
+
+
+def test_purge_of_states_other_than_sent_is_refused_and_deletes_nothing(
+    api: Api, sessions: sessionmaker[Session]
+) -> None:
+    sent, dead = _enqueue(sessions, api.tenant, 2)
+    _send(sessions, api.tenant, [sent])
+    _kill(sessions, [dead])
+    path = f"/v1/tenants/{api.tenant}/purge"
+
+    refused = api.post(path, {"filter": {"states": ["dead"]}})
+    assert refused.status_code == 422, refused.text
+    assert "filter.states" in refused.json()["detail"]
+    assert [s for _, s, _ in _states(sessions, api.tenant)] == ["sent", "dead"]
+    with sessions() as session:
+        audited = session.scalars(select(AdminAction).where(AdminAction.tenant_id == api.tenant))
+        assert list(audited) == []
+
+    assert api.post(path, {"filter": {"states": ["sent"]}}).json()["rows"] == 1
+    assert [(i, s) for i, s, _ in _states(sessions, api.tenant)] == [(dead, "dead")]
+
+
+def test_rows_migration_0003_set_aside_are_not_counted_as_dead(
+    api: Api, sessions: sessionmaker[Session]
+) -> None:
+    dead, repeat, _ = _enqueue(sessions, api.tenant, 3)
+    _kill(sessions, [dead, repeat])
+    with sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE outbox_events SET dedupe_key = dedupe_key || '#duplicate-' || id"
+                " WHERE id = :id"
+            ),
+            {"id": repeat},
+        )
+
+    counts = api.get(f"/v1/tenants/{api.tenant}/counts", api.mine).json()
+    assert (counts["pending"], counts["dead"], counts["set_aside"]) == (1, 1, 1)
+    [summary] = api.get("/v1/tenants", api.mine).json()["tenants"]
+    assert (summary["dead"], summary["set_aside"]) == (1, 1)
+
+
+def test_actions_on_a_tenant_without_events_add_no_metric_series(api: Api) -> None:
+    nobody = f"nosuchtenant-{uuid.uuid4().hex[:8]}"
+    assert api.post(f"/v1/tenants/{nobody}/replay", {"filter": {}}).json()["rows"] == 0
+    assert api.post(f"/v1/tenants/{nobody}/purge", {"filter": {}}).json()["rows"] == 0
+    ids = {"event_ids": [str(uuid.uuid4())]}
+    assert api.post(f"/v1/tenants/{nobody}/replay", ids).json()["rows"] == 0
+
+    assert nobody not in api.call("GET", "/metrics", None).text
 
 
 def test_a_body_that_is_not_json_is_refused_saying_how_to_send_it(api: Api) -> None:
@@ -494,6 +595,22 @@ def test_the_openapi_description_covers_every_endpoint_and_the_bearer_scheme(api
     schemes = described["components"]["securitySchemes"]
     assert any(s["type"] == "http" and s["scheme"] == "bearer" for s in schemes.values())
 
+    answers = {
+        (method.upper(), path): set(operation["responses"])
+        for path, operations in described["paths"].items()
+        for method, operation in operations.items()
+    }
+    for (method, path), codes in answers.items():
+        assert {"200", "401", "422", "503"} <= codes, (method, path)
+        assert ("415" in codes) == (method == "POST"), (method, path)
+        assert ("400" in codes) == (path == "/v1/tenants/{tenant}/events"), (method, path)
+    state = next(
+        p
+        for p in described["paths"]["/v1/tenants/{tenant}/events"]["get"]["parameters"]
+        if p["name"] == "state"
+    )
+    assert "pending includes the failed ones" in state["description"]
+
 
 def test_a_changed_token_file_takes_effect_and_a_broken_one_is_not_taken(api: Api) -> None:
     fresh = _token()
@@ -504,6 +621,20 @@ def test_a_changed_token_file_takes_effect_and_a_broken_one_is_not_taken(api: Ap
 
     api.tokens_file.write_text("tokens: [")
     assert api.get("/v1/tenants", fresh).status_code == 200
+
+
+def test_a_token_file_that_disappears_keeps_the_tokens_and_is_logged_once(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.tokens_file.unlink()
+    with caplog.at_level("ERROR", logger="somabrain.edges.admin.auth"):
+        for _ in range(3):
+            assert api.get("/v1/tenants", api.admin).status_code == 200
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert f"admin API tokens file {api.tokens_file} cannot be read" in errors[0]
+    assert "the 2 tokens read before stay in effect" in errors[0]
+    assert "restore the file" in errors[0]
 
 
 @pytest.mark.parametrize(

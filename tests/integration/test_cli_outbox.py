@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import NewEvent, enqueue_event, enqueue_events
 from somabrain.store import migrate
+from somabrain.store.engine import make_engine
 from somabrain.store.models import AdminAction, OutboxEvent
 from somabrain.store.outbox import Delivered, mark_dead, mark_sent, record_failure
 
@@ -163,13 +164,62 @@ def test_stats_as_a_table_name_each_tenant(
         enqueue_event(session, tenant_id=tenant, topic=f"{tenant}.orders", payload={})
 
     shown = _run(database_url, "outbox", "stats", "--tenant", tenant)
-    empty = _run(database_url, "outbox", "stats", "--tenant", _tenant())
 
     assert shown.returncode == 0, shown.stderr
     assert tenant in shown.stdout
     assert "pending" in shown.stdout
-    assert empty.returncode == 0
-    assert "no events for" in empty.stdout
+
+
+def test_stats_list_a_tenant_asked_for_by_name_with_zeros_when_it_has_no_events(
+    database_url: str,
+) -> None:
+    nobody = _tenant()
+
+    as_json = _run(database_url, "outbox", "stats", "--tenant", nobody, "--output", "json")
+    as_table = _run(database_url, "outbox", "stats", "--tenant", nobody)
+
+    assert _json(as_json)["tenants"] == [
+        {
+            "tenant_id": nobody,
+            "pending": 0,
+            "sent": 0,
+            "dead": 0,
+            "oldest_pending_seconds": None,
+            "set_aside": 0,
+        }
+    ]
+    assert as_table.returncode == 0, as_table.stderr
+    assert re.search(rf"{nobody}\W+0\W+0\W+0\W+-\W+0", as_table.stdout), as_table.stdout
+    assert "no events" not in as_table.stdout
+
+
+def _set_aside(sessions: sessionmaker[Session], row_id: int) -> None:
+    """Mark a row as migration 0003 marks a repeat of another event's dedupe key."""
+    _make_dead(sessions, [row_id])
+    with sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE outbox_events SET dedupe_key = dedupe_key || '#duplicate-' || id"
+                " WHERE id = :id"
+            ),
+            {"id": row_id},
+        )
+
+
+def test_rows_migration_0003_set_aside_are_counted_apart_and_never_fail_check(
+    database_url: str, sessions: sessionmaker[Session]
+) -> None:
+    tenant = _tenant()
+    [(repeat, _)] = _enqueue(sessions, tenant, 1)
+    _set_aside(sessions, repeat)
+
+    stats = _run(database_url, "outbox", "stats", "--tenant", tenant, "--output", "json")
+    check = _run(database_url, "outbox", "check", "--tenant", tenant, "--max-dead", "0")
+
+    [row] = _json(stats)["tenants"]
+    assert (row["dead"], row["set_aside"]) == (0, 1)
+    assert check.returncode == 0, check.stdout
+    assert f"{tenant}: 0 pending, 0 sent, 0 dead," in check.stdout
 
 
 def test_stats_refuse_an_invalid_tenant_id_before_connecting(database_url: str) -> None:
@@ -299,7 +349,9 @@ def test_list_refuses_bad_options_before_connecting() -> None:
     assert garbled.returncode == 2
     assert garbled.stderr.startswith("FAILED: --until 'yesterday' is not an ISO 8601 time")
     assert backwards.returncode == 2
-    assert "is not before --until" in backwards.stderr
+    assert (
+        "FAILED: since 2026-01-02T00:00:00+00:00 is not before until 2026-01-01T00:00:00+00:00"
+    ) in backwards.stderr
     assert too_many.returncode == 2
     assert "1000" in too_many.stderr
     assert invalid.returncode == 2
@@ -639,6 +691,32 @@ def _sent_rows(
     return rows
 
 
+def test_replay_and_purge_log_the_audit_line_on_stderr(
+    database_url: str, sessions: sessionmaker[Session]
+) -> None:
+    tenant = _tenant()
+    [(dead, _)] = _enqueue(sessions, tenant, 1)
+    _make_dead(sessions, [dead])
+    _sent_rows(sessions, tenant, 2, topic="orders")
+    actor = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+
+    replay = _run(database_url, "outbox", "replay", "--tenant", tenant, "--output", "json")
+    purge = _run(database_url, "outbox", "purge", "--tenant", tenant, "--yes")
+
+    replayed, purged = _json(replay), purge
+    assert purged.returncode == 0, purged.stderr
+    [replay_action, purge_action] = _actions(sessions, tenant)
+    assert (
+        f"INFO somabrain.store.admin: replay of tenant {tenant} by {actor}: 1 rows "
+        f"(audit id {replayed['action_id']}, selection "
+    ) in replay.stderr
+    assert (
+        f"INFO somabrain.store.admin: purge of tenant {tenant} by {actor}: 2 rows "
+        f"(audit id {purge_action.id}, selection "
+    ) in purge.stderr
+    assert replay_action.id == replayed["action_id"]
+
+
 def test_purge_dry_run_counts_and_purge_without_yes_is_refused(
     database_url: str, sessions: sessionmaker[Session]
 ) -> None:
@@ -757,3 +835,48 @@ def test_publisher_and_admin_api_refuse_to_start_on_a_schema_behind_this_version
             f"FAILED: database schema is at revision 0004, this version needs {head}; "
             "run `somabrain db upgrade` first"
         ) in result.stderr
+
+
+def test_every_command_says_a_schema_newer_than_this_version_needs_a_newer_somabrain(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    ahead = make_database()
+    migrate.upgrade(ahead)
+    engine = make_engine(ahead, pool_size=1)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens: [{name: a, token: " + "t" * 32 + ", admin: true}]")
+    head = migrate.head_revision(ahead)
+    said = (
+        f"database schema is at revision 9999_future, newer than this version of somabrain "
+        f"knows (its newest is {head}): a newer somabrain migrated it; run that somabrain "
+        "version or a later one"
+    )
+
+    check = _run(ahead, "db", "check")
+    upgrade = _run(ahead, "db", "upgrade")
+    current = _run(ahead, "db", "current")
+    publisher = _run(ahead, "publisher", "run", "--tenant", "acme")
+    replay = _run(ahead, "outbox", "replay", "--tenant", "acme")
+    admin_api = subprocess.run(
+        [SOMABRAIN, "admin", "serve"],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "SOMABRAIN_DATABASE_URL": ahead,
+            "SOMABRAIN_ADMIN_TOKENS_FILE": str(tokens),
+        },
+        timeout=60,
+        check=False,
+    )
+
+    assert check.returncode == 1
+    assert said in check.stderr
+    for result in (upgrade, publisher, replay, admin_api):
+        assert result.returncode == 2, result.stderr
+        assert f"FAILED: {said}" in result.stderr
+        assert "db upgrade" not in result.stderr
+    assert "current: 9999_future (unknown to this version" in current.stdout

@@ -87,34 +87,52 @@ def test_every_outbox_command_has_help_with_an_example_and_option_metavars() -> 
     assert "--id EVENT_ID" in _run("outbox", "replay", "--help").stdout
 
 
-def _leaf_commands() -> list[list[str]]:
-    """Every command of `somabrain` that does something, as its words."""
+def _commands() -> tuple[list[list[str]], list[list[str]]]:
+    """Every command of `somabrain` as its words: those that do something, and the
+    groups of them (`somabrain` itself the first)."""
     import typer.main
 
     from somabrain.edges.cli import app
 
-    found: list[list[str]] = []
+    leaves: list[list[str]] = []
+    groups: list[list[str]] = []
 
     def walk(command: Any, words: list[str]) -> None:
         subcommands = getattr(command, "commands", None)
         if subcommands:
+            groups.append(words)
             for name, sub in subcommands.items():
                 walk(sub, [*words, name])
         else:
-            found.append(words)
+            leaves.append(words)
 
     walk(typer.main.get_command(app), [])
-    return found
+    return leaves, groups
+
+
+def _assert_help_has_an_example_of(words: list[str]) -> None:
+    result = _run(*words, "--help")
+
+    assert result.returncode == 0, (words, result.stderr)
+    example = result.stdout.split("Example", 1)
+    assert len(example) == 2, (words, result.stdout)
+    assert f"somabrain {' '.join(words)}".strip() in example[1], words
+    assert "<bool>" not in result.stdout, words
+    assert "list[str]" not in result.stdout, words
 
 
 def test_every_command_has_help_with_an_example_of_itself() -> None:
-    commands = _leaf_commands()
+    commands, _ = _commands()
     assert ["journal", "migrate"] in commands
     assert ["admin", "serve"] in commands
     for words in commands:
-        result = _run(*words, "--help")
+        _assert_help_has_an_example_of(words)
 
-        assert result.returncode == 0, (words, result.stderr)
-        assert f"somabrain {' '.join(words)}" in result.stdout.split("Example", 1)[-1], words
-        assert "<bool>" not in result.stdout, words
-        assert "list[str]" not in result.stdout, words
+
+def test_every_command_group_has_help_with_an_example_of_one_of_its_commands() -> None:
+    _, groups = _commands()
+    assert [] in groups
+    assert ["outbox"] in groups
+    assert ["db"] in groups
+    for words in groups:
+        _assert_help_has_an_example_of(words)

@@ -32,6 +32,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from somabrain.config.errors import InvalidSelection
 from somabrain.config.types import TENANT_ID_PATTERN, TenantId
 from somabrain.delivery import metrics
 from somabrain.edges.admin.auth import Caller, TokenFile
@@ -50,6 +51,17 @@ TenantPath = Annotated[
 ]
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("holds a NUL character (\\u0000), which no event can hold; remove it")
+    return value
+
+
+# Every string the API passes to SQL: PostgreSQL text cannot hold NUL, so one is refused
+# here, naming the field, rather than failing in the database driver.
+SqlText = Annotated[str, pydantic.AfterValidator(_no_nul)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,9 +72,13 @@ class Counts(_Model):
     tenant: str
     pending: int
     sent: int
-    dead: int
+    dead: int = Field(description="Dead events, the set-aside rows left out.")
     oldest_pending_seconds: float | None = Field(
         description="Age of the oldest pending event; null when none is pending."
+    )
+    set_aside: int = Field(
+        description="Rows migration 0003 set aside as repeats of another event's dedupe "
+        "key: dead so they are never published, never replayed, not counted as dead."
     )
 
     @classmethod
@@ -73,6 +89,7 @@ class Counts(_Model):
             sent=counts.sent,
             dead=counts.dead,
             oldest_pending_seconds=counts.oldest_pending_seconds,
+            set_aside=counts.set_aside,
         )
 
 
@@ -134,11 +151,11 @@ class Filter(_Model):
 
     states: list[store.Selectable] = Field(
         default_factory=list,
-        description="Replay: dead and/or failed (default: dead only). Purge ignores it: "
-        "only sent events are ever purged.",
+        description="Replay: dead and/or failed (default: dead only). Purge: sent only "
+        "(the default); any other state is refused with 422.",
     )
-    topic: str | None = Field(default=None, min_length=1, max_length=249)
-    key: str | None = None
+    topic: SqlText | None = Field(default=None, min_length=1, max_length=249)
+    key: SqlText | None = None
     since: AwareDatetime | None = Field(default=None, description="Created at or after.")
     until: AwareDatetime | None = Field(default=None, description="Created before.")
 
@@ -191,6 +208,16 @@ class PurgeRequest(_Model):
     filter: Filter = Field(default_factory=Filter)
     dry_run: bool = False
 
+    @pydantic.model_validator(mode="after")
+    def _sent_only(self) -> Self:
+        refused = set(self.filter.states) - store.PURGEABLE
+        if refused:
+            raise ValueError(
+                f"filter.states: {', '.join(sorted(refused))} cannot be purged (only sent "
+                "events are ever deleted)"
+            )
+        return self
+
 
 class PurgeResult(_Model):
     dry_run: bool
@@ -233,6 +260,8 @@ def _decode_cursor(cursor: str) -> int:
 
 
 _NOT_VISIBLE = "no such tenant for this token"
+_BAD_CURSOR: dict[str, Any] = {"model": Problem, "description": "A cursor this API never gave."}
+_NOT_JSON: dict[str, Any] = {"model": Problem, "description": "A body not sent as JSON."}
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -263,6 +292,7 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
         responses={
             401: {"model": Problem, "description": "No token, or one not known."},
             422: {"model": Problem, "description": "A parameter or the body is invalid."},
+            503: {"model": Problem, "description": "The database cannot be reached; retry."},
         },
     )
     app.state.tokens = tokens
@@ -283,6 +313,10 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
             for e in exc.errors()
         )
         return JSONResponse({"detail": problems}, status_code=422)
+
+    @app.exception_handler(InvalidSelection)
+    async def _refused(_: Request, exc: InvalidSelection) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(sqlalchemy.exc.OperationalError)
     async def _no_database(_: Request, exc: sqlalchemy.exc.OperationalError) -> JSONResponse:
@@ -308,36 +342,38 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
     @app.get("/v1/tenants", tags=["counts"])
     def summary(who: CallerDep) -> Summary:
         """Every tenant the token may see, with its events by status."""
+        # A scoped token's tenants are listed even before they have events.
+        scope = None if who.admin else sorted(who.tenants)
         with sessions() as session:
-            if who.admin:
-                found = tenant_counts(session)
-            else:
-                found = tenant_counts(session, tenant_ids=sorted(who.tenants))
-        have = {c.tenant_id for c in found}
-        rows = [Counts.of(c) for c in found]
-        if not who.admin:
-            # A scoped token's tenants are listed even before they have events.
-            rows += [_zero(t) for t in who.tenants if t not in have]
-        return Summary(tenants=sorted(rows, key=lambda c: c.tenant))
+            found = tenant_counts(session, tenant_ids=scope)
+        return Summary(tenants=[Counts.of(c) for c in found])
 
     @app.get("/v1/tenants/{tenant}/counts", tags=["counts"], responses={404: {"model": Problem}})
     def counts(who: CallerDep, tenant: TenantPath) -> Counts:
         """The tenant's events by status, and its oldest pending event's age."""
         tenant_id = visible(who, tenant)
         with sessions() as session:
-            found = tenant_counts(session, tenant_ids=[tenant_id])
-        return Counts.of(found[0]) if found else _zero(tenant_id)
+            [found] = tenant_counts(session, tenant_ids=[tenant_id])
+        return Counts.of(found)
 
-    @app.get("/v1/tenants/{tenant}/events", tags=["events"], responses={404: {"model": Problem}})
+    @app.get(
+        "/v1/tenants/{tenant}/events",
+        tags=["events"],
+        responses={404: {"model": Problem}, 400: _BAD_CURSOR},
+    )
     def events(
         who: CallerDep,
         tenant: TenantPath,
         state: Annotated[
             list[store.Selectable] | None,
-            Query(description="pending, failed, sent or dead; repeat for several."),
+            Query(
+                description="pending, failed, sent or dead; repeat for several. pending "
+                "includes the failed ones (pending, backing off after a failed attempt), "
+                "which are shown as failed."
+            ),
         ] = None,
-        topic: Annotated[str | None, Query(min_length=1, max_length=249)] = None,
-        key: str | None = None,
+        topic: Annotated[SqlText | None, Query(min_length=1, max_length=249)] = None,
+        key: Annotated[SqlText | None, Query()] = None,
         since: Annotated[AwareDatetime | None, Query(description="Created at or after.")] = None,
         until: Annotated[AwareDatetime | None, Query(description="Created before.")] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
@@ -380,7 +416,11 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
             next_attempt_at=found.next_attempt_at,
         )
 
-    @app.post("/v1/tenants/{tenant}/replay", tags=["actions"], responses={404: {"model": Problem}})
+    @app.post(
+        "/v1/tenants/{tenant}/replay",
+        tags=["actions"],
+        responses={404: {"model": Problem}, 415: _NOT_JSON},
+    )
     def replay(who: CallerDep, tenant: TenantPath, body: ReplayRequest) -> ReplayResult:
         """Move dead or failed events back to pending, by ids or by filter.
 
@@ -400,7 +440,7 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
             outcomes, result = store.run_replay_ids(
                 sessions, tenant_id=tenant_id, event_ids=ids, actor=_actor(who)
             )
-            metrics.REPLAYED.labels(tenant_id).inc(result.rows)
+            _count(metrics.REPLAYED, tenant_id, result.rows)
             return _replayed(False, result, result.action_id, outcomes)
         assert body.filter is not None
         states = body.filter.states or [store.Selectable.DEAD]
@@ -409,13 +449,13 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
             with sessions() as session:
                 return _replayed(True, store.preview_replay(session, selection), None, None)
         result = store.run_replay(sessions, selection, actor=_actor(who))
-        metrics.REPLAYED.labels(tenant_id).inc(result.rows)
+        _count(metrics.REPLAYED, tenant_id, result.rows)
         return _replayed(False, result, result.action_id, None)
 
     @app.post(
         "/v1/tenants/{tenant}/purge",
         tags=["actions"],
-        responses={403: {"model": Problem}, 404: {"model": Problem}},
+        responses={403: {"model": Problem}, 404: {"model": Problem}, 415: _NOT_JSON},
     )
     def purge(who: CallerDep, tenant: TenantPath, body: PurgeRequest) -> PurgeResult:
         """Delete the tenant's sent events matching the filter, in chunks (admin tokens
@@ -429,7 +469,7 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
                 rows = store.count_purgeable(session, selection)
             return PurgeResult(dry_run=True, rows=rows, audit_id=None)
         result = store.run_purge(sessions, selection, actor=_actor(who))
-        metrics.ADMIN_PURGED.labels(tenant_id).inc(result.rows)
+        _count(metrics.ADMIN_PURGED, tenant_id, result.rows)
         return PurgeResult(dry_run=False, rows=result.rows, audit_id=result.action_id)
 
     @app.get("/v1/actions", tags=["audit"])
@@ -467,8 +507,11 @@ def create_app(sessions: sessionmaker[Session], tokens: TokenFile) -> FastAPI:
     return app
 
 
-def _zero(tenant: str) -> Counts:
-    return Counts(tenant=tenant, pending=0, sent=0, dead=0, oldest_pending_seconds=None)
+def _count(counter: prometheus_client.Counter, tenant: TenantId, rows: int) -> None:
+    # Only rows changed create a series: a tenant name made up by a caller with an admin
+    # token must not add one, so the label values stay bounded by real tenants.
+    if rows > 0:
+        counter.labels(tenant).inc(rows)
 
 
 def _actor(who: Caller) -> str:

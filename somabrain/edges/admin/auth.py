@@ -12,8 +12,11 @@ The file (YAML) names each token and what it may see:
 
 A token is either admin or scoped to a list of tenants, never both and never neither.
 The file is read at start (the API refuses to start without one valid token) and again
-whenever it changes, so a rotated Secret takes effect without a restart; a changed file
-that does not parse is refused with a log line and the tokens read before stay in force.
+whenever it changes, so a rotated Secret takes effect without a restart. A changed file
+that does not parse, and a file that disappears or cannot be read, is logged as an
+error once and the tokens read before stay in force: a Secret is swapped atomically, and
+a moment without a readable file must not lock every operator out. `admin` takes a YAML
+boolean only (`true`, not the string "yes").
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Annotated, Self
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictBool, StringConstraints
 
 from somabrain.config.errors import PermanentError
 from somabrain.config.types import TENANT_ID_PATTERN, TenantId
@@ -48,7 +51,8 @@ class _Token(BaseModel):
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][-A-Za-z0-9._@]*$")
     token: SecretStr
-    admin: bool = False
+    # Strict: a quoted "yes" or "false" is a mistake to report, never a value to guess.
+    admin: StrictBool = False
     tenants: list[TenantName] = Field(default_factory=list)
 
     @pydantic.field_validator("token")
@@ -120,16 +124,22 @@ def parse_tokens(text: str, *, source: str) -> dict[bytes, Caller]:
     }
 
 
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    # The change time too: a file made readable by chmod is read again.
+    return stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
 class TokenFile:
-    """The tokens of one file, re-read when its modification time changes."""
+    """The tokens of one file, re-read when it changes (or is replaced)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._stamp, self._callers = self._read()
+        self._unreadable = False
         log.info("admin API tokens read from %s: %d", path, len(self._callers))
 
-    def _read(self) -> tuple[tuple[int, int], dict[bytes, Caller]]:
+    def _read(self) -> tuple[tuple[int, int, int], dict[bytes, Caller]]:
         try:
             stat = os.stat(self.path)
             text = self.path.read_text(encoding="utf-8")
@@ -138,24 +148,46 @@ class TokenFile:
                 f"cannot read the admin API tokens {self.path} ({exc.strerror}); set "
                 "SOMABRAIN_ADMIN_TOKENS_FILE to a file of tokens (the API never runs open)"
             ) from exc
-        return (stat.st_mtime_ns, stat.st_ino), parse_tokens(text, source=str(self.path))
+        return _identity(stat), parse_tokens(text, source=str(self.path))
 
     def _refresh(self) -> None:
         try:
             stat = os.stat(self.path)
-        except OSError:
-            return  # a Secret being swapped; the tokens read before stay in force
-        if (stat.st_mtime_ns, stat.st_ino) == self._stamp:
+        except OSError as exc:
+            self._gone(exc)
+            return
+        self._unreadable = False
+        if _identity(stat) == self._stamp:
             return
         with self._lock:
             try:
                 self._stamp, self._callers = self._read()
             except InvalidTokens as exc:
                 # Keep what was read before, and do not read the same bad file again.
-                self._stamp = (stat.st_mtime_ns, stat.st_ino)
-                log.error("admin API tokens not changed: %s", exc)
+                self._stamp = _identity(stat)
+                log.error(
+                    "admin API tokens not changed: %s; the %d tokens read before stay in "
+                    "effect until the file holds valid tokens",
+                    exc,
+                    len(self._callers),
+                )
                 return
         log.info("admin API tokens re-read from %s: %d", self.path, len(self._callers))
+
+    def _gone(self, exc: OSError) -> None:
+        """Log, once until the file is back, that it cannot be read; keep the tokens."""
+        with self._lock:
+            if self._unreadable:
+                return
+            self._unreadable = True
+        log.error(
+            "admin API tokens file %s cannot be read (%s); the %d tokens read before stay "
+            "in effect: restore the file (or its Secret), or point "
+            "SOMABRAIN_ADMIN_TOKENS_FILE at the file that holds them",
+            self.path,
+            exc.strerror,
+            len(self._callers),
+        )
 
     def caller(self, token: str) -> Caller | None:
         """Who holds this token, or None. Compared in constant time."""
