@@ -374,6 +374,8 @@ def emit_events(
     InvalidEvent whatever the database's state, and nothing is written. A tenant over
     its backlog cap raises BacklogOverCap (the journal is not a way around the cap).
     Without a journal, an unreachable database raises as it would for any enqueue.
+    Events of a tenant the journal still holds events of are journaled behind them,
+    whatever the database's state.
     """
     limit = journal.max_message_bytes if journal is not None else None
     rows = validate_events(events, limit)

@@ -7,9 +7,9 @@ import pytest
 from somabrain.store import outbox
 
 
-def _rows(*payload_sizes: int) -> list[outbox._Row]:
+def _rows(*payload_sizes: int) -> list[outbox.ValidatedEvent]:
     return [
-        outbox._Row("t", "t.b", None, f"d{i}", None, None if n < 0 else "x" * n, {})
+        outbox.ValidatedEvent("t", "t.b", None, f"d{i}", None, None if n < 0 else "x" * n, {})
         for i, n in enumerate(payload_sizes)
     ]
 

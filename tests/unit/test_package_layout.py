@@ -32,8 +32,12 @@ def test_public_surface_is_small_and_explicit() -> None:
         "EnqueueResult",
         "EnqueueStatus",
         "EventId",
+        "Journal",
+        "JournalMigrator",
         "NewEvent",
         "TenantId",
+        "emit_event",
+        "emit_events",
         "enqueue_event",
         "enqueue_events",
     ]
