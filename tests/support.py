@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from confluent_kafka import Consumer
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from somabrain.delivery.publisher import Publisher
+from somabrain.store.outbox import DUPLICATE_MARKER
 
 T = TypeVar("T")
 SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
@@ -93,3 +96,15 @@ def publishing(publisher: Publisher) -> Iterator[Publisher]:
         publisher.stopping.set()
         thread.join(30)
     assert not thread.is_alive(), "the publisher did not stop within 30 s"
+
+
+def set_aside(session: Session, row_id: int) -> None:
+    """Make a row what migration 0003 makes of a repeat of another event's dedupe key:
+    dead, its key ending in the marker and its own id."""
+    session.execute(
+        text(
+            "UPDATE outbox_events SET status = 'dead',"
+            " dedupe_key = dedupe_key || :marker || id WHERE id = :id"
+        ),
+        {"id": row_id, "marker": DUPLICATE_MARKER},
+    )

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import uvicorn
 import yaml
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import enqueue_event
@@ -30,7 +30,7 @@ from somabrain.edges.admin.api import create_app
 from somabrain.edges.admin.auth import TokenFile
 from somabrain.store.models import AdminAction, OutboxEvent
 from somabrain.store.outbox import Delivered, mark_dead, mark_sent, record_failure
-from tests.support import read_committed, wait_for
+from tests.support import read_committed, set_aside, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -375,13 +375,7 @@ def test_events_migration_0003_set_aside_as_repeats_are_never_replayed(
     kept, repeat = _enqueue(sessions, api.tenant, 2)
     _kill(sessions, [repeat])
     with sessions.begin() as session:
-        session.execute(
-            text(
-                "UPDATE outbox_events SET dedupe_key = dedupe_key || '#duplicate-' || id"
-                " WHERE id = :id"
-            ),
-            {"id": repeat},
-        )
+        set_aside(session, repeat)
     path = f"/v1/tenants/{api.tenant}/replay"
     assert api.post(path, {"filter": {"states": ["dead"]}}, api.mine).json()["rows"] == 0
     by_id = api.post(path, {"event_ids": [_event_id(sessions, repeat)]}, api.mine).json()
@@ -545,13 +539,7 @@ def test_rows_migration_0003_set_aside_are_not_counted_as_dead(
     dead, repeat, _ = _enqueue(sessions, api.tenant, 3)
     _kill(sessions, [dead, repeat])
     with sessions.begin() as session:
-        session.execute(
-            text(
-                "UPDATE outbox_events SET dedupe_key = dedupe_key || '#duplicate-' || id"
-                " WHERE id = :id"
-            ),
-            {"id": repeat},
-        )
+        set_aside(session, repeat)
 
     counts = api.get(f"/v1/tenants/{api.tenant}/counts", api.mine).json()
     assert (counts["pending"], counts["dead"], counts["set_aside"]) == (1, 1, 1)

@@ -28,6 +28,7 @@ from somabrain.store import migrate
 from somabrain.store.engine import make_engine
 from somabrain.store.models import AdminAction, OutboxEvent
 from somabrain.store.outbox import Delivered, mark_dead, mark_sent, record_failure
+from tests.support import set_aside
 
 pytestmark = pytest.mark.integration
 
@@ -195,15 +196,8 @@ def test_stats_list_a_tenant_asked_for_by_name_with_zeros_when_it_has_no_events(
 
 def _set_aside(sessions: sessionmaker[Session], row_id: int) -> None:
     """Mark a row as migration 0003 marks a repeat of another event's dedupe key."""
-    _make_dead(sessions, [row_id])
     with sessions.begin() as session:
-        session.execute(
-            text(
-                "UPDATE outbox_events SET dedupe_key = dedupe_key || '#duplicate-' || id"
-                " WHERE id = :id"
-            ),
-            {"id": row_id},
-        )
+        set_aside(session, row_id)
 
 
 def test_rows_migration_0003_set_aside_are_counted_apart_and_never_fail_check(

@@ -26,7 +26,7 @@ from somabrain.delivery.producer import (
 from somabrain.delivery.publisher import build_publisher
 from somabrain.delivery.recovery import RecoveryFailed, ensure_checkpoint_topic, recover
 from somabrain.store.outbox import backlog, claim_pending, record_failure
-from tests.support import read_committed, wait_for
+from tests.support import read_committed, set_aside, wait_for
 
 
 def _settings(tenant: str, bootstrap: str, **overrides: Any) -> PublisherSettings:
@@ -228,13 +228,7 @@ def test_a_row_migration_0003_set_aside_blocks_no_key_under_block(
             enqueue_event(session, tenant_id=tenant, topic="t.orders", key="a", payload={})
     with sessions.begin() as session:
         ids = [r.id for r in claim_pending(session, tenant_id=TenantId(tenant), limit=10)]
-        session.execute(
-            text(
-                "UPDATE outbox_events SET status = 'dead',"
-                " dedupe_key = dedupe_key || '#duplicate-' || id WHERE id = :id"
-            ),
-            {"id": ids[1]},
-        )
+        set_aside(session, ids[1])
         session.execute(
             text(
                 "UPDATE outbox_events SET status = 'sent', sent_at = now(), kafka_offset = 0"

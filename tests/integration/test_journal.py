@@ -67,6 +67,46 @@ def _outbox(sessions: sessionmaker[Session], tenant: str) -> list[int]:
         return [p["i"] for p in payloads]
 
 
+def _migrate_cli(
+    database_url: str, directory: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SOMABRAIN, "journal", "migrate", "--dir", str(directory), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        timeout=120,
+        check=False,
+    )
+
+
+def _migration_killed_after(directory: Path, database_url: str, *, chunks: int, batch: int) -> int:
+    """Run a migration of `directory` in a process of its own that stops for good after
+    its `chunks`-th committed chunk of `batch` records, kill it there (SIGKILL), and
+    return how many records it had committed."""
+    marker = directory.parent / f"{directory.name}.committed"
+    script = (
+        "import sys, time, pathlib\n"
+        "from somabrain.delivery.journal import migrate_journal\n"
+        "from somabrain.store.engine import make_engine\n"
+        "done = []\n"
+        "def after(n):\n"
+        "    done.append(n)\n"
+        f"    if len(done) == {chunks}:\n"
+        "        pathlib.Path(sys.argv[3]).write_text(str(sum(done)))\n"
+        "        time.sleep(600)\n"
+        f"migrate_journal(pathlib.Path(sys.argv[1]), make_engine(sys.argv[2]), batch={batch},"
+        " on_records=after)\n"
+    )
+    command = [sys.executable, "-c", script, str(directory), database_url, str(marker)]
+    with subprocess.Popen(command) as process:
+        try:
+            assert wait_for(lambda: marker.exists() and marker.read_text() != "", timeout=60)
+        finally:
+            process.kill()
+    return int(marker.read_text())
+
+
 def test_an_event_emitted_while_the_database_is_unreachable_is_journaled_then_migrated(
     tmp_path: Path,
     unreachable: Engine,
@@ -137,41 +177,11 @@ def test_a_migration_killed_half_way_and_run_again_gives_each_event_once_in_orde
         emit_events(unreachable, _events(tenant, 100, start=start), journal=journal)
     journal.close()
     assert len(segments(directory)) > 3
-    marker = tmp_path / "committed"
-    # Stops for good after its third committed batch; killed there.
-    script = (
-        "import sys, time, pathlib\n"
-        "from somabrain.delivery.journal import migrate_journal\n"
-        "from somabrain.store.engine import make_engine\n"
-        "done = []\n"
-        "def after(n):\n"
-        "    done.append(n)\n"
-        "    if len(done) == 3:\n"
-        "        pathlib.Path(sys.argv[3]).write_text(str(sum(done)))\n"
-        "        time.sleep(600)\n"
-        "migrate_journal(pathlib.Path(sys.argv[1]), make_engine(sys.argv[2]), batch=250,"
-        " on_records=after)\n"
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, str(directory), database_url, str(marker)]
-    )
-    try:
-        assert wait_for(lambda: marker.exists() and marker.read_text() != "", timeout=60)
-        committed = int(marker.read_text())
-        assert 0 < committed < 3000
-        assert _outbox(sessions, tenant) == list(range(committed))
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
+    committed = _migration_killed_after(directory, database_url, chunks=3, batch=250)
+    assert 0 < committed < 3000
+    assert _outbox(sessions, tenant) == list(range(committed))
 
-    again = subprocess.run(
-        [SOMABRAIN, "journal", "migrate", "--dir", str(directory), "--output", "json"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
-        timeout=120,
-        check=False,
-    )
+    again = _migrate_cli(database_url, directory, "--output", "json")
     assert again.returncode == 0, again.stderr
     tally = json.loads(again.stdout)["tenants"][tenant]
     # Files the first run finished were deleted; of the one it was in, what it had
@@ -276,14 +286,7 @@ def test_a_tenant_over_its_cap_is_held_back_and_another_tenant_migrates(
     emit_events(unreachable, _events(full, 3) + _events(fine, 3), journal=journal)
     journal.close()
 
-    result = subprocess.run(
-        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
-        timeout=60,
-        check=False,
-    )
+    result = _migrate_cli(database_url, tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "3 records not migrated" in result.stdout
     assert _outbox(sessions, fine) == [0, 1, 2]
@@ -313,14 +316,7 @@ def test_a_dry_run_says_what_would_move_and_changes_nothing(
     journal = Journal(tmp_path)
     emit_events(unreachable, _events(tenant, 4), journal=journal)
     journal.close()
-    result = subprocess.run(
-        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path), "--dry-run", "--output", "json"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
-        timeout=60,
-        check=False,
-    )
+    result = _migrate_cli(database_url, tmp_path, "--dry-run", "--output", "json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["tenants"][tenant]["inserted"] == 4
     assert _outbox(sessions, tenant) == []
@@ -340,14 +336,7 @@ def test_a_torn_last_record_is_reported_and_every_record_before_it_migrates(
     [segment] = segments(tmp_path)
     with segment.open("ab") as f:
         f.write(b'1f2e3d4c {"v":1,"at":"2026-')  # killed in the middle of a write
-    result = subprocess.run(
-        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path), "--tenant", tenant],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
-        timeout=60,
-        check=False,
-    )
+    result = _migrate_cli(database_url, tmp_path, "--tenant", tenant)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{segment}:6: " in result.stdout
     assert "a write cut short, never acknowledged; dropped" in result.stdout
@@ -373,14 +362,7 @@ def test_a_corrupt_record_is_set_aside_for_a_person_and_the_others_migrate(
     damaged = b"00000000" + lines[line][8:]
     lines[line] = damaged
     segment.write_bytes(b"\n".join(lines))
-    result = subprocess.run(
-        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
-        timeout=60,
-        check=False,
-    )
+    result = _migrate_cli(database_url, tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{segment}:{line + 1}: " in result.stdout
     assert "does not match its checksum; moved to" in result.stdout
@@ -400,14 +382,7 @@ def test_after_another_process_migrated_the_journal_emit_goes_to_the_database_ag
 ) -> None:
     journal = Journal(tmp_path)
     emit_events(unreachable, _events(tenant, 2), journal=journal)
-    migrated = subprocess.run(
-        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
-        timeout=60,
-        check=False,
-    )
+    migrated = _migrate_cli(database_url, tmp_path)
     assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     assert wait_for(lambda: not journal.backlogged, timeout=5)
     result = emit_event(engine, tenant_id=tenant, topic="orders", payload={"i": 2}, journal=journal)
@@ -481,14 +456,7 @@ def test_every_event_acknowledged_before_the_writer_was_killed_reaches_the_outbo
     writer.send_signal(signal.SIGKILL)
     writer.communicate(timeout=30)
 
-    result = subprocess.run(
-        [SOMABRAIN, "journal", "migrate", "--dir", str(tmp_path), "--output", "json"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
-        timeout=120,
-        check=False,
-    )
+    result = _migrate_cli(database_url, tmp_path, "--output", "json")
     assert result.returncode == 0, result.stdout + result.stderr
     migrated = _outbox(sessions, tenant)
     # Every acknowledged event, in order, each once; the events written after the last
@@ -526,19 +494,6 @@ def test_an_event_journaled_after_a_commit_that_did_succeed_is_not_added_twice(
     report = migrate_journal(tmp_path, engine)
     assert (report.tenants[tenant].inserted, report.tenants[tenant].duplicates) == (0, 1)
     assert _outbox(sessions, tenant) == [0]
-
-
-def _migrate_cli(
-    database_url: str, directory: Path, *args: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [SOMABRAIN, "journal", "migrate", "--dir", str(directory), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
-        timeout=120,
-        check=False,
-    )
 
 
 def _journal_segments(directory: Path, tenant: str, unreachable: Engine, n: int) -> Journal:
@@ -664,28 +619,9 @@ def test_rows_a_killed_migration_committed_are_not_migrated_again_after_they_wer
     tenant: str,
 ) -> None:
     emit_events(unreachable, _events(tenant, 1000), journal=Journal(tmp_path))
-    marker = tmp_path / "committed"
-    # Stops for good after its second committed batch, in the middle of the segment.
-    script = (
-        "import sys, time, pathlib\n"
-        "from somabrain.delivery.journal import migrate_journal\n"
-        "from somabrain.store.engine import make_engine\n"
-        "done = []\n"
-        "def after(n):\n"
-        "    done.append(n)\n"
-        "    if len(done) == 2:\n"
-        "        pathlib.Path(sys.argv[3]).write_text(str(sum(done)))\n"
-        "        time.sleep(600)\n"
-        "migrate_journal(pathlib.Path(sys.argv[1]), make_engine(sys.argv[2]), batch=100,"
-        " on_records=after)\n"
-    )
-    with subprocess.Popen([sys.executable, "-c", script, str(tmp_path), database_url,
-                           str(marker)]) as process:  # fmt: skip
-        try:
-            assert wait_for(lambda: marker.exists() and marker.read_text() != "", timeout=60)
-        finally:
-            process.kill()
-    assert int(marker.read_text()) == 200
+    # Killed after its second committed chunk, in the middle of the segment.
+    committed = _migration_killed_after(tmp_path, database_url, chunks=2, batch=100)
+    assert committed == 200
     # Sent and purged since (retention, or an admin's purge): the outbox forgot them.
     with sessions.begin() as session:
         session.execute(delete(OutboxEvent).where(OutboxEvent.tenant_id == tenant))
