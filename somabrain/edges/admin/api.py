@@ -182,13 +182,18 @@ class ReplayRequest(_Model):
         if (self.event_ids is None) == (self.filter is None):
             raise ValueError("give either event_ids or filter")
         if self.filter is not None:
-            refused = set(self.filter.states) - store.REPLAYABLE
-            if refused:
-                raise ValueError(
-                    f"filter.states: {', '.join(sorted(refused))} cannot be replayed "
-                    "(only dead and failed events can)"
-                )
+            _only_states(
+                self.filter,
+                store.REPLAYABLE,
+                "cannot be replayed (only dead and failed events can)",
+            )
         return self
+
+
+def _only_states(selection: Filter, allowed: frozenset[store.Selectable], why: str) -> None:
+    refused = set(selection.states) - allowed
+    if refused:
+        raise ValueError(f"filter.states: {', '.join(sorted(refused))} {why}")
 
 
 class ReplayResult(_Model):
@@ -210,12 +215,9 @@ class PurgeRequest(_Model):
 
     @pydantic.model_validator(mode="after")
     def _sent_only(self) -> Self:
-        refused = set(self.filter.states) - store.PURGEABLE
-        if refused:
-            raise ValueError(
-                f"filter.states: {', '.join(sorted(refused))} cannot be purged (only sent "
-                "events are ever deleted)"
-            )
+        _only_states(
+            self.filter, store.PURGEABLE, "cannot be purged (only sent events are ever deleted)"
+        )
         return self
 
 
