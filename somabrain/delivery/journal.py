@@ -17,8 +17,9 @@ dedupe key is a duplicate the outbox ignores).
 **Safety.**
 - A writer opens, locks (`flock`), appends to, fsyncs and closes a segment for each
   append, and checks under the lock that the file it opened is still the one of that
-  name; a migrator works on a segment under the same lock. A segment a migrator has
-  replaced or deleted is never appended to: the writer starts a new one.
+  name; a migrator works on a segment under the same lock. The writer never appends to
+  the old copy of a segment a migrator has replaced or deleted: it appends to what the
+  name holds now, or starts a new segment.
 - One migration of a journal at a time (a lock file in the directory): two at once
   would each take segments the other had not, out of order.
 - After migrating a segment, the migrator deletes it if every record is committed in
@@ -26,7 +27,9 @@ dedupe key is a duplicate the outbox ignores).
   to migrate (a tenant over its backlog cap, a tenant not asked for). Until then each
   committed chunk is recorded beside it (`<segment>.done`), so a record once committed
   is never migrated again, even when a run was killed half-way and the row purged from
-  the outbox before the next run.
+  the outbox before the next run. The exception: a run killed between a chunk's commit
+  and its record (the time of one fsync), whose rows are then purged (sent, and past
+  retention) before the next run; the background migrator runs again within seconds.
 - A segment that cannot be read or locked stops the run there: later segments wait, as
   they may hold later events of a tenant in it.
 - A line that does not match its checksum is moved to `<segment>.corrupt`, reported
@@ -50,6 +53,10 @@ dedupe key is a duplicate the outbox ignores).
   enqueue would. Migration inserts as many of a tenant's records as its cap has room
   for and holds back the rest until there is room again; a held tenant holds back no
   other.
+- Unreachable: a connection refused or broken, or a database that does not answer an
+  emit within `database_timeout` (5 s; its connection may hang, neither answering nor
+  breaking). The call it was waiting on may still commit later, which the journaled
+  copies' dedupe keys make harmless. For 5 s after, emits journal without asking.
 - Bounded: appending beyond `max_bytes` raises JournalFull; nothing is dropped.
 
 One directory per producer process (a pod's volume); the CLI can migrate it from
@@ -59,6 +66,7 @@ anywhere that mounts it, while the producer runs.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -66,13 +74,14 @@ import fcntl
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy.exc
 from sqlalchemy import Engine, func, select, tuple_
@@ -87,16 +96,20 @@ from somabrain.store.outbox import (
     NewEvent,
     ValidatedEvent,
     check_backlog,
+    count_pending,
     enqueue_validated,
     validate_events,
 )
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 SUFFIX = ".journal"
 CORRUPT_SUFFIX = ".corrupt"
 _VERSION = 1
 _SEQUENCE_DIGITS = 16
+_SEGMENT_NAME = re.compile(rf"[0-9]{{{_SEQUENCE_DIGITS}}}{re.escape(SUFFIX)}")
 UNREACHABLE_GRACE_SECONDS = 5.0
 
 
@@ -104,8 +117,17 @@ class JournalFull(RetriableError):
     """The journal is at its size limit; the event was not written anywhere."""
 
 
+class JournalWriteFailed(RetriableError):
+    """The journal's file system refused the write (full, read-only, failing); the
+    event was not written anywhere."""
+
+
 class JournalBusy(RetriableError):
     """Another migration of the same journal is running; nothing was done."""
+
+
+class DatabaseTimeout(RetriableError):
+    """The database did not answer an emit within the journal's `database_timeout`."""
 
 
 # Errors that mean "the database cannot be reached now", as opposed to a refusal of the
@@ -142,16 +164,19 @@ def decode_record(line: bytes) -> ValidatedEvent | None:
 
 
 def segments(directory: Path) -> list[Path]:
-    """The journal's segments, oldest first (regular files only: anything else of a
-    segment's name is no segment)."""
-    return sorted(p for p in directory.glob(f"*{SUFFIX}") if p.name[0] != "." and p.is_file())
+    """The journal's segments, oldest first: regular files named as the writer names
+    them (a sequence number of 16 digits); anything else in the directory, a symbolic
+    link or a file of another name, is left alone."""
+    found = [
+        p
+        for p in directory.glob(f"*{SUFFIX}")
+        if _SEGMENT_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()
+    ]
+    return sorted(found, key=_sequence)
 
 
 def _sequence(path: Path) -> int:
-    try:
-        return int(path.name.removesuffix(SUFFIX))
-    except ValueError:
-        return 0
+    return int(path.name.removesuffix(SUFFIX))
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -182,11 +207,19 @@ class Journal:
         max_segment_bytes: int = 64 * 1024 * 1024,
         max_bytes: int = 1024 * 1024 * 1024,
         max_message_bytes: int | None = None,
+        database_timeout: float = 5.0,
     ) -> None:
         self.directory = directory
         self.max_segment_bytes = max_segment_bytes
         self.max_bytes = max_bytes
         self.max_message_bytes = max_message_bytes
+        self.database_timeout = database_timeout
+        # Database calls of emit_event run here, so that a database that stops
+        # answering (its connection neither answers nor breaks) costs an emit at most
+        # `database_timeout`, after which the events are journaled.
+        self._calls = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="journal-emit"
+        )
         directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._path: Path | None = None
@@ -262,7 +295,15 @@ class Journal:
                     "migrate it (somabrain journal migrate) or give it more room"
                 )
             for _ in range(5):
-                if self._append_to_segment(lines):
+                try:
+                    appended = self._append_to_segment(lines)
+                except OSError as exc:
+                    raise JournalWriteFailed(
+                        f"journal {self.directory}: the events could not be written "
+                        f"({exc.strerror or exc}); they were not journaled. Give the "
+                        "journal's volume room, or retry later"
+                    ) from exc
+                if appended:
                     self._total += len(lines)
                     if self._held is not None:
                         self._held.update(r.tenant_id for r in rows)
@@ -355,10 +396,25 @@ class Journal:
             self._checked = time.monotonic()
             return report
 
+    def call_database(self, call: Callable[[], T]) -> T:
+        """`call()`'s result, or DatabaseTimeout once it has taken `database_timeout`
+        seconds (it may still finish later: what it commits then carries the dedupe
+        keys of the journaled copies, so migration adds nothing twice)."""
+        future = self._calls.submit(call)
+        try:
+            return future.result(timeout=self.database_timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DatabaseTimeout(
+                f"the database did not answer within {self.database_timeout:g}s"
+            ) from None
+
     def close(self) -> None:
-        """Nothing stays open between appends; kept for symmetry with other resources."""
+        """Let go of the threads database calls run in (those still waiting on the
+        database end when it answers or their connection breaks)."""
         with self._lock:
             self._path = None
+        self._calls.shutdown(wait=False, cancel_futures=True)
 
 
 def emit_events(
@@ -375,33 +431,43 @@ def emit_events(
     its backlog cap raises BacklogOverCap (the journal is not a way around the cap).
     Without a journal, an unreachable database raises as it would for any enqueue.
     Events of a tenant the journal still holds events of are journaled behind them,
-    whatever the database's state.
+    whatever the database's state. A database that does not answer within the
+    journal's `database_timeout` counts as unreachable; for UNREACHABLE_GRACE_SECONDS
+    after that, events are journaled without asking it again.
     """
-    limit = journal.max_message_bytes if journal is not None else None
-    rows = validate_events(events, limit)
-    if journal is not None and journal.holds({r.tenant_id for r in rows}):
+    if journal is None:
+        rows = validate_events(events, None)
+        return _enqueue_now(engine, rows)
+    rows = validate_events(events, journal.max_message_bytes)
+    if journal.recently_unreachable:
+        return _journaled(journal, rows)
+    if journal.holds({r.tenant_id for r in rows}):
         # Journaled behind the older events for their order, but refused as enqueue
         # would refuse them when the database can say a tenant is over its cap.
-        if not journal.recently_unreachable:
-            _check_caps_if_reachable(engine, journal, rows)
+        _check_caps_if_reachable(engine, journal, rows)
         return _journaled(journal, rows)
     try:
-        with Session(engine) as session, session.begin():
-            results = enqueue_validated(session, rows)
-        if journal is not None:
-            journal.note_reachable()
-        return results
-    except UNREACHABLE as exc:
-        if journal is None:
-            raise
+        results = journal.call_database(lambda: _enqueue_now(engine, rows))
+    except (*UNREACHABLE, DatabaseTimeout) as exc:
         journal.note_unreachable()
         log.warning(
             "database unreachable (%s); %d events journaled in %s",
-            str(exc.orig if hasattr(exc, "orig") else exc).strip().splitlines()[0],
+            _first_line(exc),
             len(rows),
             journal.directory,
         )
         return _journaled(journal, rows)
+    journal.note_reachable()
+    return results
+
+
+def _enqueue_now(engine: Engine, rows: Sequence[ValidatedEvent]) -> list[EnqueueResult]:
+    with Session(engine) as session, session.begin():
+        return enqueue_validated(session, rows)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
 
 
 def emit_event(
@@ -436,11 +502,15 @@ def _check_caps_if_reachable(
     when the database cannot be reached (the events are journaled, and migration holds
     them back while the tenant stays over its cap)."""
     adding = collections.Counter(row.tenant_id for row in rows)
-    try:
+
+    def check() -> None:
         with Session(engine) as session:
             for tenant, count in adding.items():
                 check_backlog(session, tenant, adding=count)
-    except UNREACHABLE:
+
+    try:
+        journal.call_database(check)
+    except (*UNREACHABLE, DatabaseTimeout):
         journal.note_unreachable()
 
 
@@ -726,7 +796,10 @@ def _migrate_chunk(
         inserted = _insert(run.engine, rows, run.dry_run, already=tally.inserted)
     except BacklogOverCap as exc:
         tally.held = str(exc)
-        room = exc.cap - exc.backlog - (tally.inserted if run.dry_run else 0)
+        # The room left, from the rows themselves: the backlog the refusal read may be
+        # the publisher's report of a few seconds ago, which the rows this and every
+        # earlier run inserted are not in yet.
+        room = exc.cap - _pending_now(run.engine, exc) - (tally.inserted if run.dry_run else 0)
         if not 0 < room < len(chunk):
             return []
         chunk, rows = chunk[:room], rows[:room]
@@ -741,6 +814,11 @@ def _migrate_chunk(
     if run.on_records is not None:
         run.on_records(len(chunk))
     return chunk
+
+
+def _pending_now(engine: Engine, refused: BacklogOverCap) -> int:
+    with Session(engine) as session:
+        return count_pending(session, refused.tenant, up_to=refused.cap + 1)
 
 
 def _settle_segment(
@@ -852,6 +930,7 @@ class JournalMigrator:
         except JournalBusy:
             log.info("journal %s: another migration is running; trying again later", directory)
             return None
+        self.journal.note_reachable()  # it took the journal's events just now
         if report.records:
             log.info(
                 "journal %s: %d events migrated to the outbox, %d already there",

@@ -178,7 +178,14 @@ def publisher_run(
 
 
 def _refuse_old_schema(database_url: str) -> None:
-    mismatch = migrate.schema_state(database_url).mismatch()
+    # Alembic tells at INFO which dialect it found: nothing an operator needs here.
+    alembic_log = logging.getLogger("alembic.runtime.migration")
+    level = alembic_log.level
+    alembic_log.setLevel(max(level, logging.WARNING))
+    try:
+        mismatch = migrate.schema_state(database_url).mismatch()
+    finally:
+        alembic_log.setLevel(level)
     if mismatch is not None:
         raise SomabrainError(mismatch)
 
@@ -364,7 +371,8 @@ def _event_id(value: str) -> uuid.UUID:
 @contextlib.contextmanager
 def _database(*, writes: bool = False) -> Iterator[sessionmaker[Session]]:
     """Sessions on SOMABRAIN_DATABASE_URL for one command; commands that change rows
-    first refuse a schema older than this version's (the audit table is in it)."""
+    (and their dry runs, which tell what they would change) first refuse a schema
+    other than this version's (the audit table is in it)."""
     settings = Settings()
     if writes:
         _refuse_old_schema(settings.database_url)
@@ -659,7 +667,7 @@ def outbox_replay(
         since=since,
         until=until,
     )
-    with _database(writes=not dry_run) as sessions:
+    with _database(writes=True) as sessions:
         with sessions() as session:
             preview = admin.preview_replay(session, selection)
         if dry_run:
@@ -703,7 +711,7 @@ def _replay_ids(
     tenant: TenantId, event_ids: Sequence[uuid.UUID], *, dry_run: bool, output: Output
 ) -> None:
     ids = list(dict.fromkeys(event_ids))
-    with _database(writes=not dry_run) as sessions:
+    with _database(writes=True) as sessions:
         if dry_run:
             with sessions() as session:
                 outcomes, count = admin.replay_ids(
@@ -782,7 +790,7 @@ def outbox_purge(
             "purge deletes events for good: add --yes to delete them, or --dry-run to "
             "count them first"
         )
-    with _database(writes=not dry_run) as sessions:
+    with _database(writes=True) as sessions:
         with sessions() as session:
             total = admin.count_purgeable(session, selection)
         if dry_run:
@@ -963,6 +971,7 @@ def journal_migrate(
     if not directory.is_dir():
         raise SomabrainError(f"journal directory {directory} does not exist")
     settings = Settings()
+    _refuse_old_schema(settings.database_url)
     engine = make_engine(settings.database_url, pool_size=1)
     total = sum(_count_lines(p) for p in segments(directory))
     try:

@@ -379,15 +379,21 @@ def _count_pending_up_to(session: Session, tenant_id: str, cap: int) -> int:
     cached = _counted.get(key)
     if cached is not None and time.monotonic() - cached[0] < _COUNT_REUSE_SECONDS:
         return cached[1]
+    count = count_pending(session, tenant_id, up_to=cap + 1)
+    _counted[key] = (time.monotonic(), count)
+    return count
+
+
+def count_pending(session: Session, tenant_id: str, *, up_to: int) -> int:
+    """The tenant's pending events now, counted up to `up_to` (an index range scan
+    that stops there)."""
     pending = (
         select(literal(1))
         .where(OutboxEvent.tenant_id == tenant_id, OutboxEvent.status == EventStatus.PENDING.value)
-        .limit(cap + 1)
+        .limit(up_to)
         .subquery()
     )
-    count = int(session.execute(select(func.count()).select_from(pending)).scalar_one())
-    _counted[key] = (time.monotonic(), count)
-    return count
+    return int(session.execute(select(func.count()).select_from(pending)).scalar_one())
 
 
 _REPORTED = (

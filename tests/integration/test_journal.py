@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy.engine
 import sqlalchemy.event
 import sqlalchemy.exc
 from sqlalchemy import Engine, delete, select
@@ -26,10 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from somabrain import EnqueueStatus, Journal, JournalMigrator, emit_event, emit_events
 from somabrain.config.errors import BacklogOverCap
+from somabrain.delivery import journal as journal_module
 from somabrain.delivery.journal import migrate_journal, segments
 from somabrain.store.engine import make_engine
 from somabrain.store.models import OutboxEvent
 from somabrain.store.outbox import NewEvent, report_tenant
+from tests.silent_proxy import SilentProxy
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -379,7 +382,10 @@ def test_after_another_process_migrated_the_journal_emit_goes_to_the_database_ag
     database_url: str,
     sessions: sessionmaker[Session],
     tenant: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # This producer finds the database back at once, not only after its grace.
+    monkeypatch.setattr(journal_module, "UNREACHABLE_GRACE_SECONDS", 0.0)
     journal = Journal(tmp_path)
     emit_events(unreachable, _events(tenant, 2), journal=journal)
     migrated = _migrate_cli(database_url, tmp_path)
@@ -577,6 +583,11 @@ def test_a_tenant_whose_cap_is_below_a_batch_migrates_up_to_its_cap_then_waits(
     assert tally["inserted"] == 100
     assert "its cap is 100" in tally["held"]
     assert _outbox(sessions, tenant) == list(range(100))
+    # Again at once, while the publisher's last report still says 0 pending: the room
+    # is counted from the rows, so nothing more goes in.
+    again = _migrate_cli(database_url, tmp_path, "--output", "json")
+    assert json.loads(again.stdout)["tenants"][tenant]["inserted"] == 0
+    assert _outbox(sessions, tenant) == list(range(100))
 
     with sessions.begin() as session:
         session.execute(delete(OutboxEvent).where(OutboxEvent.tenant_id == tenant))
@@ -647,3 +658,42 @@ def test_a_directory_named_like_a_journal_file_is_not_taken_for_one(
         result = _migrate_cli(database_url, tmp_path, *dry_run)
         assert result.returncode == 0, result.stdout + result.stderr
     assert _outbox(sessions, tenant) == [0, 1, 2]
+
+
+def test_a_database_that_stops_answering_costs_an_emit_its_timeout_then_events_are_journaled(
+    tmp_path: Path,
+    engine: Engine,
+    database_url: str,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    url = sqlalchemy.engine.make_url(database_url)
+    with SilentProxy((url.host or "127.0.0.1", url.port or 5432)) as proxy:
+        proxied = make_engine(
+            url.set(port=proxy.port).render_as_string(hide_password=False), pool_size=1
+        )
+        journal = Journal(tmp_path, database_timeout=1.0)
+        first = emit_event(proxied, tenant_id=tenant, topic="orders", payload={"i": 0},
+                           key="k", journal=journal)  # fmt: skip
+        assert first.status is EnqueueStatus.ENQUEUED
+        # The network path stops carrying packets: the pooled connection neither
+        # answers nor breaks, and new ones are never answered either.
+        proxy.silence_existing()
+        proxy.silence_new(True)
+        statuses: list[EnqueueStatus] = []
+
+        def emit_during_the_outage() -> None:
+            for i in (1, 2, 3):
+                result = emit_event(proxied, tenant_id=tenant, topic="orders",
+                                    payload={"i": i}, key="k", journal=journal)  # fmt: skip
+                statuses.append(result.status)
+
+        emitter = threading.Thread(target=emit_during_the_outage)
+        emitter.start()
+        emitter.join(60)
+        assert not emitter.is_alive(), "emit_event waited on a database that never answers"
+        assert statuses == [EnqueueStatus.JOURNALED] * 3
+    journal.close()
+    proxied.dispose()
+    migrate_journal(tmp_path, engine)
+    assert _outbox(sessions, tenant) == [0, 1, 2, 3]

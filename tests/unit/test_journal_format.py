@@ -16,6 +16,7 @@ from somabrain.config.errors import InvalidEvent
 from somabrain.delivery.journal import (
     Journal,
     JournalFull,
+    JournalWriteFailed,
     MigrationReport,
     _parse,
     _settle_segment,
@@ -190,7 +191,7 @@ def test_a_failed_append_leaves_the_segment_as_it_was(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "write", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(JournalWriteFailed, match="No space left"):
         journal.append(_rows(1))
     monkeypatch.undo()
     assert segment.stat().st_size == size
