@@ -123,7 +123,8 @@ class JournalWriteFailed(RetriableError):
 
 
 class JournalBusy(RetriableError):
-    """Another migration of the same journal is running; nothing was done."""
+    """Another migration of the same journal is running, or a migration pass holding
+    appends back did not finish in time; nothing was done or written."""
 
 
 class DatabaseTimeout(RetriableError):
@@ -259,7 +260,7 @@ class Journal:
     def holds(self, tenants: Iterable[str]) -> bool:
         """True while the journal may hold events of one of `tenants` not yet in the
         outbox: their next events must be journaled too, behind them."""
-        with self._lock:
+        with self._emitting():
             self._recheck()
             return self._held is None or not self._held.isdisjoint(tenants)
 
@@ -268,6 +269,22 @@ class Journal:
         """The tenants whose events may wait in the journal (None: not known yet, any)."""
         with self._lock:
             return None if self._held is None else frozenset(self._held)
+
+    @contextlib.contextmanager
+    def _emitting(self) -> Iterator[None]:
+        """The lock, for an emit: waited for as long as a migration pass holding
+        appends back may take with a database that answers (`drain`), and no longer,
+        so that one hanging on the database never holds an emit for good."""
+        if not self._lock.acquire(timeout=self.database_timeout + 5):
+            raise JournalBusy(
+                f"journal {self.directory}: a migration pass holding appends back has "
+                f"not finished within {self.database_timeout + 5:g}s (the database may "
+                "have stopped answering); nothing was written, retry later"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _recheck(self) -> None:
         """Under the lock: a journal left without segments holds nothing, whoever
@@ -283,7 +300,7 @@ class Journal:
         survive a crash of the process or the machine."""
         at = dt.datetime.now(dt.UTC).isoformat()
         lines = b"".join(encode_record(r, at=at) for r in rows)
-        with self._lock:
+        with self._emitting():
             # The running total counts what this process wrote since it last looked;
             # migrations delete files meanwhile, so near the limit the directory is
             # measured again before refusing.

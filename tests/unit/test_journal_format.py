@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from somabrain.config.errors import InvalidEvent
 from somabrain.delivery.journal import (
     Journal,
+    JournalBusy,
     JournalFull,
     JournalWriteFailed,
     MigrationReport,
@@ -253,3 +255,27 @@ def test_a_journal_left_with_segments_starts_backlogged_until_they_are_gone(
 def test_invalid_events_are_refused_before_anything_is_journaled() -> None:
     with pytest.raises(InvalidEvent):
         validate_events([NewEvent(tenant_id="acme", topic="bad topic!", payload={})])
+
+
+def test_an_emit_waits_for_a_hung_migration_pass_only_so_long_then_is_refused(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path, database_timeout=0.1)
+    journal.append(_rows(1))
+    hung, release = threading.Event(), threading.Event()
+
+    def migrate_on_a_hung_database() -> MigrationReport:
+        hung.set()
+        release.wait(60)
+        return MigrationReport(dry_run=False)
+
+    drain = threading.Thread(target=journal.drain, args=(migrate_on_a_hung_database,))
+    drain.start()
+    try:
+        assert hung.wait(10)
+        with pytest.raises(JournalBusy, match="nothing was written, retry later"):
+            journal.append(_rows(1, tenant="later"))
+    finally:
+        release.set()
+        drain.join(10)
+    assert [len(_read(f)[0]) for f in segments(tmp_path)] == [1]
