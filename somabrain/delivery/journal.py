@@ -789,10 +789,12 @@ def _migrate_lines(run: _Pass, path: Path, lines: list[_Line]) -> set[int]:
         tally.records += len(mine)
         if tally.held is not None:
             continue
-        already = [x for x in mine if x.identity in marked]
-        tally.duplicates += len(already)
-        done.update(x.number for x in already)
-        todo = [x for x in mine if x.identity not in marked]
+        todo = mine
+        if marked:
+            already = [x for x in mine if x.identity in marked]
+            tally.duplicates += len(already)
+            done.update(x.number for x in already)
+            todo = [x for x in mine if x.number not in done]
         for start in range(0, len(todo), run.batch):
             taken = _migrate_chunk(
                 run, path=path, tally=tally, chunk=todo[start : start + run.batch]
