@@ -374,9 +374,15 @@ class Journal:
             self._path = None
 
     def _new_segment(self) -> Path:
-        existing = segments(self.directory)
-        # Never below a number this process used: names are not reused while it runs.
-        number = max([_sequence(p) for p in existing] + [self._last]) + 1
+        # Above every number in the directory, a segment's notes and quarantine
+        # (SEGMENT.done, SEGMENT.corrupt) included, so that no new segment inherits
+        # them; and never below a number this process used.
+        used = [
+            int(p.name[:_SEQUENCE_DIGITS])
+            for p in self.directory.glob(f"*{SUFFIX}*")
+            if _SEGMENT_NAME.match(p.name)
+        ]
+        number = max([*used, self._last]) + 1
         while True:
             path = self.directory / f"{number:0{_SEQUENCE_DIGITS}d}{SUFFIX}"
             try:

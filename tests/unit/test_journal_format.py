@@ -279,3 +279,12 @@ def test_an_emit_waits_for_a_hung_migration_pass_only_so_long_then_is_refused(
         release.set()
         drain.join(10)
     assert [len(_read(f)[0]) for f in segments(tmp_path)] == [1]
+
+
+def test_a_new_segment_never_takes_the_number_of_notes_or_quarantine_left_behind(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "0000000000000007.journal.done").write_text('["acme","d1"]\n')
+    (tmp_path / "0000000000000009.journal.corrupt").write_bytes(b"garbage\n")
+    Journal(tmp_path).append(_rows(1))
+    assert [p.name for p in segments(tmp_path)] == ["0000000000000010.journal"]
