@@ -55,8 +55,15 @@ dedupe key is a duplicate the outbox ignores).
   other.
 - Unreachable: a connection refused or broken, or a database that does not answer an
   emit within `database_timeout` (5 s; its connection may hang, neither answering nor
-  breaking). The call it was waiting on may still commit later, which the journaled
-  copies' dedupe keys make harmless. For 5 s after, emits journal without asking.
+  breaking). Each database call runs in a daemon thread of its own, so a hung one holds
+  up no later emit and never the process's exit. The call it was waiting on may still
+  commit later; the journaled copies carry the same dedupe keys, so migration adds
+  nothing twice (unless that commit comes after the copy was migrated, sent and purged
+  by retention). Should the journal refuse the events too, EmitOutcomeUnknown says so,
+  with the dedupe keys to emit them again with. For 5 s after, emits journal without
+  asking. An emit's transaction is ended by the server after 30 s idle, so one whose
+  COMMIT was lost does not hold its rows' keys for long; a migration waits 5 s for such
+  a key, then holds back that tenant alone until its next pass.
 - Bounded: appending beyond `max_bytes` raises JournalFull; nothing is dropped.
 
 One directory per producer process (a pod's volume); the CLI can migrate it from
@@ -84,7 +91,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy.exc
-from sqlalchemy import Engine, func, select, tuple_
+from sqlalchemy import Engine, func, select, text, tuple_
 from sqlalchemy.orm import Session
 
 from somabrain.config.errors import BacklogOverCap, RetriableError
@@ -95,8 +102,8 @@ from somabrain.store.outbox import (
     EnqueueStatus,
     NewEvent,
     ValidatedEvent,
+    cap_and_backlog,
     check_backlog,
-    count_pending,
     enqueue_validated,
     validate_events,
 )
@@ -129,6 +136,20 @@ class JournalBusy(RetriableError):
 
 class DatabaseTimeout(RetriableError):
     """The database did not answer an emit within the journal's `database_timeout`."""
+
+
+class EmitOutcomeUnknown(RetriableError):
+    """The database did not answer in time and the journal could not take the events
+    either: the database call may still commit them. Emit them again with the same
+    dedupe keys (`dedupe_keys`, in the events' order) so that they are kept once."""
+
+    def __init__(self, refused: RetriableError, rows: Sequence[ValidatedEvent]) -> None:
+        self.dedupe_keys = [r.dedupe_key for r in rows]
+        super().__init__(
+            f"{refused}; the database did not answer in time and may still commit these "
+            f"{len(rows)} events: emit them again with the same dedupe keys "
+            "(EmitOutcomeUnknown.dedupe_keys) so that they are kept once"
+        )
 
 
 # Errors that mean "the database cannot be reached now", as opposed to a refusal of the
@@ -215,12 +236,6 @@ class Journal:
         self.max_bytes = max_bytes
         self.max_message_bytes = max_message_bytes
         self.database_timeout = database_timeout
-        # Database calls of emit_event run here, so that a database that stops
-        # answering (its connection neither answers nor breaks) costs an emit at most
-        # `database_timeout`, after which the events are journaled.
-        self._calls = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="journal-emit"
-        )
         directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._path: Path | None = None
@@ -421,23 +436,30 @@ class Journal:
 
     def call_database(self, call: Callable[[], T]) -> T:
         """`call()`'s result, or DatabaseTimeout once it has taken `database_timeout`
-        seconds (it may still finish later: what it commits then carries the dedupe
-        keys of the journaled copies, so migration adds nothing twice)."""
-        future = self._calls.submit(call)
+        seconds. The call runs in a daemon thread of its own, so that a database that
+        stops answering (its connection neither answers nor breaks) costs the caller
+        no more than that, holds up no later call, and never keeps the process from
+        exiting; a call that times out may still finish later (see emit_events)."""
+        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                outcome.set_result(call())
+            except Exception as exc:  # noqa: BLE001 - raised again in the caller's thread
+                outcome.set_exception(exc)
+
+        threading.Thread(target=run, name="journal-database-call", daemon=True).start()
         try:
-            return future.result(timeout=self.database_timeout)
+            return outcome.result(timeout=self.database_timeout)
         except concurrent.futures.TimeoutError:
-            future.cancel()
             raise DatabaseTimeout(
                 f"the database did not answer within {self.database_timeout:g}s"
             ) from None
 
     def close(self) -> None:
-        """Let go of the threads database calls run in (those still waiting on the
-        database end when it answers or their connection breaks)."""
+        """Nothing stays open between appends; kept for symmetry with other resources."""
         with self._lock:
             self._path = None
-        self._calls.shutdown(wait=False, cancel_futures=True)
 
 
 def emit_events(
@@ -471,21 +493,37 @@ def emit_events(
         return _journaled(journal, rows)
     try:
         results = journal.call_database(lambda: _enqueue_now(engine, rows))
-    except (*UNREACHABLE, DatabaseTimeout) as exc:
+    except UNREACHABLE as exc:
         journal.note_unreachable()
-        log.warning(
-            "database unreachable (%s); %d events journaled in %s",
-            _first_line(exc),
-            len(rows),
-            journal.directory,
-        )
+        _log_journaled(exc, rows, journal)
         return _journaled(journal, rows)
+    except DatabaseTimeout as exc:
+        journal.note_unreachable()
+        _log_journaled(exc, rows, journal)
+        try:
+            return _journaled(journal, rows)
+        except RetriableError as refused:
+            # The call that timed out may still commit them: the caller must know
+            # that, and with which dedupe keys to try again without a second copy.
+            raise EmitOutcomeUnknown(refused, rows) from refused
     journal.note_reachable()
     return results
 
 
+def _log_journaled(exc: Exception, rows: Sequence[ValidatedEvent], journal: Journal) -> None:
+    log.warning(
+        "database unreachable (%s); %d events journaled in %s",
+        _first_line(exc),
+        len(rows),
+        journal.directory,
+    )
+
+
 def _enqueue_now(engine: Engine, rows: Sequence[ValidatedEvent]) -> list[EnqueueResult]:
     with Session(engine) as session, session.begin():
+        session.execute(
+            text(f"SET LOCAL idle_in_transaction_session_timeout = {EMIT_IDLE_TIMEOUT_MS}")
+        )
         return enqueue_validated(session, rows)
 
 
@@ -674,6 +712,7 @@ class _Pass:
     dry_run: bool
     batch: int
     on_records: Callable[[int], None] | None
+    rooms: dict[str, tuple[int, int] | None] = dataclasses.field(default_factory=dict)
 
 
 def migrate_journal(
@@ -816,22 +855,35 @@ def _migrate_chunk(
 ) -> list[_Line]:
     """Insert a chunk of one tenant's records, or as many of its first records as the
     tenant's cap has room for (then the tenant is held); the records taken."""
+    tenant = chunk[0].row.tenant_id if chunk[0].row is not None else ""
+    room = _room(run, tenant)
+    if room is not None:
+        cap, backlog = room
+        allowed = cap - backlog - tally.inserted
+        if allowed < len(chunk):
+            tally.held = (
+                f"tenant {tenant} had {backlog:,} pending events and its cap is {cap:,}; its "
+                "journaled events beyond the room left wait until its publisher has sent "
+                "some (is one running? see somabrain_publisher_active) or the cap is raised "
+                "(max_pending)"
+            )
+            chunk = chunk[: max(0, allowed)]
+            if not chunk:
+                return []
     rows = [x.row for x in chunk if x.row is not None]
     try:
-        inserted = _insert(run.engine, rows, run.dry_run, already=tally.inserted)
+        inserted = _insert(run.engine, rows, run.dry_run)
     except BacklogOverCap as exc:
-        tally.held = str(exc)
-        # The room left, from the rows themselves: the backlog the refusal read may be
-        # the publisher's report of a few seconds ago, which the rows this and every
-        # earlier run inserted are not in yet.
-        room = exc.cap - _pending_now(run.engine, exc) - (tally.inserted if run.dry_run else 0)
-        if not 0 < room < len(chunk):
-            return []
-        chunk, rows = chunk[:room], rows[:room]
-        try:
-            inserted = _insert(run.engine, rows, run.dry_run, already=tally.inserted)
-        except BacklogOverCap:
-            return []
+        tally.held = str(exc)  # its publisher's latest report says so
+        return []
+    except sqlalchemy.exc.OperationalError as exc:
+        if getattr(exc.orig, "pgcode", None) != _LOCK_NOT_AVAILABLE:
+            raise
+        tally.held = (
+            f"a transaction that has not ended holds one of tenant {tenant}'s dedupe keys "
+            f"(waited {MIGRATION_LOCK_TIMEOUT_MS / 1000:g}s); tried again at the next pass"
+        )
+        return []
     tally.inserted += inserted
     tally.duplicates += len(chunk) - inserted
     if not run.dry_run:
@@ -841,9 +893,14 @@ def _migrate_chunk(
     return chunk
 
 
-def _pending_now(engine: Engine, refused: BacklogOverCap) -> int:
-    with Session(engine) as session:
-        return count_pending(session, refused.tenant, up_to=refused.cap + 1)
+def _room(run: _Pass, tenant: str) -> tuple[int, int] | None:
+    """The tenant's cap and its backlog when this run first came to it, counted from
+    its rows: the publisher's report may be seconds old, and what this run inserts is
+    added to the backlog as it goes (`TenantTally.inserted`)."""
+    if tenant not in run.rooms:
+        with Session(run.engine) as session:
+            run.rooms[tenant] = cap_and_backlog(session, tenant)
+    return run.rooms[tenant]
 
 
 def _settle_segment(
@@ -900,9 +957,20 @@ def _rewrite(path: Path, left: list[_Line]) -> None:
     os.replace(replacement, path)
 
 
-def _insert(engine: Engine, rows: Sequence[ValidatedEvent], dry_run: bool, *, already: int) -> int:
-    """Insert the rows in one transaction; how many were new. A dry run counts the new
-    ones and checks the cap as if the `already` counted before were in too."""
+# How long a migration's insert waits for a row lock: a transaction that has not ended
+# (its client gone during COMMIT, the server not told yet) may hold one of the dedupe
+# keys it inserts. The tenant then waits for the next pass instead of every tenant.
+MIGRATION_LOCK_TIMEOUT_MS = 5_000
+_LOCK_NOT_AVAILABLE = "55P03"
+# How long the server lets an emit's transaction sit idle before ending it: were its
+# client gone during COMMIT without the server knowing, its row locks would otherwise
+# hold the tenant's migration back until the server's own keepalives noticed (hours).
+EMIT_IDLE_TIMEOUT_MS = 30_000
+
+
+def _insert(engine: Engine, rows: Sequence[ValidatedEvent], dry_run: bool) -> int:
+    """Insert the rows in one transaction; how many were new (a dry run counts them
+    and changes nothing)."""
     if dry_run:
         with Session(engine) as session:  # closed without a commit: reads only
             keys = {(r.tenant_id, r.dedupe_key) for r in rows}
@@ -911,11 +979,9 @@ def _insert(engine: Engine, rows: Sequence[ValidatedEvent], dry_run: bool, *, al
                     tuple_(OutboxEvent.tenant_id, OutboxEvent.dedupe_key).in_(list(keys))
                 )
             ).scalar_one()
-            new = len(keys) - int(present)
-            if new:
-                check_backlog(session, rows[0].tenant_id, adding=already + new)
-            return new
+            return len(keys) - int(present)
     with Session(engine) as session, session.begin():
+        session.execute(text(f"SET LOCAL lock_timeout = {MIGRATION_LOCK_TIMEOUT_MS}"))
         results = enqueue_validated(session, rows)
     return sum(1 for r in results if r.status is EnqueueStatus.ENQUEUED)
 

@@ -384,6 +384,19 @@ def _count_pending_up_to(session: Session, tenant_id: str, cap: int) -> int:
     return count
 
 
+def cap_and_backlog(session: Session, tenant_id: str) -> tuple[int, int] | None:
+    """The tenant's backlog cap and its pending events now, counted from its rows (up
+    to one past the cap); None when it has no cap."""
+    cap = session.execute(
+        select(OutboxTenant.max_pending).where(OutboxTenant.tenant_id == tenant_id)
+    ).scalar_one_or_none()
+    if cap is None:
+        cap = _default_max_pending()
+    if cap is None:
+        return None
+    return cap, count_pending(session, tenant_id, up_to=cap + 1)
+
+
 def count_pending(session: Session, tenant_id: str, *, up_to: int) -> int:
     """The tenant's pending events now, counted up to `up_to` (an index range scan
     that stops there)."""

@@ -22,13 +22,20 @@ import pytest
 import sqlalchemy.engine
 import sqlalchemy.event
 import sqlalchemy.exc
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from somabrain import EnqueueStatus, Journal, JournalMigrator, emit_event, emit_events
+from somabrain import (
+    EnqueueStatus,
+    Journal,
+    JournalMigrator,
+    emit_event,
+    emit_events,
+    enqueue_event,
+)
 from somabrain.config.errors import BacklogOverCap
 from somabrain.delivery import journal as journal_module
-from somabrain.delivery.journal import migrate_journal, segments
+from somabrain.delivery.journal import EmitOutcomeUnknown, migrate_journal, segments
 from somabrain.store.engine import make_engine
 from somabrain.store.models import OutboxEvent
 from somabrain.store.outbox import NewEvent, report_tenant
@@ -404,14 +411,16 @@ def test_a_dry_run_says_which_tenants_their_cap_would_hold_back(
     tenant: str,
 ) -> None:
     with sessions.begin() as session:
-        report_tenant(session, tenant_id=tenant, pending=8, max_pending=10, publisher=tenant)
+        report_tenant(session, tenant_id=tenant, pending=0, max_pending=10, publisher=tenant)
+    emit_events(engine, _events(tenant, 8, start=100))
     journal = Journal(tmp_path)
     emit_events(unreachable, _events(tenant, 3), journal=journal)
     report = migrate_journal(tmp_path, engine, dry_run=True)
     held = report.tenants[tenant].held
     assert held is not None
-    assert "its cap is 10" in held
-    assert _outbox(sessions, tenant) == []
+    assert "had 8 pending events and its cap is 10" in held
+    assert report.tenants[tenant].inserted == 2
+    assert _outbox(sessions, tenant) == list(range(100, 108))
 
 
 def test_migrating_one_tenant_leaves_the_others_records_and_their_file(
@@ -697,3 +706,70 @@ def test_a_database_that_stops_answering_costs_an_emit_its_timeout_then_events_a
     proxied.dispose()
     migrate_journal(tmp_path, engine)
     assert _outbox(sessions, tenant) == [0, 1, 2, 3]
+
+
+def test_one_migration_run_lets_in_no_more_than_the_cap_has_room_for(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    # The publisher's report (0 pending) is fresh, and each chunk alone is under the cap.
+    with sessions.begin() as session:
+        report_tenant(session, tenant_id=tenant, pending=0, max_pending=1000, publisher=tenant)
+    journal = Journal(tmp_path)
+    for start in range(0, 3000, 500):
+        emit_events(unreachable, _events(tenant, 500, start=start), journal=journal)
+    report = migrate_journal(tmp_path, engine, batch=500)
+    assert report.tenants[tenant].inserted == 1000
+    assert report.tenants[tenant].held is not None
+    assert _outbox(sessions, tenant) == list(range(1000))
+
+
+def test_a_transaction_left_open_on_a_dedupe_key_holds_back_its_tenant_only(
+    tmp_path: Path,
+    unreachable: Engine,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    other = f"{tenant}-other"
+    journal = Journal(tmp_path)
+    [journaled] = emit_events(unreachable, _events(tenant, 1), journal=journal)
+    emit_events(unreachable, _events(other, 3), journal=journal)
+    # The same event's transaction, its COMMIT lost: the server still holds it open.
+    with sessions() as stuck:
+        enqueue_event(stuck, tenant_id=tenant, topic="orders", payload={"i": 0}, key="k",
+                      dedupe_key=journaled.dedupe_key)  # fmt: skip
+        report = migrate_journal(tmp_path, engine)
+        held = report.tenants[tenant].held
+        assert held is not None
+        assert "a transaction that has not ended holds one" in held
+        assert _outbox(sessions, other) == [0, 1, 2]
+        stuck.rollback()
+    assert migrate_journal(tmp_path, engine).tenants[tenant].inserted == 1
+    assert _outbox(sessions, tenant) == [0]
+    assert segments(tmp_path) == []
+
+
+def test_when_neither_the_database_nor_the_journal_takes_an_emit_it_says_with_which_keys_to_retry(
+    tmp_path: Path,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    tenant: str,
+) -> None:
+    journal = Journal(tmp_path, database_timeout=1.0, max_bytes=10)
+    with sessions() as locker:
+        locker.execute(text("LOCK TABLE outbox_events IN EXCLUSIVE MODE"))
+        with pytest.raises(EmitOutcomeUnknown, match="may still commit these 1 events") as refused:
+            emit_event(engine, tenant_id=tenant, topic="orders", payload={"i": 0}, journal=journal)
+        locker.rollback()
+    [key] = refused.value.dedupe_keys
+    # The call that timed out commits once the lock is gone; the retry is a duplicate.
+    assert wait_for(lambda: _outbox(sessions, tenant) == [0], timeout=30)
+    journal.note_reachable()
+    again = emit_event(engine, tenant_id=tenant, topic="orders", payload={"i": 0},
+                       dedupe_key=key, journal=journal)  # fmt: skip
+    assert again.status is EnqueueStatus.DUPLICATE
+    assert _outbox(sessions, tenant) == [0]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 
 from somabrain.config.errors import InvalidEvent
 from somabrain.delivery.journal import (
+    DatabaseTimeout,
     Journal,
     JournalBusy,
     JournalFull,
@@ -288,3 +291,40 @@ def test_a_new_segment_never_takes_the_number_of_notes_or_quarantine_left_behind
     (tmp_path / "0000000000000009.journal.corrupt").write_bytes(b"garbage\n")
     Journal(tmp_path).append(_rows(1))
     assert [p.name for p in segments(tmp_path)] == ["0000000000000010.journal"]
+
+
+def test_database_calls_stuck_for_good_hold_up_no_later_call_nor_the_process_exit(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path, database_timeout=0.2)
+    forever = threading.Event()
+    for _ in range(6):
+        with pytest.raises(DatabaseTimeout, match=r"did not answer within 0\.2s"):
+            journal.call_database(forever.wait)
+    assert journal.call_database(lambda: 42) == 42
+    journal.close()
+    assert journal.call_database(lambda: 43) == 43
+    forever.set()
+
+    script = (
+        "import pathlib, sys, threading\n"
+        "from somabrain.delivery.journal import DatabaseTimeout, Journal\n"
+        "journal = Journal(pathlib.Path(sys.argv[1]), database_timeout=0.2)\n"
+        "try:\n"
+        "    journal.call_database(threading.Event().wait)\n"
+        "except DatabaseTimeout:\n"
+        "    print('journaled instead')\n"
+    )
+    exited = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert exited.returncode == 0, exited.stderr
+    assert exited.stdout == "journaled instead\n"
+
+
+def test_an_error_of_the_call_reaches_the_caller_as_it_is(tmp_path: Path) -> None:
+    def refuse() -> None:
+        raise InvalidEvent("refused")
+
+    with pytest.raises(InvalidEvent, match="refused"):
+        Journal(tmp_path).call_database(refuse)
