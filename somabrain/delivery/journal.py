@@ -103,7 +103,7 @@ from somabrain.store.outbox import (
     NewEvent,
     ValidatedEvent,
     cap_and_backlog,
-    check_backlog,
+    check_backlogs,
     enqueue_validated,
     validate_events,
 )
@@ -118,6 +118,16 @@ _VERSION = 1
 _SEQUENCE_DIGITS = 16
 _SEGMENT_NAME = re.compile(rf"[0-9]{{{_SEQUENCE_DIGITS}}}{re.escape(SUFFIX)}")
 UNREACHABLE_GRACE_SECONDS = 5.0
+
+# How long a migration's insert waits for a row lock: a transaction that has not ended
+# (its client gone during COMMIT, the server not told yet) may hold one of the dedupe
+# keys it inserts. The tenant then waits for the next pass instead of every tenant.
+MIGRATION_LOCK_TIMEOUT_MS = 5_000
+_LOCK_NOT_AVAILABLE = "55P03"
+# How long the server lets an emit's transaction sit idle before ending it: were its
+# client gone during COMMIT without the server knowing, its row locks would otherwise
+# hold the tenant's migration back until the server's own keepalives noticed (hours).
+EMIT_IDLE_TIMEOUT_MS = 30_000
 
 
 class JournalFull(RetriableError):
@@ -562,12 +572,10 @@ def _check_caps_if_reachable(
     """Raise BacklogOverCap for a tenant the database says is over its cap; nothing
     when the database cannot be reached (the events are journaled, and migration holds
     them back while the tenant stays over its cap)."""
-    adding = collections.Counter(row.tenant_id for row in rows)
 
     def check() -> None:
         with Session(engine) as session:
-            for tenant, count in adding.items():
-                check_backlog(session, tenant, adding=count)
+            check_backlogs(session, rows)
 
     try:
         journal.call_database(check)
@@ -841,9 +849,8 @@ def _migrate_lines(run: _Pass, path: Path, lines: list[_Line]) -> set[int]:
             done.update(x.number for x in already)
             todo = [x for x in mine if x.number not in done]
         for start in range(0, len(todo), run.batch):
-            taken = _migrate_chunk(
-                run, path=path, tally=tally, chunk=todo[start : start + run.batch]
-            )
+            chunk = todo[start : start + run.batch]
+            taken = _migrate_chunk(run, path=path, tenant=tenant, tally=tally, chunk=chunk)
             done.update(x.number for x in taken)
             if tally.held is not None:
                 break
@@ -851,11 +858,10 @@ def _migrate_lines(run: _Pass, path: Path, lines: list[_Line]) -> set[int]:
 
 
 def _migrate_chunk(
-    run: _Pass, *, path: Path, tally: TenantTally, chunk: list[_Line]
+    run: _Pass, *, path: Path, tenant: str, tally: TenantTally, chunk: list[_Line]
 ) -> list[_Line]:
     """Insert a chunk of one tenant's records, or as many of its first records as the
     tenant's cap has room for (then the tenant is held); the records taken."""
-    tenant = chunk[0].row.tenant_id if chunk[0].row is not None else ""
     room = _room(run, tenant)
     if room is not None:
         cap, backlog = room
@@ -955,17 +961,6 @@ def _rewrite(path: Path, left: list[_Line]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(replacement, path)
-
-
-# How long a migration's insert waits for a row lock: a transaction that has not ended
-# (its client gone during COMMIT, the server not told yet) may hold one of the dedupe
-# keys it inserts. The tenant then waits for the next pass instead of every tenant.
-MIGRATION_LOCK_TIMEOUT_MS = 5_000
-_LOCK_NOT_AVAILABLE = "55P03"
-# How long the server lets an emit's transaction sit idle before ending it: were its
-# client gone during COMMIT without the server knowing, its row locks would otherwise
-# hold the tenant's migration back until the server's own keepalives noticed (hours).
-EMIT_IDLE_TIMEOUT_MS = 30_000
 
 
 def _insert(engine: Engine, rows: Sequence[ValidatedEvent], dry_run: bool) -> int:

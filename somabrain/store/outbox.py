@@ -206,9 +206,7 @@ def validate_events(
 def enqueue_validated(session: Session, rows: Sequence[ValidatedEvent]) -> list[EnqueueResult]:
     """Insert events `validate_events` checked (now or earlier: the local journal keeps
     them in this form) in the caller's transaction, with the backlog cap checked."""
-    adding = collections.Counter(row.tenant_id for row in rows)
-    for tenant, count in adding.items():
-        check_backlog(session, tenant, adding=count)
+    check_backlogs(session, rows)
 
     inserted: dict[tuple[str, str], uuid.UUID] = {}
     for chunk in _statement_chunks(rows):
@@ -345,6 +343,13 @@ def _default_max_pending() -> int | None:
 REPORT_FRESH_SECONDS = 30.0
 _COUNT_REUSE_SECONDS = 5.0
 _counted: dict[tuple[str, str], tuple[float, int]] = {}
+
+
+def check_backlogs(session: Session, rows: Sequence[ValidatedEvent]) -> None:
+    """check_backlog for each tenant of `rows`, with as many events as it has there."""
+    adding = collections.Counter(row.tenant_id for row in rows)
+    for tenant, count in adding.items():
+        check_backlog(session, tenant, adding=count)
 
 
 def check_backlog(session: Session, tenant_id: str, *, adding: int = 1) -> None:

@@ -35,12 +35,14 @@ pytestmark = pytest.mark.integration
 SOMABRAIN = str(Path(sys.executable).parent / "somabrain")
 
 
-def _run(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(database_url: str, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+    """`somabrain ARGS` on the database, with `settings` as SOMABRAIN_<NAME> variables."""
+    named = {f"SOMABRAIN_{name.upper()}": value for name, value in settings.items()}
     return subprocess.run(
         [SOMABRAIN, *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url},
+        env={**os.environ, "SOMABRAIN_DATABASE_URL": database_url, **named},
         timeout=60,
         check=False,
     )
@@ -812,18 +814,7 @@ def test_publisher_and_admin_api_refuse_to_start_on_a_schema_behind_this_version
     head = migrate.head_revision(behind)
 
     publisher = _run(behind, "publisher", "run", "--tenant", "acme")
-    admin_api = subprocess.run(
-        [SOMABRAIN, "admin", "serve"],
-        capture_output=True,
-        text=True,
-        env={
-            **os.environ,
-            "SOMABRAIN_DATABASE_URL": behind,
-            "SOMABRAIN_ADMIN_TOKENS_FILE": str(tokens),
-        },
-        timeout=60,
-        check=False,
-    )
+    admin_api = _run(behind, "admin", "serve", admin_tokens_file=str(tokens))
 
     for result in (publisher, admin_api):
         assert result.returncode == 2, result.stderr
@@ -860,18 +851,7 @@ def test_every_command_says_a_schema_newer_than_this_version_needs_a_newer_somab
     purge_dry = _run(ahead, "outbox", "purge", "--tenant", "acme", "--dry-run")
     (tmp_path / "journal").mkdir()
     journal = _run(ahead, "journal", "migrate", "--dir", str(tmp_path / "journal"))
-    admin_api = subprocess.run(
-        [SOMABRAIN, "admin", "serve"],
-        capture_output=True,
-        text=True,
-        env={
-            **os.environ,
-            "SOMABRAIN_DATABASE_URL": ahead,
-            "SOMABRAIN_ADMIN_TOKENS_FILE": str(tokens),
-        },
-        timeout=60,
-        check=False,
-    )
+    admin_api = _run(ahead, "admin", "serve", admin_tokens_file=str(tokens))
 
     assert check.returncode == 1
     assert said in check.stderr
