@@ -1,6 +1,7 @@
 """The admin API's token file: what it accepts, and what a broken or missing file does
 to the tokens already read."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,28 @@ def test_token_file_unreadable_keeps_the_tokens_and_logs_an_error(
     [error] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert f"cannot read the admin API tokens {tokens.path}" in error
     assert "the 1 tokens read before stay in effect" in error
+
+
+def test_token_file_listing_no_token_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text("tokens: []\n")
+
+    with pytest.raises(InvalidTokens, match=r"lists no token; .* never runs open"):
+        TokenFile(path)
+
+
+def test_token_file_changed_to_list_no_token_revokes_every_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokens = _token_file(tmp_path)
+    time.sleep(0.01)  # past the file system's clock tick, so the change is seen
+    tokens.path.write_text("tokens: []\n")
+
+    with caplog.at_level("WARNING", logger="somabrain.edges.admin.auth"):
+        assert tokens.caller(TOKEN) is None
+
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "lists no token: every token is revoked" in warning
+    time.sleep(0.01)
+    tokens.path.write_text("tokens: [\n")  # broken: the revocation stays in effect
+    assert tokens.caller(TOKEN) is None

@@ -15,8 +15,10 @@ The file is read at start (the API refuses to start without one valid token) and
 whenever it changes, so a rotated Secret takes effect without a restart. A changed file
 that does not parse, and a file that disappears or cannot be read, is logged as an
 error once and the tokens read before stay in force: a Secret is swapped atomically, and
-a moment without a readable file must not lock every operator out. `admin` takes a YAML
-boolean only (`true`, not the string "yes").
+a moment without a readable file must not lock every operator out. A file that says
+`tokens: []` is read as meant: every token is revoked and every request refused until
+the file lists one again. `admin` takes a YAML boolean only (`true`, not the string
+"yes").
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ TenantName = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
 
 
 class InvalidTokens(PermanentError):
-    """The token file is missing, empty or malformed: the admin API does not start."""
+    """The token file is missing, empty or malformed, or lists no token at start: the
+    admin API does not start."""
 
 
 class _Token(BaseModel):
@@ -74,7 +77,8 @@ class _Token(BaseModel):
 class _TokenFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tokens: list[_Token] = Field(min_length=1)
+    # Required, and may be empty once the API runs: `tokens: []` revokes every token.
+    tokens: list[_Token]
 
     @pydantic.model_validator(mode="after")
     def _unique(self) -> Self:
@@ -136,6 +140,11 @@ class TokenFile:
         self.path = path
         self._lock = threading.Lock()
         self._stamp, self._callers = self._read()
+        if not self._callers:
+            raise InvalidTokens(
+                f"{path}: tokens: the file lists no token; the admin API needs at least one "
+                "to start (it never runs open)"
+            )
         self._unreadable = False
         log.info("admin API tokens read from %s: %d", path, len(self._callers))
 
@@ -172,7 +181,14 @@ class TokenFile:
                     len(self._callers),
                 )
                 return
-        log.info("admin API tokens re-read from %s: %d", self.path, len(self._callers))
+        if self._callers:
+            log.info("admin API tokens re-read from %s: %d", self.path, len(self._callers))
+        else:
+            log.warning(
+                "admin API tokens file %s lists no token: every token is revoked and every "
+                "request refused with 401 until the file lists one",
+                self.path,
+            )
 
     def _gone(self, exc: OSError) -> None:
         """Log, once until the file is back, that it cannot be read; keep the tokens."""
