@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy.event
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,11 +24,35 @@ from tests.support import publishing
 pytestmark = pytest.mark.integration
 
 
+# Pooled connections given back in autocommit since the last test ended. The pool is
+# shared by the whole session: such a connection would make every later "transaction"
+# that draws it commit statement by statement, and a test of transactional behaviour
+# pass or fail by the luck of the draw.
+_RETURNED_IN_AUTOCOMMIT: list[str] = []
+
+
+def _no_autocommit_in_the_pool(dbapi_connection: Any, _record: Any) -> None:
+    if dbapi_connection is not None and dbapi_connection.autocommit:
+        dbapi_connection.autocommit = False
+        _RETURNED_IN_AUTOCOMMIT.append(repr(dbapi_connection))
+
+
 @pytest.fixture(scope="session")
 def engine(database_url: str) -> Iterator[Engine]:
     engine = make_engine(database_url, pool_size=10)
+    sqlalchemy.event.listen(engine, "checkin", _no_autocommit_in_the_pool)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _pool_left_transactional() -> Iterator[None]:
+    """Fail the test that gives a connection back to the shared pool in autocommit
+    (detach a connection before changing its session state)."""
+    yield
+    returned, _RETURNED_IN_AUTOCOMMIT[:] = list(_RETURNED_IN_AUTOCOMMIT), []
+    if returned:
+        pytest.fail(f"connections given back to the shared pool in autocommit: {returned}")
 
 
 @pytest.fixture(scope="session")

@@ -196,10 +196,11 @@ def test_enqueue_notifies_publishers_only_when_the_transaction_commits(
     sessions: sessionmaker[Session], engine: Engine, tenant: str
 ) -> None:
     raw = engine.raw_connection()
+    raw.detach()  # closed at the end, never given back to the pool listening in autocommit
     raw.set_isolation_level(0)
     with raw.cursor() as cur:
         cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
-    dbapi = raw.driver_connection
+    dbapi = raw.dbapi_connection
 
     def notified(timeout: float) -> list[str]:
         select.select([dbapi], [], [], timeout)

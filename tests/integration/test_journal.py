@@ -740,11 +740,12 @@ def test_a_transaction_left_open_on_a_dedupe_key_holds_back_its_tenant_only(
     emit_events(unreachable, _events(other, 3), journal=journal)
     # The same event's transaction, its COMMIT lost: the server still holds it open.
     with sessions() as stuck:
-        enqueue_event(stuck, tenant_id=tenant, topic="orders", payload={"i": 0}, key="k",
-                      dedupe_key=journaled.dedupe_key)  # fmt: skip
+        open_one = enqueue_event(stuck, tenant_id=tenant, topic="orders", payload={"i": 0},
+                                 key="k", dedupe_key=journaled.dedupe_key)  # fmt: skip
+        assert open_one.status is EnqueueStatus.ENQUEUED
         report = migrate_journal(tmp_path, engine)
         held = report.tenants[tenant].held
-        assert held is not None
+        assert held is not None, report
         assert "a transaction that has not ended holds one" in held
         assert _outbox(sessions, other) == [0, 1, 2]
         stuck.rollback()
