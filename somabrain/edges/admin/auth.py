@@ -10,9 +10,10 @@ The file (YAML) names each token and what it may see:
         token: "<another>"
         tenants: [acme, acme-staging]
 
-A token is either admin or scoped to a list of tenants, never both and never neither.
-The file is read at start (the API refuses to start without one valid token) and again
-whenever it changes, so a rotated Secret takes effect without a restart. A changed file
+A token is either admin or scoped to a list of tenants, never both and never neither,
+and is printable ASCII without spaces (as an HTTP header carries it). The file is read
+at start (the API refuses to start without one valid token) and again at every request,
+so a rotated Secret takes effect without a restart. A changed file
 that does not parse, and a file that disappears or cannot be read, is logged as an
 error once and the tokens read before stay in force: a Secret is swapped atomically, and
 a moment without a readable file must not lock every operator out. A file that says
@@ -27,7 +28,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
-import os
+import re
 import threading
 from pathlib import Path
 from typing import Annotated, Self
@@ -42,6 +43,8 @@ from somabrain.config.types import TENANT_ID_PATTERN, TenantId
 log = logging.getLogger(__name__)
 
 TenantName = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN)]
+
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 class InvalidTokens(PermanentError):
@@ -60,9 +63,13 @@ class _Token(BaseModel):
 
     @pydantic.field_validator("token")
     @classmethod
-    def _long_enough(cls, token: SecretStr) -> SecretStr:
-        if not 24 <= len(token.get_secret_value()) <= 4096:
+    def _usable(cls, token: SecretStr) -> SecretStr:
+        secret = token.get_secret_value()
+        if not 24 <= len(secret) <= 4096:
             raise ValueError("a token must have at least 24 characters (and at most 4096)")
+        if not _HEADER_SAFE.fullmatch(secret):
+            # An HTTP header carries it: anything else would never match a request.
+            raise ValueError("a token must be printable ASCII without spaces")
         return token
 
     @pydantic.model_validator(mode="after")
@@ -107,17 +114,26 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+# The keys a token file may hold; any other key is named as "an unexpected key" in an
+# error, never by itself (it may be a token put where a key belongs).
+_KNOWN_KEYS = frozenset({"tokens", *_Token.model_fields})
+
+
 def parse_tokens(text: str, *, source: str) -> dict[bytes, Caller]:
-    """The callers a token file defines, keyed by the SHA-256 of their token."""
+    """The callers a token file defines, keyed by the SHA-256 of their token. An error
+    says where the file is wrong and never quotes it: the file holds secrets."""
     try:
         loaded = yaml.safe_load(text)
         parsed = _TokenFile.model_validate(loaded if loaded is not None else {})
-    except yaml.YAMLError as exc:
-        raise InvalidTokens(f"{source} is not YAML: {exc}") from exc
+    except yaml.MarkedYAMLError as exc:
+        where = exc.problem_mark
+        at = "" if where is None else f" at line {where.line + 1}, column {where.column + 1}"
+        raise InvalidTokens(f"{source} is not YAML: {exc.problem or 'unreadable'}{at}") from None
+    except yaml.YAMLError:
+        raise InvalidTokens(f"{source} is not YAML") from None
     except pydantic.ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}"
-            for e in exc.errors(include_input=False)
+            f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)
         )
         raise InvalidTokens(f"{source}: {problems}") from None
     return {
@@ -128,59 +144,78 @@ def parse_tokens(text: str, *, source: str) -> dict[bytes, Caller]:
     }
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int]:
-    # The change time too: a file made readable by chmod is read again.
-    return stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+def _location(loc: tuple[int | str, ...]) -> str:
+    parts = [
+        str(p) if isinstance(p, int) or p in _KNOWN_KEYS else "(an unexpected key)" for p in loc
+    ]
+    return ".".join(parts) or "file"
 
 
 class TokenFile:
-    """The tokens of one file, re-read when it changes (or is replaced)."""
+    """The tokens of one file, read again at every request.
+
+    The file is small, so each request reads it whole and compares it with the content
+    last read: a change is seen however it was made (a Secret's symbolic links swapped,
+    a file rewritten in place within one tick of the file system's clock) and only a
+    change is parsed and logged. Requests are served one check at a time, so a change is
+    logged once and a request never sees tokens from before a change another request
+    already found.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._stamp, self._callers = self._read()
+        content = self._read()
+        self._callers = self._parse(content)
         if not self._callers:
             raise InvalidTokens(
                 f"{path}: tokens: the file lists no token; the admin API needs at least one "
                 "to start (it never runs open)"
             )
+        self._seen = hashlib.sha256(content).digest()
         self._unreadable = False
         log.info("admin API tokens read from %s: %d", path, len(self._callers))
 
-    def _read(self) -> tuple[tuple[int, int, int], dict[bytes, Caller]]:
+    def _read(self) -> bytes:
         try:
-            stat = os.stat(self.path)
-            text = self.path.read_text(encoding="utf-8")
+            return self.path.read_bytes()
         except OSError as exc:
             raise InvalidTokens(
                 f"cannot read the admin API tokens {self.path} ({exc.strerror}); set "
                 "SOMABRAIN_ADMIN_TOKENS_FILE to a file of tokens (the API never runs open)"
-            ) from exc
-        return _identity(stat), parse_tokens(text, source=str(self.path))
+            ) from None
+
+    def _parse(self, content: bytes) -> dict[bytes, Caller]:
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidTokens(
+                f"{self.path} is not UTF-8 text (byte {exc.start + 1} is not)"
+            ) from None
+        return parse_tokens(text, source=str(self.path))
 
     def _refresh(self) -> None:
+        """Under the lock: take a changed file's tokens, or log why they are not taken."""
         try:
-            stat = os.stat(self.path)
+            content = self.path.read_bytes()
         except OSError as exc:
             self._gone(exc)
             return
         self._unreadable = False
-        if _identity(stat) == self._stamp:
+        seen = hashlib.sha256(content).digest()
+        if seen == self._seen:
             return
-        with self._lock:
-            try:
-                self._stamp, self._callers = self._read()
-            except InvalidTokens as exc:
-                # Keep what was read before, and do not read the same bad file again.
-                self._stamp = _identity(stat)
-                log.error(
-                    "admin API tokens not changed: %s; the %d tokens read before stay in "
-                    "effect until the file holds valid tokens",
-                    exc,
-                    len(self._callers),
-                )
-                return
+        self._seen = seen  # a bad file is reported once, not at every request
+        try:
+            self._callers = self._parse(content)
+        except InvalidTokens as exc:
+            log.error(
+                "admin API tokens not changed: %s; the %d tokens read before stay in "
+                "effect until the file holds valid tokens",
+                exc,
+                len(self._callers),
+            )
+            return
         if self._callers:
             log.info("admin API tokens re-read from %s: %d", self.path, len(self._callers))
         else:
@@ -192,10 +227,9 @@ class TokenFile:
 
     def _gone(self, exc: OSError) -> None:
         """Log, once until the file is back, that it cannot be read; keep the tokens."""
-        with self._lock:
-            if self._unreadable:
-                return
-            self._unreadable = True
+        if self._unreadable:
+            return
+        self._unreadable = True
         log.error(
             "admin API tokens file %s cannot be read (%s); the %d tokens read before stay "
             "in effect: restore the file (or its Secret), or point "
@@ -207,10 +241,12 @@ class TokenFile:
 
     def caller(self, token: str) -> Caller | None:
         """Who holds this token, or None. Compared in constant time."""
-        self._refresh()
         digest = _digest(token)
+        with self._lock:
+            self._refresh()
+            callers = self._callers
         found = None
-        for known, caller in self._callers.items():
+        for known, caller in callers.items():
             if hmac.compare_digest(known, digest):
                 found = caller
         return found
